@@ -6,6 +6,8 @@ here with the SPEC's default value.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 # ImageNet statistics the released weights were trained with (SPEC, "Video encoder").
@@ -146,5 +148,7 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def tiny_model_config() -> ml_collections.ConfigDict:
-  return model_config("tiny")
+def default_config_path() -> str:
+  """configs/default.py of this source checkout (entry points use it when --config is absent)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(root, "configs", "default.py")

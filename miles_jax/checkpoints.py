@@ -1,0 +1,96 @@
+"""orbax checkpoints: exported inference params (convert, pretrained) with their model config.
+
+An exported model is a directory holding `params/` (an orbax StandardCheckpointer tree) and
+`model_config.json` (the `model` config section), so a loader can check the architecture
+before reading a single tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+class ArchitectureMismatch(ValueError):
+  """A checkpoint was written for another model configuration."""
+
+
+def _config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def diff_configs(saved: dict, wanted: dict, prefix: str = "model") -> list[str]:
+  """Human-readable differences between two (nested) model config dicts."""
+  out = []
+  for k in sorted(set(saved) | set(wanted)):
+    a, b = saved.get(k), wanted.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += diff_configs(a, b, f"{prefix}.{k}")
+    elif a != b and k not in ("dtype", "remat", "drop_path_rate", "dropout_rate"):
+      out.append(f"{prefix}.{k}: checkpoint {a!r}, config {b!r}")
+  return out
+
+
+def save_params(path: str, params, model_config: ml_collections.ConfigDict,
+                overwrite: bool = False) -> None:
+  """Writes params + model config; the directory appears only once complete."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and os.listdir(path):
+    if not overwrite:
+      raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True)")
+  tmp = path + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, "params"), params)
+    ckptr.wait_until_finished()
+  with open(os.path.join(tmp, MODEL_CONFIG_FILE), "w") as f:
+    json.dump(_config_to_dict(model_config), f, indent=2)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.replace(tmp, path)
+
+
+def read_model_config(path: str) -> ml_collections.ConfigDict:
+  cfg_file = os.path.join(path, MODEL_CONFIG_FILE)
+  if not os.path.exists(cfg_file):
+    raise FileNotFoundError(f"{path} is not an exported miles_jax model (no {MODEL_CONFIG_FILE})")
+  with open(cfg_file) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_params(path: str, model_config: ml_collections.ConfigDict | None = None,
+                shardings=None):
+  """Restores exported params -> (params, model_config); fails naming any architecture change.
+
+  `shardings` (a pytree of jax.sharding.Sharding matching the params) places each array on
+  the current mesh, whatever mesh wrote it.
+  """
+  path = os.path.abspath(path)
+  saved = read_model_config(path)
+  if model_config is not None:
+    diffs = diff_configs(saved.to_dict(), _config_to_dict(model_config))
+    if diffs:
+      raise ArchitectureMismatch(f"{path} was written for another architecture:\n  "
+                                 + "\n  ".join(diffs))
+  else:
+    model_config = saved
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(os.path.join(path, "params"))
+    tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree,
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    if shardings is not None:
+      target = jax.tree_util.tree_map(
+          lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
+    params = ckptr.restore(os.path.join(path, "params"), target)
+  return params, model_config

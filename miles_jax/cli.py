@@ -1,0 +1,18 @@
+"""Shared command-line plumbing for the `python -m miles_jax.*` entry points."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+  """absl's app.run, except that --help exits 0 (absl exits 1) and main's int is the exit code."""
+  from absl import app
+
+  asked_help = any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in sys.argv[1:])
+  try:
+    app.run(lambda argv: sys.exit(main(argv) or 0))
+  except SystemExit as e:
+    if asked_help and e.code == 1:
+      sys.exit(0)
+    raise

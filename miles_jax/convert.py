@@ -1,0 +1,265 @@
+"""Import PyTorch weights of the released MILES / Frozen-in-Time dual encoder into Flax.
+
+    python -m miles_jax.convert --checkpoint=PATH.pth|.safetensors --out=DIR
+        [--config=configs/default.py[:SIZE]] [--config.model.video.width=...] [--overwrite]
+
+The checkpoint is a `.pth` holding a `state_dict` (keys prefixed `module.` as DataParallel saves
+them) or a `.safetensors` with the same keys. `.pth` files are read with
+`torch.load(weights_only=True)`: a checkpoint can never run code. Every tensor is mapped to the
+Flax tree; anything missing, unexpected or mis-shaped fails with the key names. Parameters that
+only training uses (`video/mask_token`, `mvm_head`) are not in released checkpoints; they keep a
+fresh initialisation and are listed in the report.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Mapping
+
+import numpy as np
+
+# Buffers some transformers versions save beside the weights; they hold no learned values.
+IGNORED_KEYS = (re.compile(r"text_model\.embeddings\.position_ids$"),)
+# Parameters a released (inference) checkpoint does not contain.
+TRAIN_ONLY = ("video/mask_token", "mvm_head/")
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not match the model: the message lists every offending key."""
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads `.pth` (weights only, never unpickles code) or `.safetensors` into numpy arrays."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    sd = load_file(path)
+  elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+    try:
+      import torch
+    except ImportError:
+      raise ImportError("reading .pth checkpoints needs torch: pip install -e '.[torch]' "
+                        "(or convert the file to .safetensors elsewhere)") from None
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything that is not plain tensors
+      raise ConversionError(
+          f"{path}: refused to load — torch.load(weights_only=True) rejected it ({e}). A "
+          "checkpoint must hold tensors only; one that needs arbitrary code is not loaded."
+      ) from None
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+      obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+      raise ConversionError(f"{path}: expected a state_dict mapping, got {type(obj).__name__}")
+    sd = {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.numpy()
+          for k, v in obj.items() if hasattr(v, "numpy")}
+  else:
+    raise ConversionError(f"{path}: unknown checkpoint type; use .pth or .safetensors")
+  return {_strip(k): np.asarray(v) for k, v in sd.items()}
+
+
+def _strip(key: str) -> str:
+  return key[len("module."):] if key.startswith("module.") else key
+
+
+def _t(w):  # torch Linear weight [out, in] -> flax kernel [in, out]
+  return np.ascontiguousarray(w.T)
+
+
+def torch_key_map(model_config) -> dict[str, tuple[str, callable]]:
+  """Flax param path ('video/block_0/attn/qkv/kernel') -> (torch key, transform)."""
+  ident = lambda w: w
+  squeeze0 = lambda w: w.reshape(w.shape[-2], w.shape[-1])
+  conv = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+  m: dict[str, tuple[str, callable]] = {}
+
+  def linear(flax: str, torch: str):
+    m[f"{flax}/kernel"] = (f"{torch}.weight", _t)
+    m[f"{flax}/bias"] = (f"{torch}.bias", ident)
+
+  def norm(flax: str, torch: str):
+    m[f"{flax}/scale"] = (f"{torch}.weight", ident)
+    m[f"{flax}/bias"] = (f"{torch}.bias", ident)
+
+  v = "video_model"
+  m["video/cls_token"] = (f"{v}.cls_token", squeeze0)
+  m["video/pos_embed"] = (f"{v}.pos_embed", squeeze0)
+  m["video/temporal_embed"] = (f"{v}.temporal_embed", squeeze0)
+  m["video/patch_embed/kernel"] = (f"{v}.patch_embed.proj.weight", conv)
+  m["video/patch_embed/bias"] = (f"{v}.patch_embed.proj.bias", ident)
+  for i in range(model_config.video.depth):
+    fb, tb = f"video/block_{i}", f"{v}.blocks.{i}"
+    for n in ("norm1", "norm2", "norm3"):
+      norm(f"{fb}/{n}", f"{tb}.{n}")
+    for a in ("attn", "timeattn"):
+      linear(f"{fb}/{a}/qkv", f"{tb}.{a}.qkv")
+      linear(f"{fb}/{a}/proj", f"{tb}.{a}.proj")
+    linear(f"{fb}/mlp/fc1", f"{tb}.mlp.fc1")
+    linear(f"{fb}/mlp/fc2", f"{tb}.mlp.fc2")
+  norm("video/norm", f"{v}.norm")
+
+  t = "text_model"
+  m["text/word_embeddings/embedding"] = (f"{t}.embeddings.word_embeddings.weight", ident)
+  m["text/position_embeddings/embedding"] = (f"{t}.embeddings.position_embeddings.weight", ident)
+  norm("text/embeddings_LayerNorm", f"{t}.embeddings.LayerNorm")
+  for i in range(model_config.text.depth):
+    fl, tl = f"text/layer_{i}", f"{t}.transformer.layer.{i}"
+    for n in ("q_lin", "k_lin", "v_lin", "out_lin"):
+      linear(f"{fl}/attention/{n}", f"{tl}.attention.{n}")
+    norm(f"{fl}/sa_layer_norm", f"{tl}.sa_layer_norm")
+    linear(f"{fl}/ffn/lin1", f"{tl}.ffn.lin1")
+    linear(f"{fl}/ffn/lin2", f"{tl}.ffn.lin2")
+    norm(f"{fl}/output_layer_norm", f"{tl}.output_layer_norm")
+
+  linear("video_proj", "vid_proj.0")
+  linear("text_proj", "txt_proj.1")
+  return m
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, path + "/"))
+    else:
+      out[path] = v
+  return out
+
+
+def _unflatten(flat):
+  tree: dict = {}
+  for path, v in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_config, init_params=None,
+                       temporal_fill: str = "error"):
+  """Maps a (prefix-stripped) PyTorch state_dict onto the Flax params of `model_config`.
+
+  `init_params` supplies train-only parameters (mask token, MVM head) that released checkpoints
+  lack; without it they are freshly initialised. `temporal_fill='zeros'` lets a checkpoint with
+  fewer temporal rows than `model.video.num_frames` load (Frozen's 1 -> 4 frame curriculum:
+  the added rows start at zero). Returns (params, report).
+  """
+  import jax
+
+  if init_params is None:
+    init_params = init_model_params(model_config, jax.random.PRNGKey(0))
+  expected = _flatten(jax.tree_util.tree_map(np.asarray, init_params))
+  kmap = torch_key_map(model_config)
+  sd = {_strip(k): v for k, v in state_dict.items()}
+  used, missing, bad_shape, out, kept = set(), [], [], {}, []
+  for path, ref in expected.items():
+    if path not in kmap:
+      if path.startswith(TRAIN_ONLY):
+        out[path] = ref
+        kept.append(path)
+        continue
+      raise AssertionError(f"no torch key for flax param {path}")  # a bug in the map
+    tkey, fn = kmap[path]
+    if tkey not in sd:
+      missing.append(tkey)
+      continue
+    used.add(tkey)
+    val = fn(np.asarray(sd[tkey], dtype=np.float32))
+    if path == "video/temporal_embed" and val.shape[0] < ref.shape[0] and temporal_fill == "zeros":
+      val = np.concatenate([val, np.zeros((ref.shape[0] - val.shape[0],) + val.shape[1:],
+                                          np.float32)])
+    if val.shape != ref.shape:
+      bad_shape.append(f"{tkey}: checkpoint {tuple(sd[tkey].shape)} -> {val.shape} but model "
+                       f"param {path} is {ref.shape}")
+      continue
+    out[path] = val
+  unexpected = sorted(k for k in sd if k not in used and not any(r.search(k) for r in IGNORED_KEYS))
+  problems = []
+  if missing:
+    problems.append(f"missing from checkpoint ({len(missing)}): {', '.join(missing)}")
+  if unexpected:
+    problems.append(f"unexpected in checkpoint ({len(unexpected)}): {', '.join(unexpected)}")
+  if bad_shape:
+    problems.append(f"shape mismatch ({len(bad_shape)}): " + "; ".join(bad_shape) +
+                    " — set model.video.* / model.text.* / model.proj_dim to the checkpoint's")
+  if problems:
+    raise ConversionError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
+  report = {"converted": len(used), "kept_initialised": kept,
+            "ignored": sorted(k for k in sd if any(r.search(k) for r in IGNORED_KEYS)),
+            "num_values": int(sum(np.asarray(sd[k]).size for k in used))}
+  return _unflatten(out), report
+
+
+def init_model_params(model_config, rng):
+  """Fresh (unboxed) params of the dual encoder for `model_config`."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from miles_jax.models.dual_encoder import build
+
+  v = model_config.video
+  frames = jnp.zeros((1, 1, v.img_size, v.img_size, 3), jnp.float32)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  params = jax.jit(build(model_config).init)(rng, frames, ids, jnp.ones_like(ids))["params"]
+  return nn.unbox(params)
+
+
+def main(argv):
+  from absl import flags
+  from miles_jax import checkpoints
+
+  f = flags.FLAGS
+  config = f.config
+  src, out = f.checkpoint, f.out
+  if not src or not out:
+    print("error: --checkpoint and --out are required (see --help)", file=sys.stderr)
+    return 2
+  if os.path.exists(out) and os.listdir(out) and not f.overwrite:
+    print(f"error: --out={out} exists and is not empty; pass --overwrite to replace it",
+          file=sys.stderr)
+    return 2
+  try:
+    print(f"reading {src}")
+    sd = read_state_dict(src)
+    params, report = convert_state_dict(sd, config.model, temporal_fill=f.temporal_fill)
+  except (ConversionError, FileNotFoundError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  checkpoints.save_params(out, params, config.model, overwrite=f.overwrite)
+  print(f"converted {report['converted']} tensors ({report['num_values']:,} values) -> {out}")
+  if report["kept_initialised"]:
+    print("train-only params not in the checkpoint, freshly initialised: "
+          + ", ".join(report["kept_initialised"]))
+  if report["ignored"]:
+    print("ignored buffers: " + ", ".join(report["ignored"]))
+  return 0
+
+
+def cli():
+  from absl import flags
+  from ml_collections import config_flags
+
+  from miles_jax import cli as cli_lib
+  from miles_jax import config_lib
+
+  config_flags.DEFINE_config_file(
+      "config", config_lib.default_config_path(),
+      "Config file (its model section is used), e.g. configs/default.py:tiny; override fields "
+      "with --config.model.video.width=64 etc.", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint: .pth (state_dict, keys may carry "
+                      "'module.') or .safetensors with the same keys.")
+  flags.DEFINE_string("out", None, "Output directory for the orbax checkpoint.")
+  flags.DEFINE_enum("temporal_fill", "error", ["error", "zeros"],
+                    "When the checkpoint has fewer temporal-embedding rows than "
+                    "model.video.num_frames: fail, or fill the added rows with zeros.")
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
+  cli_lib.run(main)
+
+
+if __name__ == "__main__":
+  cli()

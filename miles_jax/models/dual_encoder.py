@@ -1,0 +1,69 @@
+"""The MILES dual encoder: video encoder + text encoder + projections + the MVM head.
+
+Parameter tree: `video` (VideoEncoder), `text` (TextEncoder), `video_proj` (Linear width->proj),
+`text_proj` (ReLU -> Linear width->proj), `mvm_head` (Linear width->width, train only).
+Embeddings are projected and *not* normalised, as in the PyTorch original.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from miles_jax.models import layers
+from miles_jax.models.text import TextEncoder
+from miles_jax.models.video import VideoEncoder
+
+Dtype = Any
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Dtype:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
+
+
+class DualEncoder(nn.Module):
+  config: ml_collections.ConfigDict  # the `model` section of the config
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    remat = bool(c.get("remat", False))
+    self.video = VideoEncoder(c.video, self.dtype, remat)
+    self.text = TextEncoder(c.text, self.dtype, remat)
+    self.video_proj = layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype)
+    self.text_proj = layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype)
+    self.mvm_head = layers.dense(c.video.width, ("embed", "mlp"), None, self.dtype)
+
+  def encode_video(self, frames, mask=None, drop_masked: bool = False,
+                   num_masked: int | None = None, deterministic: bool = True):
+    """Normalised float frames `[B, T, H, W, 3]` -> dict(embed, cls, patches)."""
+    out = self.video(frames, mask, drop_masked, num_masked, deterministic)
+    return {"embed": self.video_proj(out["cls"]).astype(jnp.float32), **out}
+
+  def encode_text(self, input_ids, attention_mask, deterministic: bool = True):
+    """int32 `[B, L]` -> dict(embed `[B, P]`, tokens `[B, L, D]`); the first token is the output."""
+    tokens = self.text(input_ids, attention_mask, deterministic)
+    return {"embed": self.project_text(tokens[:, 0]), "tokens": tokens}
+
+  def project_video(self, x):
+    return self.video_proj(x).astype(jnp.float32)
+
+  def project_text(self, x):
+    return self.text_proj(nn.relu(x)).astype(jnp.float32)
+
+  def predict_mvm(self, patches):
+    return self.mvm_head(patches)
+
+  def __call__(self, frames, input_ids, attention_mask, mask=None, drop_masked: bool = False,
+               num_masked: int | None = None, deterministic: bool = True):
+    v = self.encode_video(frames, mask, drop_masked, num_masked, deterministic)
+    t = self.encode_text(input_ids, attention_mask, deterministic)
+    return {"video_embed": v["embed"], "text_embed": t["embed"], "patches": v["patches"],
+            "mvm_pred": self.predict_mvm(v["patches"])}
+
+
+def build(config: ml_collections.ConfigDict) -> DualEncoder:
+  """The dual encoder for a model config, computing in its `dtype` (params stay float32)."""
+  return DualEncoder(config, compute_dtype(config))

@@ -1,0 +1,148 @@
+"""Building blocks: dense layers with logical axis names, divided space-time attention, MLP.
+
+Divided attention (Frozen-in-Time / MILES): the token sequence is `[cls, (t=0,n=0..N-1),
+(t=1,n=0..N-1), ...]`. Patch queries attend to the cls key/value plus the patches of their own
+frame (space) or their own spatial position across frames (time); the cls query attends to all
+`1 + T*N` keys. Attention scale is `head_dim ** -0.5`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Initialisers of the PyTorch originals: timm ViT (trunc normal 0.02) and BERT (normal 0.02).
+vit_init = nn.initializers.truncated_normal(0.02)
+bert_init = nn.initializers.normal(0.02)
+
+
+def dense(features: int, axes: tuple[str, str], name: str | None, dtype: Dtype, use_bias: bool = True,
+          kernel_init: Callable = vit_init) -> nn.Dense:
+  """nn.Dense whose kernel and bias carry logical axis names for sharding."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+def layer_norm(eps: float, name: str, dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
+def _softmax_attend(q, k, v, spec_logits: str, spec_out: str, bias=None):
+  """softmax(q·k) v with the softmax in float32 (q already scaled)."""
+  logits = jnp.einsum(spec_logits, q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum(spec_out, weights.astype(v.dtype), v), weights
+
+
+def divided_attention(q, k, v, num_frames: int, mode: str):
+  """Divided attention over `[B, 1+T*N, H, Dh]` q/k/v (q pre-scaled) -> (out, cls weights).
+
+  `mode='space'` groups patches by frame, `mode='time'` by spatial position. Returns the
+  attended values `[B, 1+T*N, H, Dh]` and the cls query's weights `[B, H, 1+T*N]`.
+  """
+  b, s, h, d = q.shape
+  t = num_frames
+  n = (s - 1) // t
+  # cls query attends to everything.
+  cls_out, cls_w = _softmax_attend(q[:, :1], k, v, "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
+
+  def group(x):  # [B, T*N, H, Dh] -> [B, G, L, H, Dh]
+    x = x.reshape(b, t, n, h, d)
+    return x if mode == "space" else x.transpose(0, 2, 1, 3, 4)
+
+  if mode not in ("space", "time"):
+    raise ValueError(f"divided_attention mode must be 'space' or 'time', got {mode!r}")
+  qg, kg, vg = group(q[:, 1:]), group(k[:, 1:]), group(v[:, 1:])
+  g = qg.shape[1]
+  # Every group also sees the cls key/value, which goes first as in the original.
+  kc = jnp.broadcast_to(k[:, None, :1], (b, g, 1, h, d))
+  vc = jnp.broadcast_to(v[:, None, :1], (b, g, 1, h, d))
+  kg = jnp.concatenate([kc, kg], axis=2)
+  vg = jnp.concatenate([vc, vg], axis=2)
+  out, _ = _softmax_attend(qg, kg, vg, "bgqhd,bgkhd->bghqk", "bghqk,bgkhd->bgqhd")
+  if mode == "time":
+    out = out.transpose(0, 2, 1, 3, 4)
+  out = out.reshape(b, t * n, h, d)
+  return jnp.concatenate([cls_out, out], axis=1), cls_w[:, :, 0]
+
+
+def divided_attention_masked(q, k, v, frame_ids, patch_ids, mode: str):
+  """The same rule for an arbitrary token subset (MAC drops masked tokens).
+
+  frame_ids / patch_ids: int `[B, S]` frame and spatial index of each token, -1 for the cls
+  token (position 0). Cost is O(S^2) per head but S is the small visible set.
+  """
+  same = frame_ids if mode == "space" else patch_ids
+  allowed = same[:, :, None] == same[:, None, :]  # [B, S, S]
+  allowed = allowed | (same[:, None, :] < 0) | (same[:, :, None] < 0)  # cls row and column
+  bias = jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)[:, None]  # [B, 1, S, S]
+  out, w = _softmax_attend(q, k, v, "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd", bias)
+  return out, w[:, :, 0]
+
+
+class VarAttention(nn.Module):
+  """Multi-head attention with the divided space/time rule (Frozen's `VarAttention`)."""
+  num_heads: int
+  mode: str  # 'space' | 'time'
+  qkv_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, num_frames: int, token_ids=None):
+    b, s, width = x.shape
+    h = self.num_heads
+    head_dim = width // h
+    qkv = dense(3 * width, ("embed", "joined_kv"), "qkv", self.dtype, self.qkv_bias)(x)
+    qkv = qkv.reshape(b, s, 3, h, head_dim)  # torch chunks qkv as [q | k | v], heads inside
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * (head_dim ** -0.5)
+    if token_ids is None:
+      out, cls_w = divided_attention(q, k, v, num_frames, self.mode)
+    else:
+      out, cls_w = divided_attention_masked(q, k, v, *token_ids, self.mode)
+    if self.mode == "space":
+      # Heads averaged cls attention of the spatial attention: appendix figure 1.
+      self.sow("intermediates", "cls_attention", cls_w.mean(axis=1))
+    out = out.reshape(b, s, width)
+    return dense(width, ("joined_kv", "embed"), "proj", self.dtype)(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = vit_init
+  names: tuple[str, str] = ("fc1", "fc2")
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    y = dense(self.hidden, ("embed", "mlp"), self.names[0], self.dtype,
+              kernel_init=self.kernel_init)(x)
+    y = nn.gelu(y, approximate=False)  # torch nn.GELU / HF "gelu" are the exact erf form
+    return dense(width, ("mlp", "embed"), self.names[1], self.dtype,
+                 kernel_init=self.kernel_init)(y)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)

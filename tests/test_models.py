@@ -1,0 +1,170 @@
+"""Model shapes, masking vs dropping semantics and variable frame counts (tiny configs)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from miles_jax import config_lib
+from miles_jax.models import dual_encoder, layers
+from miles_jax.models.video import VideoEncoder
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  c = config_lib.model_config("tiny")
+  model = dual_encoder.build(c)
+  frames = jnp.zeros((2, 4, 32, 32, 3))
+  ids = jnp.ones((2, 8), jnp.int32)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), frames, ids, jnp.ones_like(ids))["params"])
+  return c, model, params
+
+
+def _frames(seed, t=4, b=2):
+  return jax.random.normal(jax.random.PRNGKey(seed), (b, t, 32, 32, 3))
+
+
+def _video(model, params, frames, **kw):
+  return model.apply({"params": params}, frames, method=model.encode_video, **kw)
+
+
+def test_shapes_and_logical_axes(tiny):
+  c, model, params = tiny
+  out = _video(model, params, _frames(1))
+  n = (32 // 8) ** 2
+  assert out["embed"].shape == (2, c.proj_dim)
+  assert out["cls"].shape == (2, c.video.width)
+  assert out["patches"].shape == (2, 4 * n, c.video.width)
+  t = model.apply({"params": params}, jnp.ones((3, 5), jnp.int32), jnp.ones((3, 5), jnp.int32),
+                  method=model.encode_text)
+  assert t["embed"].shape == (3, c.proj_dim) and t["tokens"].shape == (3, 5, c.text.width)
+  boxed = model.init(jax.random.PRNGKey(0), _frames(0), jnp.ones((2, 8), jnp.int32),
+                     jnp.ones((2, 8), jnp.int32))["params"]
+  specs = nn.get_partition_spec(boxed)
+  assert tuple(specs["video"]["block_0"]["attn"]["qkv"]["kernel"]) == ("embed", "joined_kv")
+  assert tuple(specs["text"]["word_embeddings"]["embedding"]) == ("vocab", "embed")
+  assert tuple(specs["video"]["block_0"]["mlp"]["fc1"]["kernel"]) == ("embed", "mlp")
+
+
+def test_masked_patches_do_not_see_their_pixels(tiny):
+  """A masked patch's embedding is replaced by the mask token: its pixels can't matter."""
+  _, model, params = tiny
+  n = 16
+  mask = np.zeros((2, 4 * n), bool)
+  mask[:, [0, 5, 17, 40, 63]] = True
+  f1 = _frames(1)
+  # change the pixels of patch 5 of frame 0 (row 1, col 1 of the 4x4 grid) only
+  f2 = f1.at[:, 0, 8:16, 8:16, :].add(3.0)
+  a = _video(model, params, f1, mask=mask)
+  b = _video(model, params, f2, mask=mask)
+  np.testing.assert_allclose(a["embed"], b["embed"], atol=1e-6)
+  c = _video(model, params, f2)  # unmasked: the change is visible
+  assert np.abs(np.asarray(c["embed"]) - np.asarray(a["embed"])).max() > 1e-3
+  # and the mask token itself is used
+  p2 = jax.tree_util.tree_map(lambda x: x, params)
+  # (a constant shift would vanish in the LayerNorms: perturb with noise)
+  p2["video"]["mask_token"] = params["video"]["mask_token"] + jax.random.normal(
+      jax.random.PRNGKey(9), params["video"]["mask_token"].shape)
+  d = _video(model, p2, f1, mask=mask)
+  assert np.abs(np.asarray(d["embed"]) - np.asarray(a["embed"])).max() > 1e-3
+
+
+def test_dropping_a_whole_frame_equals_a_shorter_clip(tiny):
+  """MAC dropping: with every patch of the last frame dropped, the divided attention rule gives
+  exactly the model run on the first T-1 frames."""
+  _, model, params = tiny
+  n = 16
+  f = _frames(2)
+  mask = np.zeros((2, 4 * n), bool)
+  mask[:, 3 * n:] = True
+  dropped = _video(model, params, f, mask=mask, drop_masked=True)
+  short = _video(model, params, f[:, :3])
+  np.testing.assert_allclose(dropped["embed"], short["embed"], atol=2e-5)
+  np.testing.assert_allclose(dropped["patches"], short["patches"], atol=2e-5)
+
+
+def test_dropping_nothing_equals_full_and_jit_needs_static_count(tiny):
+  _, model, params = tiny
+  f = _frames(3)
+  full = _video(model, params, f)
+  none = _video(model, params, f, mask=np.zeros((2, 64), bool), drop_masked=True)
+  np.testing.assert_allclose(full["embed"], none["embed"], atol=2e-5)
+  rng = np.random.default_rng(0)
+  mask = np.stack([rng.permutation(64) < 48 for _ in range(2)])
+  fn = jax.jit(lambda p, x, m: _video(model, p, x, mask=m, drop_masked=True, num_masked=48))
+  out = fn(params, f, mask)
+  assert out["patches"].shape == (2, 16, 64)
+  eager = _video(model, params, f, mask=mask, drop_masked=True)
+  np.testing.assert_allclose(out["embed"], eager["embed"], atol=2e-5)
+  with pytest.raises(ValueError, match="num_masked"):
+    jax.jit(lambda p, x, m: _video(model, p, x, mask=m, drop_masked=True))(params, f, mask)
+  bad = mask.copy()
+  bad[0, np.argmax(~bad[0])] = True
+  with pytest.raises(ValueError, match="same masked count"):
+    _video(model, params, f, mask=bad, drop_masked=True)
+
+
+def test_divided_attention_matches_masked_full_attention():
+  """The reshape-based divided attention equals full attention restricted by the rule."""
+  b, t, n, h, d = 2, 3, 5, 2, 4
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, 1 + t * n, h, d)) for i in range(3))
+  frame = jnp.concatenate([jnp.array([-1]), jnp.repeat(jnp.arange(t), n)])
+  patch = jnp.concatenate([jnp.array([-1]), jnp.tile(jnp.arange(n), t)])
+  ids = (jnp.broadcast_to(frame, (b, 1 + t * n)), jnp.broadcast_to(patch, (b, 1 + t * n)))
+  for mode in ("space", "time"):
+    a, wa = layers.divided_attention(q, k, v, t, mode)
+    m, wm = layers.divided_attention_masked(q, k, v, *ids, mode)
+    np.testing.assert_allclose(a, m, atol=1e-5)
+    np.testing.assert_allclose(wa, wm, atol=1e-6)
+
+
+def test_variable_frames_and_errors(tiny):
+  c, model, params = tiny
+  for t in (1, 2, 4):
+    out = _video(model, params, _frames(4, t=t))
+    assert out["patches"].shape == (2, t * 16, c.video.width)
+  with pytest.raises(ValueError, match="num_frames"):
+    _video(model, params, _frames(4, t=5))
+  # a single frame ignores every temporal row but the first
+  p2 = jax.tree_util.tree_map(lambda x: x, params)
+  p2["video"]["temporal_embed"] = params["video"]["temporal_embed"].at[1:].add(5.0)
+  np.testing.assert_allclose(_video(model, params, _frames(4, t=1))["embed"],
+                             _video(model, p2, _frames(4, t=1))["embed"], atol=1e-6)
+
+
+def test_text_padding_is_masked(tiny):
+  _, model, params = tiny
+  ids = jnp.array([[2, 7, 9, 3, 0, 0]])
+  am = jnp.array([[1, 1, 1, 1, 0, 0]])
+  a = model.apply({"params": params}, ids, am, method=model.encode_text)["embed"]
+  b = model.apply({"params": params}, ids.at[0, 4:].set(55), am, method=model.encode_text)["embed"]
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  c = model.apply({"params": params}, ids[:, :4], am[:, :4], method=model.encode_text)["embed"]
+  np.testing.assert_allclose(a, c, atol=1e-5)
+
+
+def test_bf16_and_remat_agree_with_f32(tiny):
+  c, model, params = tiny
+  f = _frames(5)
+  ref = _video(model, params, f)["embed"]
+  c2 = config_lib.model_config("tiny")
+  c2.remat = True
+  out = _video(dual_encoder.build(c2), params, f)["embed"]
+  np.testing.assert_allclose(ref, out, atol=1e-5)
+  c2.dtype = "bfloat16"
+  out = _video(dual_encoder.build(c2), params, f)["embed"]
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(ref, out, atol=0.1 * float(np.abs(ref).max()))
+
+
+def test_base_parameter_count_matches_released_checkpoint():
+  c = config_lib.model_config("base")
+  model = dual_encoder.build(c)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 1, 224, 224, 3)), jnp.ones((1, 2), jnp.int32),
+      jnp.ones((1, 2), jnp.int32)))["params"]
+  shapes = nn.unbox(shapes)
+  count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(t))
+  inference = count(shapes) - count(shapes["mvm_head"]) - count(shapes["video"]["mask_token"])
+  assert inference == 180_925_184  # the released MILES checkpoint's value count
+  assert count(shapes["video"]) - 768 == 114_168_576  # one video encoder (paper: 114.2 M)
