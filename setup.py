@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "tensorflow==2.21.0",
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
+    "tensorboard==2.21.0",
     "sentencepiece==0.2.3",
     "ml_collections==1.1.0",
     "numpy==2.4.6",

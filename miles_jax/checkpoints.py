@@ -94,3 +94,67 @@ def load_params(path: str, model_config: ml_collections.ConfigDict | None = None
           lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
     params = ckptr.restore(os.path.join(path, "params"), target)
   return params, model_config
+
+
+class TrainCheckpointer:
+  """orbax CheckpointManager for training: the TrainState plus a JSON `meta` (data position, …).
+
+  Saves are async and atomic (a step directory exists only once complete), keeps the newest
+  `keep` steps plus, with `best_metric`, the best by that metric. Restoring takes abstract
+  targets carrying shardings, so a run resumes on any mesh.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, best_metric: str | None = None,
+               best_mode: str = "max", save_interval_steps: int = 1):
+    self.directory = os.path.abspath(directory)
+    best_fn = None
+    if best_metric:
+      best_fn = lambda metrics: float(metrics.get(best_metric, float("-inf")
+                                                  if best_mode == "max" else float("inf")))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, best_fn=best_fn, best_mode=best_mode,
+        keep_checkpoints_without_metrics=True, create=True, enable_async_checkpointing=True,
+        save_interval_steps=save_interval_steps)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: dict, metrics: dict | None = None,
+           force: bool = False) -> bool:
+    return self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=force)
+
+  def restore(self, abstract_state, step: int | None = None):
+    """-> (state, meta) of `step` (default latest); `abstract_state` leaves carry shardings."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    out = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      meta=ocp.args.JsonRestore()))
+    return out["state"], dict(out["meta"])
+
+  def restore_meta(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+  def wait_until_finished(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+  """ShapeDtypeStructs of `tree` (arrays or abstract values) carrying `shardings`."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

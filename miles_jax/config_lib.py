@@ -94,6 +94,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.snapshot.momentum = 0.999
   c.snapshot.schedule = "constant"  # constant | cosine (momentum -> 1.0)
 
+  # Start from public weights (miles_jax/init_weights.py, docs/init_viz_profile.md).
+  c.init = ml_collections.ConfigDict()
+  c.init.video = ""  # ViT-B/16 .npz | timm .safetensors/.pth | OpenAI CLIP state_dict
+  c.init.video_format = "auto"  # auto | vit_npz | timm | clip
+  c.init.text = ""  # Hugging Face DistilBERT dir (or its weights file, config.json beside)
+  c.init.time_init = "zeros"  # zeros (Frozen: qkv 0, proj weight 1, bias 0) | random
+  c.init.norm3 = "fresh"  # fresh (Frozen: LayerNorm ones/zeros) | norm1 (copy the spatial LN)
+  c.init.clip_proj = False  # map CLIP's visual.proj onto video_proj (needs proj_dim = its width)
+
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
   c.optim.min_lr_ratio = 0.0
@@ -102,6 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.05
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
+  c.optim.eps = 1e-8  # Adam epsilon (PyTorch AdamW default)
   c.optim.grad_clip = 1.0
   c.optim.grad_accum_steps = 1
 
@@ -123,6 +133,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.keep = 3
   c.train.eval_every = 0
   c.train.on_nonfinite = "stop"  # stop | skip
+  c.train.best_metric = ""  # e.g. "retrieval/t2v_R1": also keep the best checkpoint by it
+  c.train.init_from = ""  # exported model dir or .pth/.safetensors to start a new run from
+  c.train.inject_nan_at_step = -1  # fault-injection for tests: NaN loss at this step
+  c.evaluators = "retrieval"  # comma list run on data.eval: retrieval, zeroshot
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)  # -1: all remaining devices
@@ -152,3 +166,67 @@ def default_config_path() -> str:
   """configs/default.py of this source checkout (entry points use it when --config is absent)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return os.path.join(root, "configs", "default.py")
+
+
+OBJECTIVES = ("contrastive", "miles", "mac")
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
+             needs_train_data: bool = True) -> None:
+  """Checks a config before any compute; raises ValueError naming the field and the fix."""
+  import glob
+
+  def fail(field, msg):
+    raise ValueError(f"config.{field}: {msg}")
+
+  objs = [o.strip() for o in str(config.objectives).split(",") if o.strip()]
+  if not objs or any(o not in OBJECTIVES for o in objs):
+    fail("objectives", f"{config.objectives!r}: use a comma list of {', '.join(OBJECTIVES)}")
+  if not 0.0 <= config.mask.ratio < 1.0:
+    fail("mask.ratio", f"{config.mask.ratio} must be in [0, 1)")
+  if config.mask.strategy not in ("blockwise", "tube", "random"):
+    fail("mask.strategy", f"{config.mask.strategy!r}: use blockwise, tube or random")
+  for f in ("video_ratio", "text_ratio"):
+    if not 0.0 <= config.mac[f] < 1.0:
+      fail(f"mac.{f}", f"{config.mac[f]} must be in [0, 1)")
+  if config.temperature <= 0:
+    fail("temperature", f"{config.temperature} must be > 0")
+  if not 0.0 <= config.snapshot.momentum <= 1.0:
+    fail("snapshot.momentum", f"{config.snapshot.momentum} must be in [0, 1]")
+  for f in ("lr", "weight_decay"):
+    if config.optim[f] < 0:
+      fail(f"optim.{f}", f"{config.optim[f]} must be >= 0")
+  for f in ("steps", "log_every", "checkpoint_every", "keep"):
+    if int(config.train[f]) <= 0:
+      fail(f"train.{f}", f"{config.train[f]} must be > 0")
+  if config.train.on_nonfinite not in ("stop", "skip"):
+    fail("train.on_nonfinite", f"{config.train.on_nonfinite!r}: use stop or skip")
+  if int(config.data.batch_size) <= 0:
+    fail("data.batch_size", f"{config.data.batch_size} must be > 0")
+  v = config.model.video
+  if v.img_size % v.patch_size:
+    fail("model.video.img_size", f"{v.img_size} is not a multiple of patch_size {v.patch_size}")
+  if config.data.num_frames > v.num_frames:
+    fail("data.num_frames", f"{config.data.num_frames} > model.video.num_frames={v.num_frames}")
+  if config.data.max_len > config.model.text.max_len:
+    fail("data.max_len", f"{config.data.max_len} > model.text.max_len={config.model.text.max_len}")
+  if needs_train_data:
+    if not config.data.train:
+      fail("data.train", "is empty: set it to a glob of TFRecord shards "
+           "(python -m miles_jax.data.prepare / miles_jax.data.synthetic write them)")
+    if not glob.glob(config.data.train):
+      fail("data.train", f"{config.data.train!r} matches no files")
+  if config.data.eval and not glob.glob(config.data.eval):
+    fail("data.eval", f"{config.data.eval!r} matches no files")
+  if not config.data.tokenizer or not os.path.exists(config.data.tokenizer):
+    fail("data.tokenizer", f"{config.data.tokenizer!r} does not exist: give a BERT vocab.txt "
+         "or a sentencepiece .model")
+  if config.train.init_from and not os.path.exists(config.train.init_from):
+    fail("train.init_from", f"{config.train.init_from!r} does not exist")
+  if workdir is not None:
+    probe = workdir
+    while probe and not os.path.exists(probe):
+      probe = os.path.dirname(probe)
+    probe = probe or "."
+    if not os.access(probe, os.W_OK | os.X_OK):
+      raise PermissionError(f"--workdir={workdir}: {probe} is not writable")

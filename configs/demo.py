@@ -1,0 +1,41 @@
+"""The embedded default: synthetic video-text data, a tiny MILES model, CPU, a few minutes.
+
+    python -m miles_jax.data.synthetic --out=workdirs/synthetic
+    python -m miles_jax.train --config=configs/demo.py --workdir=workdirs/demo
+
+`bash launch/local.sh` does both (and sets up the environment). The argument picks the data
+folder: configs/demo.py:DIR.
+"""
+import os
+
+from miles_jax import config_lib
+
+
+def get_config(arg: str = ""):
+  data_dir = arg or os.environ.get("MILES_DEMO_DATA", "workdirs/synthetic")
+  c = config_lib.default_config()
+  c.model = config_lib.model_config("tiny")
+  c.model.video.num_frames = 4
+  c.model.text.max_len = 16
+  c.objectives = "contrastive,miles"
+  c.temperature = 0.05
+  c.mask.strategy = "blockwise"
+  c.mask.ratio = 0.5
+  c.snapshot.momentum = 0.99  # short run: a faster-moving snapshot than the paper's 0.999
+  c.data.train = os.path.join(data_dir, "train-*.tfrecord")
+  c.data.eval = os.path.join(data_dir, "eval-*.tfrecord")
+  c.data.tokenizer = os.path.join(data_dir, "vocab.txt")
+  c.data.num_frames = 4
+  c.data.max_len = 16
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 64
+  c.data.crop_scale = (0.8, 1.0)
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  c.optim.weight_decay = 0.01
+  c.train.steps = 600
+  c.train.log_every = 50
+  c.train.checkpoint_every = 200
+  c.train.eval_every = 200
+  c.train.best_metric = "retrieval/t2v_R1"
+  return c

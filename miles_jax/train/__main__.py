@@ -1,0 +1,100 @@
+"""python -m miles_jax.train --config=configs/FILE.py[:ARG] --workdir=DIR [--config.a.b=v ...]
+
+Pre-training and fine-tuning (the config picks the objectives). Re-running the same command
+resumes from the newest checkpoint in --workdir. On several hosts (TPU pod slices, SLURM) run
+the same command on every host: `jax.distributed.initialize()` is called when the environment
+describes a multi-host job, or explicitly with --coordinator_address/--num_processes/--process_id.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from miles_jax import cli
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or "
+                                "configs/pretrain_miles.py:base; override any field with "
+                                "--config.FIELD=VALUE.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and figures.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "auto: initialise jax.distributed when a multi-host environment (TPU pod, SLURM, "
+                  "--coordinator_address) is detected; on: always; off: never.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_integer("cpu_devices", None, "Simulated CPU devices per process (testing).")
+FLAGS = flags.FLAGS
+
+
+def _multi_host_env() -> bool:
+  env = os.environ
+  return bool(FLAGS.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+              or int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "")
+              .count(",") > 0 or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1)
+
+
+def init_jax():
+  import jax
+  if FLAGS.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _multi_host_env()):
+    if FLAGS.coordinator_address:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                                 coordinator_bind_address=FLAGS.coordinator_address)
+    else:
+      jax.distributed.initialize()
+
+
+def report(result: dict, workdir: str):
+  """Final table with the random-chance row, curves and results.json (process 0)."""
+  import jax
+  from miles_jax.evaluation import retrieval
+  from miles_jax.train import loop
+  if jax.process_index() != 0:
+    return
+  out = {"step": result["step"], "train": result["train"], "eval": result["eval"]}
+  retr = [e for e in result.get("evaluators", []) if e.name == "retrieval"]
+  if retr and result["eval"]:
+    model = {k.split("/", 1)[1]: v for k, v in result["eval"].items() if k.startswith("retrieval/")}
+    chance = retr[0].chance()
+    print()
+    print(retrieval.format_table({"miles_jax": model, "random chance": chance},
+                                 f"held-out retrieval ({int(model['num_texts'])} texts, "
+                                 f"{int(model['num_videos'])} videos)"))
+    out["chance"] = chance
+  figures = loop.plot_curves(workdir)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(out, f, indent=2, default=float)
+  if figures:
+    print("figures: " + ", ".join(figures))
+  print(f"results: {os.path.join(workdir, 'results.json')}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  if FLAGS.config is None or not FLAGS.workdir:
+    print("error: --config and --workdir are required (see --help)", file=sys.stderr)
+    return 2
+  init_jax()
+  from miles_jax.train import loop
+  result = {}
+
+  def run():
+    result.update(loop.train(FLAGS.config, FLAGS.workdir))
+
+  code = loop.main_exit_code(run)
+  if code == 0 and not result.get("preempted"):
+    report(result, FLAGS.workdir)
+  return code
+
+
+if __name__ == "__main__":
+  cli.run(main)

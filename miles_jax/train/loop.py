@@ -1,0 +1,326 @@
+"""The training loop: mesh -> state (init or restore) -> data -> {step, log, checkpoint, eval}.
+
+The only place with side effects. A run is resumable at any point: the orbax checkpoint holds
+the TrainState (online params, optimiser, snapshot params, step, rng) and every host's data
+position, and the step's randomness is `fold_in(rng, step)`, so a resumed run continues
+exactly as an uninterrupted one would. SIGTERM (TPU preemption) saves and exits 0. A
+non-finite loss stops the run (exit status 3) before anything is saved, so the last good
+checkpoint stays intact, or, with `train.on_nonfinite='skip'`, the update is dropped and counted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from miles_jax import checkpoints, config_lib, parallel
+from miles_jax.data import pipeline
+from miles_jax.models import dual_encoder
+from miles_jax.train import optim
+from miles_jax.train.state import TrainState, create_train_state, train_state_shardings
+from miles_jax.train.step import METRICS, make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss became NaN/inf; the run stopped without saving."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. called from a test thread)
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _print(msg: str):
+  if _is_main():
+    print(msg, flush=True)
+
+
+class MetricWriter:
+  """TensorBoard scalars + a metrics.jsonl beside them; only process 0 writes."""
+
+  def __init__(self, workdir: str):
+    self.enabled = _is_main()
+    self.jsonl = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      import tensorflow as tf
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict, kind: str = "train"):
+    if not self.enabled:
+      return
+    import tensorflow as tf
+    with self._tb.as_default():
+      for k, v in scalars.items():
+        tf.summary.scalar(f"{kind}/{k}", v, step=step)
+    self._tb.flush()
+    with open(self.jsonl, "a") as f:
+      f.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
+
+
+def _data_state_all_hosts(it) -> list:
+  """Every host's data-iterator position (hosts read different files)."""
+  s = it.state()
+  local = np.asarray([s["epoch"], s["position"], s["skipped"]], np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    allv = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
+  else:
+    allv = local[None]
+  return [{"epoch": int(e), "position": int(p), "skipped": int(k)} for e, p, k in allv]
+
+
+def build_evaluators(config, mesh, rules) -> list:
+  from miles_jax.evaluation import evaluators
+  if not config.data.eval:
+    return []
+  kinds = [k.strip() for k in str(config.get("evaluators", "retrieval")).split(",") if k.strip()]
+  table = {"retrieval": evaluators.RetrievalEvaluator, "zeroshot": evaluators.ZeroShotEvaluator}
+  out = []
+  for k in kinds:
+    if k not in table:
+      raise ValueError(f"config.evaluators: unknown evaluator {k!r}; use {sorted(table)}")
+    out.append(table[k](config, mesh, rules))
+  return out
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) training in `workdir`; returns the last train and eval metrics."""
+  config_lib.validate(config, workdir=workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.mesh_from_config(config)
+  rules = parallel.logical_rules(config.sharding.rules, mesh)
+  _check_batch(config, mesh, rules)
+  model = dual_encoder.build(config.model)
+  tx, lr_schedule = optim.make_optimizer(config)
+  del lr_schedule
+  best = config.train.get("best_metric", "") or None
+  ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep,
+                                       best_metric=best)
+  if _is_main():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  data = pipeline.make_train_iterator(config, seed=config.seed)
+  shardings = train_state_shardings(config, mesh, model, tx)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = create_train_state(config, jax.random.PRNGKey(config.seed), mesh, model, tx)
+    _print(f"initialised a new run in {workdir} on mesh {dict(mesh.shape)}")
+  else:
+    abstract = jax.eval_shape(
+        lambda: create_train_state(config, jax.random.PRNGKey(config.seed), mesh, model, tx))
+    state, meta = ckpt.restore(checkpoints.abstract_with_shardings(abstract, shardings), latest)
+    hosts = meta.get("data", [])
+    if len(hosts) != jax.process_count():
+      raise ValueError(f"checkpoint step {latest} was written by {len(hosts)} processes but "
+                       f"this run has {jax.process_count()}: the data positions do not map")
+    data.restore(hosts[jax.process_index()])
+    _print(f"resumed {workdir} from step {latest}")
+  state = _maybe_init_from(config, state, shardings)
+
+  step_fn = make_train_step(config, mesh, model, tx)
+  evaluators = build_evaluators(config, mesh, rules)
+  writer = MetricWriter(workdir)
+  total = int(config.train.steps)
+  start = int(jax.device_get(state.step))
+  clips_per_step = int(config.data.batch_size)
+  last, eval_metrics, skipped_steps = {}, {}, 0
+  t0, window_start, window_steps = time.time(), time.time(), 0
+
+  def save(step, force=False, metrics=None):
+    ckpt.save(step, state, {"data": _data_state_all_hosts(data), "step": step},
+              metrics=metrics, force=force)
+
+  nan_at = int(config.train.get("inject_nan_at_step", -1))
+  with _Preemption() as preempt:
+    for step in range(start, total):
+      batch = next(data)
+      if step == nan_at:  # fault injection for the tests: the loss of this step is NaN
+        batch = dict(batch, frames=np.full(batch["frames"].shape, np.nan, np.float32))
+      state, metrics = step_fn(state, parallel.global_batch(batch, mesh, rules))
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      done = step + 1
+      if not math.isfinite(metrics["loss"]):
+        if config.train.on_nonfinite == "skip":
+          skipped_steps += 1
+          _print(f"step {done}: non-finite loss, update skipped ({skipped_steps} so far)")
+        else:
+          ckpt.wait_until_finished()
+          raise NonFiniteLoss(
+              f"step {done}: loss is {metrics['loss']} ({_fmt(metrics)}); stopped without "
+              f"saving — the last good checkpoint is step {ckpt.latest_step()} in "
+              f"{ckpt.directory}. Lower optim.lr, raise optim.warmup_steps, or set "
+              "train.on_nonfinite=skip")
+      metrics["skipped_steps"] = skipped_steps
+      last = metrics
+      window_steps += 1
+      if done % config.train.log_every == 0 or done == total:
+        now = time.time()
+        sps = window_steps / max(now - window_start, 1e-9)
+        eta = (total - done) / max(sps, 1e-9)
+        _print(f"step {done}/{total} | {_fmt(metrics)} | {sps:.2f} steps/s | "
+               f"{sps * clips_per_step:.1f} clips/s | ETA {_hms(eta)}")
+        writer.write(done, {k: metrics[k] for k in (*METRICS, "skipped_steps") if k in metrics})
+        window_start, window_steps = now, 0
+      if evaluators and config.train.eval_every and (done % config.train.eval_every == 0
+                                                      or done == total):
+        eval_metrics = _evaluate(evaluators, state.params, writer, done)
+      if preempt.requested:
+        save(done, force=True)
+        ckpt.close()
+        _print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
+        return {"train": last, "eval": eval_metrics, "preempted": True, "step": done}
+      if done % config.train.checkpoint_every == 0 or done == total:
+        save(done, force=True, metrics=_best_metrics(eval_metrics, best))
+  if start >= total:
+    _print(f"{workdir}: already trained to step {start} (train.steps={total})")
+  if evaluators and not eval_metrics:
+    eval_metrics = _evaluate(evaluators, state.params, writer, max(start, total))
+  ckpt.close()
+  _print(f"done: {total} steps in {_hms(time.time() - t0)}")
+  return {"train": last, "eval": eval_metrics, "preempted": False, "step": max(start, total),
+          "params": state.params, "evaluators": evaluators}
+
+
+def _evaluate(evaluators, params, writer, step) -> dict:
+  out = {}
+  for ev in evaluators:
+    res = ev.run(params)
+    scalars = {k: float(v) for k, v in res.items() if isinstance(v, (int, float, np.floating))}
+    writer.write(step, scalars, kind=ev.name)
+    out.update({f"{ev.name}/{k}": v for k, v in scalars.items()})
+    if ev.name == "retrieval":
+      _print(f"eval step {step}: t2v R@1 {res['t2v_R1']:.1f} R@5 {res['t2v_R5']:.1f} "
+             f"R@10 {res['t2v_R10']:.1f} MdR {res['t2v_MdR']:.1f} | v2t R@1 {res['v2t_R1']:.1f}")
+  return out
+
+
+def _best_metrics(eval_metrics: dict, best: str | None):
+  if not best or best not in eval_metrics:
+    return None
+  return {best: eval_metrics[best]}
+
+
+def _maybe_init_from(config, state: TrainState, shardings) -> TrainState:
+  """`train.init_from`: start a new run from an exported model (e.g. a converted checkpoint)."""
+  path = config.train.get("init_from", "")
+  if not path or int(jax.device_get(state.step)) > 0:
+    return state
+  from miles_jax import convert
+  if os.path.isdir(path):
+    params, _ = checkpoints.load_params(path, config.model)
+  else:
+    params, _ = convert.convert_state_dict(convert.read_state_dict(path), config.model)
+  merged = dict(jax.device_get(state.params))
+  for k, v in params.items():
+    merged[k] = v
+  params = jax.device_put(merged, shardings.params)
+  snapshot = {k: jax.tree.map(lambda x: x + 0, params[k]) for k in state.snapshot_params}
+  _print(f"initialised params from {path}")
+  return state.replace(params=params, snapshot_params=snapshot)
+
+
+def _check_batch(config, mesh, rules):
+  div = parallel.batch_divisor(mesh, rules)
+  b = int(config.data.batch_size)
+  if b % div or b % jax.process_count():
+    raise ValueError(f"data.batch_size={b} must be a multiple of the {div} batch shards of mesh "
+                     f"{dict(mesh.shape)} and of the {jax.process_count()} processes")
+
+
+def _fmt(m: dict) -> str:
+  keys = ("loss", "contrastive_loss", "mvm_loss", "mac_loss", "lr", "grad_norm")
+  return " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m and (m[k] or k in ("loss", "lr")))
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str) -> list[str]:
+  """loss.png and recall.png from metrics.jsonl (process 0)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = read_metrics(workdir)
+  written = []
+  train = [r for r in rows if r["kind"] == "train"]
+  if train:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in ("loss", "contrastive_loss", "mvm_loss", "mac_loss"):
+      pts = [(r["step"], r[k]) for r in train if r.get(k)]
+      if pts:
+        ax.plot(*zip(*pts), label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.legend()
+    fig.tight_layout()
+    written.append(os.path.join(workdir, "loss.png"))
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+  ev = [r for r in rows if r["kind"] == "retrieval"]
+  if ev:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in ("t2v_R1", "t2v_R5", "t2v_R10", "v2t_R1"):
+      ax.plot([r["step"] for r in ev], [r[k] for r in ev], marker="o", label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("recall (%)")
+    ax.set_title("held-out retrieval")
+    ax.legend()
+    fig.tight_layout()
+    written.append(os.path.join(workdir, "recall.png"))
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+  return written
+
+
+def main_exit_code(fn) -> int:
+  """Maps the loop's failures to exit codes with one clear line each."""
+  try:
+    fn()
+    return 0
+  except NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  except (ValueError, FileNotFoundError, PermissionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
