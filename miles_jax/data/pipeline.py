@@ -1,0 +1,383 @@
+"""TFRecord shards -> per-host numpy batches (train) and the in-memory eval set.
+
+Train batch (per host, b = data.batch_size // process_count):
+  frames          uint8 [b, T, S, S, 3]   T = data.num_frames, S = model.video.img_size
+  input_ids       int32 [b, L]            L = data.max_len
+  attention_mask  int32 [b, L]
+  mvm_mask        bool  [b, T * N]        N = (S // patch_size)^2, frame-major, True = masked
+  video_index     int32 [b]               stable hash of video_id (equal for the same video)
+
+Every random choice (file order, shuffle, frame, crop, flip, caption, mask) is a function of
+(seed, epoch, process_index, position of the record in the host's epoch stream), so a run is
+reproducible and `TrainIterator.state()` / `.restore()` resume it exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from miles_jax import masking
+from miles_jax.data import schema
+from miles_jax.data.tokenizers import build_tokenizer
+
+AUTOTUNE = tf.data.AUTOTUNE
+# random-resized-crop aspect ratios (torchvision's RandomResizedCrop default)
+CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def list_files(pattern: str, field: str = "data.train") -> list:
+  """Sorted shard paths for a glob (comma-separated globs allowed)."""
+  if not pattern:
+    raise ValueError(f"{field} is empty: set it to a glob of TFRecord shards, e.g. "
+                     "DIR/train-*.tfrecord (python -m miles_jax.data.prepare / .synthetic)")
+  files = sorted({f for p in pattern.split(",") if p for f in tf.io.gfile.glob(p.strip())})
+  if not files:
+    raise FileNotFoundError(f"{field}={pattern} matches no files")
+  return files
+
+
+def split_files(files: list, process_index: int, process_count: int) -> list:
+  """This process's shards: every process_count-th file, starting at process_index."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  if len(files) < process_count:
+    raise ValueError(f"{len(files)} shards for {process_count} processes: every process needs "
+                     "its own shard; write more (prepare --num-shards)")
+  return files[process_index::process_count]
+
+
+def mask_spec(config) -> tuple:
+  """(strategy, ratio) of the per-sample video mask: mac.video_ratio when MAC trains alone."""
+  objectives = {o.strip() for o in str(config.get("objectives", "")).split(",")}
+  ratio = config.mask.ratio
+  if "mac" in objectives and "miles" not in objectives:
+    ratio = config.mac.video_ratio
+  return config.mask.strategy, ratio
+
+
+def _geometry(config) -> tuple:
+  v = config.model.video
+  if v.img_size % v.patch_size:
+    raise ValueError(f"model.video.img_size={v.img_size} is not a multiple of "
+                     f"model.video.patch_size={v.patch_size}")
+  grid = v.img_size // v.patch_size
+  return config.data.num_frames, v.img_size, (grid, grid)
+
+
+def frame_indices(n, num_frames: int, train: bool, seed=None):
+  """T indices into n stored frames: train one random frame per equal segment, eval the middle."""
+  t = tf.range(num_frames)
+  if not train:
+    idx = ((2 * t + 1) * n) // (2 * num_frames)
+  else:
+    start = (t * n) // num_frames
+    end = tf.maximum(((t + 1) * n) // num_frames, start + 1)
+    u = tf.random.stateless_uniform([num_frames], seed)
+    idx = start + tf.cast(u * tf.cast(end - start, tf.float32), tf.int32)
+    idx = tf.minimum(idx, end - 1)
+  return tf.minimum(idx, n - 1)
+
+
+def _to_uint8(x):
+  return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+def decode_frames(jpegs, window, size: int, antialias: bool):
+  """JPEG strings [T] -> uint8 [T, size, size, 3]: decode only the crop window, resize."""
+  crops = tf.stack([tf.io.decode_and_crop_jpeg(jpegs[i], window, channels=3)
+                    for i in range(jpegs.shape[0])])
+  if crops.shape[1] == size and crops.shape[2] == size:
+    return crops
+  same = tf.logical_and(tf.equal(window[2], size), tf.equal(window[3], size))
+  out = tf.cond(same, lambda: crops,
+                lambda: _to_uint8(tf.image.resize(crops, [size, size], antialias=antialias)))
+  return tf.ensure_shape(out, [jpegs.shape[0], size, size, 3])
+
+
+def train_clip(ex: dict, seed, num_frames: int, size: int, crop_scale):
+  """Random frame per segment, one random resized crop + flip shared by all frames."""
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  jpegs = tf.gather(ex["frames"], frame_indices(tf.size(ex["frames"]), num_frames, True,
+                                                seeds[0]))
+  jpegs.set_shape([num_frames])
+  shape = tf.io.extract_jpeg_shape(jpegs[0])
+  begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[1],
+      min_object_covered=0.0, aspect_ratio_range=CROP_ASPECT,
+      area_range=tuple(float(s) for s in crop_scale), max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+  frames = decode_frames(jpegs, window, size, antialias=False)
+  flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
+  frames = tf.cond(flip, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
+  caps = ex["captions"]
+  pick = tf.random.stateless_uniform([], seeds[3], 0, tf.size(caps), dtype=tf.int32)
+  return frames, caps[pick]
+
+
+def eval_clip(ex: dict, num_frames: int, size: int):
+  """Middle frame per segment; the centred square (short side) resized to size."""
+  jpegs = tf.gather(ex["frames"], frame_indices(tf.size(ex["frames"]), num_frames, False))
+  jpegs.set_shape([num_frames])
+  shape = tf.io.extract_jpeg_shape(jpegs[0])
+  side = tf.minimum(shape[0], shape[1])
+  window = tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
+  return decode_frames(jpegs, window, size, antialias=True)
+
+
+def _parse_valid(position, raw):
+  ex = schema.parse_example(raw)
+  caps = ex["captions"]
+  ex["captions"] = tf.boolean_mask(caps, tf.strings.length(tf.strings.strip(caps)) > 0)
+  return position, ex
+
+
+def _is_valid(position, ex):
+  # 0-frame records and records without a caption are dropped (and counted as skipped)
+  return tf.logical_and(tf.size(ex["frames"]) > 0, tf.size(ex["captions"]) > 0)
+
+
+def _records(files: list, cycle_length: int = 16):
+  """Records of `files`, interleaved one by one; a truncated file ends where it breaks."""
+  files_ds = tf.data.Dataset.from_tensor_slices(files)
+  return files_ds.interleave(
+      lambda f: tf.data.TFRecordDataset(f).ignore_errors(log_warning=True),
+      cycle_length=max(1, min(cycle_length, len(files))), block_length=1,
+      **({"num_parallel_calls": AUTOTUNE, "deterministic": True} if len(files) > 1 else {}))
+
+
+def _epoch_key(seed: int, epoch: int, process_index: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0])
+
+
+def build_train_dataset(config, files: list, tokenizer, *, seed: int, epoch: int = 0,
+                        position: int = 0, process_index: int = 0, process_count: int = 1
+                        ) -> tf.data.Dataset:
+  """One epoch of this host's batches, starting at record `position` of the epoch stream.
+
+  Elements carry `_position` int64 [b] (record positions, for resuming) besides the batch.
+  """
+  num_frames, size, grid = _geometry(config)
+  batch = config.data.batch_size // process_count
+  strategy, ratio = mask_spec(config)
+  masking.num_masked(strategy, num_frames, grid, ratio)  # validates before any work
+  key = _epoch_key(seed, epoch, process_index)
+  order = np.random.default_rng(key).permutation(len(files))
+  ds = _records([files[i] for i in order])
+  if config.data.shuffle_buffer > 1:
+    ds = ds.shuffle(config.data.shuffle_buffer, seed=key % (2**31), reshuffle_each_iteration=False)
+  ds = ds.enumerate().skip(position)  # positions count raw records, corrupt ones included
+  ds = ds.map(_parse_valid, num_parallel_calls=AUTOTUNE, deterministic=True).filter(_is_valid)
+
+  def process(position, ex):
+    seed_pair = tf.stack([tf.constant(key % (2**31), tf.int64), position])
+    frames, caption = train_clip(ex, seed_pair, num_frames, size, config.data.crop_scale)
+    index = tf.strings.to_hash_bucket_fast(ex["video_id"], 2**31 - 1)
+    return {"frames": frames, "caption": caption, "video_index": tf.cast(index, tf.int32),
+            "_position": position}
+
+  ds = ds.map(process, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.ignore_errors(log_warning=True)  # undecodable JPEG etc.: the record is skipped
+  ds = ds.batch(batch, drop_remainder=True)
+
+  def finish(b):
+    ids, att = tokenizer.tokenize(b.pop("caption"))
+    mask = tf.numpy_function(
+        lambda pos: masking.sample_masks((seed, epoch, process_index), pos, strategy,
+                                         num_frames, grid, ratio),
+        [b["_position"]], tf.bool, stateful=False)
+    mask.set_shape([batch, num_frames * grid[0] * grid[1]])
+    b.update(input_ids=ids, attention_mask=att, mvm_mask=mask)
+    return b
+
+  ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+class TrainIterator:
+  """Endless iterator of per-host train batches; `state()` is a small dict to checkpoint."""
+
+  def __init__(self, config, *, seed: int, process_index: int, process_count: int,
+               tokenizer=None):
+    if config.data.batch_size % process_count:
+      raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                       f"process_count={process_count}")
+    self.config, self.seed = config, int(seed)
+    self.process_index, self.process_count = process_index, process_count
+    self.files = split_files(list_files(config.data.train), process_index, process_count)
+    self.tokenizer = tokenizer or build_tokenizer(config.data.tokenizer, config.data.max_len)
+    self.epoch, self.position, self.skipped = 0, 0, 0
+    self._it = None
+    self._yielded_this_epoch = 0
+
+  def state(self) -> dict:
+    """Where the next batch starts; JSON-serialisable."""
+    return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
+
+  def restore(self, state: dict):
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    self.skipped = int(state.get("skipped", 0))
+    self._it = None
+
+  def dataset(self) -> tf.data.Dataset:
+    return build_train_dataset(self.config, self.files, self.tokenizer, seed=self.seed,
+                               epoch=self.epoch, position=self.position,
+                               process_index=self.process_index,
+                               process_count=self.process_count)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    while True:
+      if self._it is None:
+        self._it = self.dataset().as_numpy_iterator()
+        self._yielded_this_epoch = 0
+      try:
+        b = next(self._it)
+      except StopIteration:
+        if self._yielded_this_epoch == 0 and self.position == 0:
+          raise ValueError(
+              f"process {self.process_index}: shards {self.files} hold fewer valid clips than "
+              f"the per-host batch {self.config.data.batch_size // self.process_count}")
+        self.epoch, self.position, self._it = self.epoch + 1, 0, None
+        continue
+      pos = b.pop("_position")
+      # records between the previous batch and this one that did not arrive were corrupt
+      self.skipped += int(pos[-1] + 1 - self.position) - len(pos)
+      self.position = int(pos[-1]) + 1
+      self._yielded_this_epoch += 1
+      return b
+
+
+def make_train_iterator(config, *, seed: int, process_index: Optional[int] = None,
+                        process_count: Optional[int] = None, tokenizer=None) -> TrainIterator:
+  """Train batches for this process (defaults: jax.process_index() / jax.process_count())."""
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return TrainIterator(config, seed=seed, process_index=process_index,
+                       process_count=process_count, tokenizer=tokenizer)
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """All of an eval split: texts for every video, clips for this host's share of the videos."""
+  video_ids: list                 # [V] every valid video, in shard order
+  texts: list                     # [C] every caption
+  input_ids: np.ndarray           # int32 [C, L]
+  attention_mask: np.ndarray      # int32 [C, L]
+  text_to_video: np.ndarray       # int32 [C] index into video_ids
+  clips: np.ndarray               # uint8 [V_local, T, S, S, 3]
+  clip_index: np.ndarray          # int32 [V_local] index into video_ids
+  labels: Optional[np.ndarray]    # int32 [V], None when the dataset has no labels
+  class_names: Optional[list]     # class name (its caption) per label index
+  skipped: list                   # records left out: {position, video_id, reason}
+  failed: list                    # video_ids whose frames did not decode (their clip is black)
+  per_host: int = 0               # clips per host incl. padding (equal on every host)
+  batch_size: int = 8
+
+  def batches(self, batch_size: Optional[int] = None):
+    """This host's clips in order, padded: {frames, video_index (-1 = pad), valid}.
+
+    Every host yields the same number of batches (for jax.make_array_from_process_local_data).
+    """
+    b = batch_size or self.batch_size
+    for i in range(-(-self.per_host // b)):
+      sl = slice(i * b, (i + 1) * b)
+      frames, index = self.clips[sl], self.clip_index[sl]
+      pad = b - len(index)
+      yield {
+          "frames": np.concatenate([frames, np.zeros((pad,) + self.clips.shape[1:], np.uint8)]),
+          "video_index": np.concatenate([index, -np.ones(pad, np.int32)]).astype(np.int32),
+          "valid": np.arange(b) < len(index),
+      }
+
+
+def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 0,
+                  process_count: int = 1, batch_size: Optional[int] = None) -> EvalSet:
+  """Reads an eval split in shard order. Records without frames or captions are left out (on
+  every host alike); a video whose JPEGs fail to decode keeps its place with a black clip."""
+  num_frames, size, _ = _geometry(config)
+  tokenizer = tokenizer or build_tokenizer(config.data.tokenizer, config.data.max_len)
+  files = list_files(pattern, "data.eval")
+  records = _records(files, cycle_length=1).enumerate()
+
+  # Pass 1: captions, labels and validity of every record (identical on every host).
+  def meta(position, raw):
+    _, ex = _parse_valid(position, raw)
+    return {"position": position, "video_id": ex["video_id"], "label": ex["label"],
+            "num_frames": tf.size(ex["frames"]),
+            "captions": tf.strings.reduce_join(ex["captions"], separator="\x00")}
+
+  video_ids, texts, t2v, labels, valid_pos, skipped = [], [], [], [], [], []
+  expected = 0
+  for m in records.map(meta, num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True) \
+      .as_numpy_iterator():
+    for p in range(expected, int(m["position"])):
+      skipped.append({"position": p, "video_id": None, "reason": "unparseable record"})
+    expected = int(m["position"]) + 1
+    vid = m["video_id"].decode("utf-8", "replace")
+    caps = [c for c in m["captions"].decode("utf-8", "replace").split("\x00") if c.strip()]
+    reason = "no frames" if m["num_frames"] == 0 else "no captions" if not caps else None
+    if reason:
+      skipped.append({"position": int(m["position"]), "video_id": vid, "reason": reason})
+      continue
+    for c in caps:
+      texts.append(c)
+      t2v.append(len(video_ids))
+    labels.append(int(m["label"]))
+    valid_pos.append(int(m["position"]))
+    video_ids.append(vid)
+  if skipped:
+    logging.warning("eval %s: %d records left out: %s", pattern, len(skipped), skipped[:10])
+  if not video_ids:
+    raise ValueError(f"data.eval={pattern}: no valid clips")
+
+  # Pass 2: this host's clips (every process_count-th valid video).
+  mine = list(range(process_index, len(video_ids), process_count))
+  want = tf.constant([valid_pos[i] for i in mine] or [-1], tf.int64)
+  local = records.filter(lambda p, r: tf.reduce_any(tf.equal(p, want)))
+
+  def clip(position, raw):
+    return position, eval_clip(schema.parse_example(raw), num_frames, size)
+
+  got = {}
+  for p, c in local.map(clip, num_parallel_calls=AUTOTUNE, deterministic=True) \
+      .ignore_errors(log_warning=True).as_numpy_iterator():
+    got[int(p)] = c
+  clips = np.zeros((len(mine), num_frames, size, size, 3), np.uint8)
+  failed = []
+  for j, i in enumerate(mine):
+    if valid_pos[i] in got:
+      clips[j] = got[valid_pos[i]]
+    else:
+      failed.append(video_ids[i])
+  if failed:
+    logging.warning("eval %s: frames of %d videos did not decode (black clips): %s", pattern,
+                    len(failed), failed[:10])
+
+  ids, att = tokenizer.tokenize_numpy(texts)
+  labels_arr = np.asarray(labels, np.int32)
+  class_names = None
+  if (labels_arr >= 0).any():
+    names = {}
+    for v, c in zip(t2v, texts):
+      names.setdefault(labels[v], c)
+    class_names = [names.get(k, f"class {k}") for k in range(int(labels_arr.max()) + 1)]
+  else:
+    labels_arr = None
+  b = batch_size or config.data.eval_batch_size
+  per_host = -(-len(video_ids) // process_count)
+  return EvalSet(video_ids=video_ids, texts=texts, input_ids=ids, attention_mask=att,
+                 text_to_video=np.asarray(t2v, np.int32), clips=clips,
+                 clip_index=np.asarray(mine, np.int32), labels=labels_arr,
+                 class_names=class_names, skipped=skipped, failed=failed,
+                 per_host=per_host, batch_size=b)

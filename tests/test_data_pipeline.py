@@ -1,0 +1,217 @@
+"""pipeline.py on small shards written from numpy frames: shapes, frame sampling, process
+split, determinism, resume, corrupt records, eval set."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from miles_jax import config_lib, masking
+from miles_jax.data import pipeline, prepare, schema
+
+SIZE, STORED = 32, 8
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "clip", "number", "zero", "one", "two", "three",
+         "four", "five", "six", "seven", "eight", "nine"]
+WORDS = VOCAB[6:]
+
+
+def _frames(i, n=STORED, h=SIZE, w=SIZE):
+  """Distinct smooth frames: a gradient whose brightness encodes (clip, frame)."""
+  yy, xx = np.mgrid[0:h, 0:w]
+  out = np.zeros((n, h, w, 3), np.uint8)
+  for t in range(n):
+    out[t, ..., 0] = (xx * 4 + 20 * t) % 256
+    out[t, ..., 1] = (yy * 4 + 37 * i) % 256
+    out[t, ..., 2] = 60 + 20 * t
+  return out
+
+
+def _caption(i):
+  return f"clip number {WORDS[i % 10]}"
+
+
+def _write(dirname, split, num_clips, num_shards, extra=None, labels=False):
+  os.makedirs(dirname, exist_ok=True)
+  shards = [[] for _ in range(num_shards)]
+  for i in range(num_clips):
+    ex = schema.make_example(f"vid{i:03d}", [_caption(i), f"clip {WORDS[(i + 1) % 10]}"],
+                             _frames(i), fps=4.0, label=i % 3 if labels else -1)
+    shards[i % num_shards].append(ex.SerializeToString())
+  for j, recs in enumerate(shards):
+    if extra and j == 0:
+      recs = recs[:1] + extra + recs[1:]
+    prepare.write_records(os.path.join(dirname, prepare.shard_name(split, j, num_shards)), recs)
+  with open(os.path.join(dirname, "vocab.txt"), "w") as f:
+    f.write("\n".join(VOCAB) + "\n")
+  return os.path.join(dirname, f"{split}-*.tfrecord")
+
+
+def _config(tmp, pattern, batch=4):
+  c = config_lib.default_config()
+  c.model = config_lib.model_config("tiny")  # img 32, patch 8
+  c.data.train = pattern
+  c.data.eval = pattern
+  c.data.tokenizer = os.path.join(tmp, "vocab.txt")
+  c.data.batch_size = batch
+  c.data.eval_batch_size = 4
+  c.data.shuffle_buffer = 8
+  c.data.max_len = 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  tmp = str(tmp_path_factory.mktemp("shards"))
+  return tmp, _write(tmp, "train", 24, 4)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_batch_format(shards):
+  tmp, pattern = shards
+  c = _config(tmp, pattern)
+  b = next(pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=1))
+  assert b["frames"].dtype == np.uint8 and b["frames"].shape == (4, 4, SIZE, SIZE, 3)
+  assert b["input_ids"].dtype == np.int32 and b["input_ids"].shape == (4, 8)
+  assert b["attention_mask"].dtype == np.int32
+  assert b["mvm_mask"].dtype == bool and b["mvm_mask"].shape == (4, 4 * 16)
+  assert (b["mvm_mask"].sum(1) == masking.num_masked("blockwise", 4, (4, 4), 0.5)).all()
+  assert b["video_index"].dtype == np.int32
+  # captions tokenized in-graph: [CLS] clip ... [SEP]
+  assert (b["input_ids"][:, 0] == 2).all() and (b["input_ids"][:, 1] == 4).all()
+
+
+def test_train_frames_come_from_their_segments(shards):
+  """With a full-frame crop, output frame t is stored frame in segment t (maybe flipped)."""
+  tmp, pattern = shards
+  c = _config(tmp, pattern)
+  c.data.crop_scale = (1.0, 1.0)
+  it = pipeline.make_train_iterator(c, seed=3, process_index=0, process_count=1)
+  ids = {int(tf.strings.to_hash_bucket_fast(f"vid{i:03d}", 2**31 - 1)): i for i in range(24)}
+  for b in _take(it, 2):
+    for clip, vi in zip(b["frames"], b["video_index"]):
+      ref = np.stack([tf.io.decode_jpeg(schema.encode_jpeg(f)).numpy()
+                      for f in _frames(ids[int(vi)])])
+      flipped = (clip[0] != ref[0]).any() and (clip[0] != ref[1]).any()
+      for t in range(4):
+        cands = [ref[2 * t], ref[2 * t + 1]]
+        if flipped:
+          cands = [x[:, ::-1] for x in cands]
+        assert any((clip[t] == x).all() for x in cands), (vi, t)
+
+
+def test_process_split_disjoint_and_complete(shards):
+  tmp, pattern = shards
+  files = pipeline.list_files(pattern)
+  parts = [pipeline.split_files(files, i, 2) for i in range(2)]
+  assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == files
+  c = _config(tmp, pattern, batch=4)
+  seen = []
+  for i in range(2):
+    it = pipeline.make_train_iterator(c, seed=0, process_index=i, process_count=2)
+    # per-host batch = 4 / 2; 12 clips per host -> 6 batches per epoch
+    got = set()
+    for b in _take(it, 6):
+      assert b["frames"].shape[0] == 2
+      got.update(b["video_index"].tolist())
+    seen.append(got)
+  assert len(seen[0]) == len(seen[1]) == 12
+  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24
+  with pytest.raises(ValueError, match="--num-shards"):
+    pipeline.split_files(files, 0, 5)
+
+
+def test_deterministic_and_resumable(shards):
+  tmp, pattern = shards
+  c = _config(tmp, pattern)
+  mk = lambda s: pipeline.make_train_iterator(c, seed=s, process_index=0, process_count=1)
+  a, b = _take(mk(1), 3), _take(mk(1), 3)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  other = _take(mk(2), 3)
+  assert any((x["frames"] != y["frames"]).any() for x, y in zip(a, other))
+
+  it = mk(1)
+  _take(it, 4)  # 6 batches per epoch: the next 4 cross into epoch 1
+  state = it.state()
+  want = _take(it, 4)
+  assert it.state()["epoch"] == 1
+  again = mk(1)
+  again.restore(state)
+  for x, y in zip(want, _take(again, 4)):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_corrupt_records_skipped_and_counted(tmp_path):
+  tmp = str(tmp_path)
+  bad_jpeg = schema.make_example("bad_jpeg", ["clip one"], jpeg_frames=[b"\xff\xd8\xff garbage"] *
+                                 STORED, height=SIZE, width=SIZE)
+  no_frames = schema.make_example("no_frames", ["clip two"], jpeg_frames=[])
+  no_caption = schema.make_example("no_caption", ["  "], _frames(0))
+  extra = [r.SerializeToString() for r in (bad_jpeg, no_frames, no_caption)]
+  pattern = _write(tmp, "train", 8, 2, extra=extra)
+  # truncate shard 1 in the middle of its third record: two of its 4 records survive
+  path = os.path.join(tmp, prepare.shard_name("train", 1, 2))
+  sizes = [len(r.numpy()) + 16 for r in tf.data.TFRecordDataset(path)]
+  with open(path, "r+b") as f:
+    f.truncate(sum(sizes[:2]) + sizes[2] // 2)
+  c = _config(tmp, pattern, batch=1)
+  c.data.shuffle_buffer = 1
+  it = pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=1)
+  batches = _take(it, 6)  # 4 + 2 good clips in epoch 0
+  ids = {int(b["video_index"][0]) for b in batches}
+  want = {int(tf.strings.to_hash_bucket_fast(f"vid{i:03d}", 2**31 - 1)) for i in
+          (0, 2, 4, 6, 1, 3)}
+  assert ids == want
+  assert it.skipped == 3
+
+  ev = pipeline.load_eval_set(pattern, c)
+  assert sorted(s["video_id"] for s in ev.skipped) == ["no_caption", "no_frames"]
+  assert {s["video_id"]: s["reason"] for s in ev.skipped}["no_frames"] == "no frames"
+  assert ev.failed == ["bad_jpeg"]
+  assert len(ev.video_ids) == 7 and "bad_jpeg" in ev.video_ids
+  assert (ev.clips[ev.video_ids.index("bad_jpeg")] == 0).all()
+
+
+def test_eval_set(tmp_path):
+  tmp = str(tmp_path)
+  pattern = _write(tmp, "test", 5, 2, labels=True)
+  c = _config(tmp, pattern)
+  ev = pipeline.load_eval_set(pattern, c)
+  # shard order: shard 0 holds clips 0, 2, 4; shard 1 holds 1, 3
+  assert ev.video_ids == ["vid000", "vid002", "vid004", "vid001", "vid003"]
+  assert len(ev.texts) == 10 and ev.text_to_video.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+  assert ev.texts[2] == _caption(2) and ev.input_ids.shape == (10, 8)
+  # a class is named by the first caption of its first video (vid000, vid004, vid002)
+  assert ev.labels.tolist() == [0, 2, 1, 1, 0] and ev.class_names == [
+      _caption(0), _caption(4), _caption(2)]
+  # eval frames: middle frame of each of 4 segments of 8 -> stored frames 1, 3, 5, 7; the
+  # square 32 px frame is the centre crop, so they equal the stored JPEG decoded independently
+  for v, vid in enumerate(ev.video_ids):
+    ref = [tf.io.decode_jpeg(schema.encode_jpeg(f)).numpy() for f in _frames(int(vid[3:]))]
+    np.testing.assert_array_equal(ev.clips[v], np.stack([ref[1], ref[3], ref[5], ref[7]]))
+  batches = list(ev.batches())
+  assert len(batches) == 2 and batches[1]["valid"].tolist() == [True, False, False, False]
+  assert batches[1]["video_index"].tolist() == [4, -1, -1, -1]
+  # two hosts: disjoint clips covering all, same number of batches
+  hosts = [pipeline.load_eval_set(pattern, c, process_index=i, process_count=2, batch_size=2)
+           for i in range(2)]
+  idx = [[i for b in h.batches() for i, ok in zip(b["video_index"], b["valid"]) if ok]
+         for h in hosts]
+  assert sorted(idx[0] + idx[1]) == [0, 1, 2, 3, 4] and not set(idx[0]) & set(idx[1])
+  assert len(list(hosts[0].batches())) == len(list(hosts[1].batches())) == 2
+  np.testing.assert_array_equal(hosts[1].clips[0], ev.clips[1])
+
+
+def test_config_errors(shards):
+  tmp, pattern = shards
+  c = _config(tmp, pattern, batch=3)
+  with pytest.raises(ValueError, match="data.batch_size"):
+    pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=2)
+  c.data.train = os.path.join(tmp, "nothing-*.tfrecord")
+  with pytest.raises(FileNotFoundError, match="data.train"):
+    pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=1)

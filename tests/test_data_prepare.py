@@ -1,0 +1,243 @@
+"""prepare.py + readers.py on real mp4 files written here with PyAV."""
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from miles_jax import config_lib
+from miles_jax.data import pipeline, prepare, readers, schema
+
+# Stored frames = PyAV decode + swscale AREA resize exactly; the only loss is the q90 JPEG
+# (4:2:0 chroma) of a smooth 32 px frame: observed mean abs error 1.4, max 14 (0..255 scale).
+JPEG_MEAN_TOL, JPEG_MAX_TOL = 2.5, 24
+
+
+def write_mp4(path, num_frames=12, h=48, w=64, fps=10, seed=0):
+  """A smooth moving pattern (compresses well, frames clearly distinct)."""
+  yy, xx = np.mgrid[0:h, 0:w]
+  with av.open(path, "w") as c:
+    s = c.add_stream("libx264", rate=fps)
+    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+    s.options = {"crf": "10"}
+    for t in range(num_frames):
+      f = np.zeros((h, w, 3), np.uint8)
+      f[..., 0] = 20 + xx * 2 + 5 * t + 20 * seed  # no wrap-around: edges would ring in JPEG
+      f[..., 1] = 30 + yy * 3 + 7 * t
+      f[..., 2] = 128 + 40 * np.sin((xx + yy + 3 * t) / 9.0)
+      for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+  return path
+
+
+def independent_decode(path, indices, resolution):
+  """PyAV decode of the chosen frames, resized the way prepare documents (swscale AREA)."""
+  out = []
+  with av.open(path) as c:
+    for i, frame in enumerate(c.decode(video=0)):
+      if i in indices:
+        h, w = frame.height, frame.width
+        nh, nw = (resolution, round(w * resolution / h)) if h <= w else \
+            (round(h * resolution / w), resolution)
+        out.append(frame.reformat(width=nw, height=nh, format="rgb24",
+                                  interpolation="AREA").to_ndarray())
+  return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+  d = tmp_path_factory.mktemp("media")
+  for i in range(3):
+    write_mp4(str(d / f"v{i}.mp4"), seed=i)
+  write_mp4(str(d / "square.mp4"), num_frames=9, h=48, w=48)
+  (d / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+  return str(d)
+
+
+def _csv(tmp, rows):
+  p = os.path.join(tmp, "ann.csv")
+  with open(p, "w") as f:
+    f.write("video_path,caption\n" + "".join(f"{a},{b}\n" for a, b in rows))
+  return p
+
+
+def test_prepare_csv_fidelity_and_report(media, tmp_path):
+  ann = _csv(str(tmp_path), [("v0.mp4", "a first clip"), ("v1.mp4", "a second clip"),
+                             ("v0.mp4", "another caption of v0"), ("missing.mp4", "gone"),
+                             ("v2.mp4", ""), ("corrupt.mp4", "broken")])
+  out = str(tmp_path / "out")
+  prepare.main(["--format", "csv", "--annotations", ann, "--media-dir", media, "--out", out,
+                "--num-shards", "2", "--frames-per-clip", "4", "--resolution", "32",
+                "--workers", "1"])
+  assert sorted(os.listdir(out)) == sorted(
+      [".train-00000-of-00002.tfrecord.json", ".train-00001-of-00002.tfrecord.json",
+       "report.json", "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"])
+  report = json.load(open(os.path.join(out, "report.json")))["train"]
+  assert report["written"] == 2 and report["items"] == 5
+  reasons = {s["video_id"]: s["reason"] for s in report["skipped"]}
+  assert set(reasons) == {"missing.mp4", "v2.mp4", "corrupt.mp4"}
+  assert reasons["missing.mp4"].startswith("missing file")
+  assert reasons["v2.mp4"].startswith("no captions")
+  assert reasons["corrupt.mp4"].startswith("unreadable media")
+
+  recs = {r["video_id"].decode(): r for f in sorted(os.listdir(out)) if f.endswith("tfrecord")
+          for r in schema.read_records(os.path.join(out, f))}
+  assert set(recs) == {"v0.mp4", "v1.mp4"}
+  r = recs["v0.mp4"]
+  assert [c.decode() for c in r["captions"]] == ["a first clip", "another caption of v0"]
+  assert r["num_frames"] == 4 and (r["height"], r["width"]) == (32, 43) and r["fps"] == 10
+  # middle frames of 4 segments of 12: 1, 4, 7, 10 -> timestamps at 10 fps
+  np.testing.assert_allclose(r["timestamps"], [0.1, 0.4, 0.7, 1.0], atol=1e-6)
+  stored = np.stack([tf.io.decode_jpeg(j).numpy() for j in r["frames"]]).astype(int)
+  ref = independent_decode(os.path.join(media, "v0.mp4"), {1, 4, 7, 10}, 32).astype(int)
+  assert stored.shape == ref.shape == (4, 32, 43, 3)
+  err = np.abs(stored - ref)
+  assert err.mean() < JPEG_MEAN_TOL and err.max() <= JPEG_MAX_TOL, (err.mean(), err.max())
+
+
+def test_resume_and_parallel(media, tmp_path):
+  ann = _csv(str(tmp_path), [("v0.mp4", "zero"), ("v1.mp4", "one"), ("v2.mp4", "two"),
+                             ("square.mp4", "square")])
+  items = readers.read_items("csv", ann, media)
+  out = str(tmp_path / "out")
+  first = prepare.prepare(items, out, "train", num_shards=2, frames_per_clip=2, resolution=32,
+                          workers=2, verbose=False)
+  assert first["written"] == 4 and first["resumed_shards"] == []
+  shard = os.path.join(out, prepare.shard_name("train", 0, 2))
+  mtime = os.stat(shard).st_mtime_ns
+  again = prepare.prepare(items, out, "train", num_shards=2, frames_per_clip=2, resolution=32,
+                          workers=1, verbose=False)
+  assert again["resumed_shards"] == [prepare.shard_name("train", i, 2) for i in range(2)]
+  assert again["written"] == 4 and os.stat(shard).st_mtime_ns == mtime
+  # an unfinished shard (temp file only) is redone
+  os.remove(shard)
+  open(shard + ".tmp", "w").write("partial")
+  third = prepare.prepare(items, out, "train", num_shards=2, frames_per_clip=2, resolution=32,
+                          workers=1, verbose=False)
+  assert third["resumed_shards"] == [prepare.shard_name("train", 1, 2)]
+  assert len(schema.read_records(shard)) == 2 and not os.path.exists(shard + ".tmp")
+
+
+def test_prepare_then_pipeline_frame_exact(media, tmp_path):
+  """Eval pipeline frames equal the stored JPEGs decoded independently (32 px square clips)."""
+  ann = _csv(str(tmp_path), [("square.mp4", "a square clip")])
+  out = str(tmp_path / "out")
+  prepare.prepare(readers.read_items("csv", ann, media), out, "test", num_shards=1,
+                  frames_per_clip=4, resolution=32, verbose=False)
+  (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\na\nsquare\nclip\n")
+  c = config_lib.default_config()
+  c.model = config_lib.model_config("tiny")
+  c.data.num_frames, c.data.max_len = 4, 8
+  c.data.tokenizer = str(tmp_path / "vocab.txt")
+  ev = pipeline.load_eval_set(os.path.join(out, "test-*.tfrecord"), c)
+  rec = schema.read_records(os.path.join(out, prepare.shard_name("test", 0, 1)))[0]
+  stored = np.stack([tf.io.decode_jpeg(j).numpy() for j in rec["frames"]])
+  np.testing.assert_array_equal(ev.clips[0], stored)
+  assert ev.input_ids[0, :5].tolist() == [2, 4, 5, 6, 3]
+  # and within JPEG tolerance of the source video (9 frames -> middles 1, 3, 5, 7)
+  ref = independent_decode(os.path.join(media, "square.mp4"), {1, 3, 5, 7}, 32)
+  err = np.abs(ev.clips[0].astype(int) - ref)
+  assert err.mean() < JPEG_MEAN_TOL and err.max() <= JPEG_MAX_TOL
+
+
+def test_msrvtt_readers(media, tmp_path):
+  csv_path = tmp_path / "MSRVTT_JSFUSION_test.csv"
+  csv_path.write_text("key,vid_key,video_id,sentence\nret0,msr7020,v0,a man is talking\n"
+                      "ret1,msr7021,v1,a dog runs\n")
+  items = readers.read_items("msrvtt", str(csv_path), media)
+  assert [(i.video_id, i.captions) for i in items] == [("v0", ["a man is talking"]),
+                                                       ("v1", ["a dog runs"])]
+  assert items[0].path == os.path.join(media, "v0.mp4")
+  js = tmp_path / "train_val_videodata.json"
+  js.write_text(json.dumps({"videos": [{"video_id": "v0"}, {"video_id": "v2"}], "sentences": [
+      {"video_id": "v0", "caption": "one"}, {"video_id": "v2", "caption": "two"},
+      {"video_id": "v0", "caption": "three"}]}))
+  (tmp_path / "list.txt").write_text("v0\n")
+  items = readers.read_items("msrvtt", str(js), media, video_list=str(tmp_path / "list.txt"))
+  assert [(i.video_id, i.captions) for i in items] == [("v0", ["one", "three"])]
+
+
+def test_webvid_reader(media, tmp_path):
+  os.makedirs(tmp_path / "vids" / "000001_000050", exist_ok=True)
+  os.link(os.path.join(media, "v1.mp4"), tmp_path / "vids" / "000001_000050" / "1234.mp4")
+  ann = tmp_path / "results_2M_train.csv"
+  ann.write_text('videoid,contentUrl,duration,page_dir,name\n'
+                 '1234,https://x/1234.mp4,PT00H00M10S,000001_000050,"Aerial view, sunset"\n'
+                 '99,https://x/99.mp4,PT00H00M10S,000001_000050,lost video\n')
+  items = readers.read_items("webvid", str(ann), str(tmp_path / "vids"))
+  assert items[0].captions == ["Aerial view, sunset"]
+  assert items[0].path == str(tmp_path / "vids" / "000001_000050" / "1234.mp4")
+  rep = prepare.prepare(items, str(tmp_path / "out"), num_shards=1, frames_per_clip=2,
+                        resolution=32, verbose=False)
+  assert rep["written"] == 1 and rep["skipped"][0]["video_id"] == "99"
+
+
+def test_ucf101_reader_labels(media, tmp_path):
+  lists = tmp_path / "ucfTrainTestlist"
+  lists.mkdir()
+  (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 BabyCrawling\n")
+  (lists / "testlist01.txt").write_text("BabyCrawling/v_BabyCrawling_g01_c01.avi\n"
+                                        "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\n")
+  (lists / "trainlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\n")
+  vids = tmp_path / "UCF-101"
+  for cls, name, src in [("BabyCrawling", "v_BabyCrawling_g01_c01.avi", "v0.mp4"),
+                         ("ApplyEyeMakeup", "v_ApplyEyeMakeup_g01_c01.avi", "v1.mp4")]:
+    (vids / cls).mkdir(parents=True)
+    os.link(os.path.join(media, src), vids / cls / name)  # container is sniffed, not the name
+  items = readers.read_items("ucf101", str(lists), str(vids), split="test", fold=1)
+  assert [(i.video_id, i.label, i.captions) for i in items] == [
+      ("v_BabyCrawling_g01_c01", 1, ["baby crawling"]),
+      ("v_ApplyEyeMakeup_g01_c01", 0, ["apply eye makeup"])]
+  assert len(readers.read_items("ucf101", str(lists), str(vids), split="train")) == 1
+  out = str(tmp_path / "out")
+  prepare.prepare(items, out, "test", num_shards=1, frames_per_clip=2, resolution=32,
+                  verbose=False)
+  recs = schema.read_records(os.path.join(out, prepare.shard_name("test", 0, 1)))
+  assert [r["label"] for r in recs] == [1, 0]
+
+
+def test_other_readers(tmp_path):
+  (tmp_path / "msvd.txt").write_text("# comment\nvidA_1_5 a cat plays\nvidA_1_5 a kitten\n"
+                                     "vidB_2_9 a man sings\n")
+  items = readers.read_items("msvd", str(tmp_path / "msvd.txt"), str(tmp_path))
+  assert [(i.video_id, i.captions) for i in items] == [("vidA_1_5", ["a cat plays", "a kitten"]),
+                                                       ("vidB_2_9", ["a man sings"])]
+  (tmp_path / "didemo.json").write_text(json.dumps([
+      {"video": "1@N0_2.mp4", "description": "a dog sits."},
+      {"video": "1@N0_2.mp4", "description": "it jumps."}]))
+  items = readers.read_items("didemo", str(tmp_path / "didemo.json"), str(tmp_path))
+  assert items[0].captions == ["a dog sits. it jumps."] and items[0].video_id == "1@N0_2"
+  (tmp_path / "lsmdc.csv").write_text(
+      "0001_Movie_00.00.51.926-00.00.54.129\t00.00.51.926\t00.00.54.129\t00.00.51.9\t"
+      "00.00.54.1\tSomeone, smiling, walks in.\n")
+  items = readers.read_items("lsmdc", str(tmp_path / "lsmdc.csv"), str(tmp_path))
+  assert items[0].captions == ["Someone, smiling, walks in."]
+  assert items[0].path.startswith(os.path.join(str(tmp_path), "0001_Movie"))
+  (tmp_path / "cc3m.tsv").write_text("a photo of a cat\thttp://x/1.jpg\n")
+  items = readers.read_items("cc3m", str(tmp_path / "cc3m.tsv"), str(tmp_path))
+  assert items[0].is_image and items[0].captions == ["a photo of a cat"]
+  hmdb = tmp_path / "splits"
+  hmdb.mkdir()
+  (hmdb / "brush_hair_test_split1.txt").write_text("a.avi 1\nb.avi 2\nc.avi 0\n")
+  (hmdb / "cartwheel_test_split1.txt").write_text("d.avi 2\n")
+  items = readers.read_items("hmdb51", str(hmdb), str(tmp_path), split="test")
+  assert [(i.video_id, i.label, i.captions[0]) for i in items] == [
+      ("b", 0, "brush hair"), ("d", 1, "cartwheel")]
+  with pytest.raises(ValueError, match="--format"):
+    readers.read_items("kinetics", str(hmdb), str(tmp_path))
+
+
+def test_image_items(tmp_path):
+  img = (np.arange(40 * 60 * 3) % 251).astype(np.uint8).reshape(40, 60, 3)
+  (tmp_path / "000000000.jpg").write_bytes(schema.encode_jpeg(img, 95))
+  (tmp_path / "cc3m.tsv").write_text("a photo\thttp://x/1.jpg\nmissing photo\thttp://x/2.jpg\n")
+  items = readers.read_items("cc3m", str(tmp_path / "cc3m.tsv"), str(tmp_path))
+  rep = prepare.prepare(items, str(tmp_path / "out"), num_shards=1, frames_per_clip=4,
+                        resolution=20, verbose=False)
+  assert rep["written"] == 1 and rep["skipped"][0]["video_id"] == "000000001"
+  rec = schema.read_records(str(tmp_path / "out" / prepare.shard_name("train", 0, 1)))[0]
+  assert rec["num_frames"] == 1 and (rec["height"], rec["width"]) == (20, 30)
