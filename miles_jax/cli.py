@@ -10,6 +10,9 @@ def run(main: Callable[[list[str]], int | None]) -> None:
   from absl import app
 
   asked_help = any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in sys.argv[1:])
+  # orbax and absl log every checkpoint step at INFO; show warnings unless asked (-v / --verbosity).
+  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+    sys.argv.insert(1, "--verbosity=-1")
   try:
     app.run(lambda argv: sys.exit(main(argv) or 0))
   except SystemExit as e:

@@ -174,7 +174,9 @@ OBJECTIVES = ("contrastive", "miles", "mac")
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
              needs_train_data: bool = True) -> None:
   """Checks a config before any compute; raises ValueError naming the field and the fix."""
-  import glob
+  def matches(pattern: str) -> bool:
+    import tensorflow as tf  # gfile: local paths and gs:// alike; comma-separated globs
+    return any(tf.io.gfile.glob(p.strip()) for p in pattern.split(",") if p.strip())
 
   def fail(field, msg):
     raise ValueError(f"config.{field}: {msg}")
@@ -214,14 +216,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     if not config.data.train:
       fail("data.train", "is empty: set it to a glob of TFRecord shards "
            "(python -m miles_jax.data.prepare / miles_jax.data.synthetic write them)")
-    if not glob.glob(config.data.train):
+    if not matches(config.data.train):
       fail("data.train", f"{config.data.train!r} matches no files")
-  if config.data.eval and not glob.glob(config.data.eval):
+  if config.data.eval and not matches(config.data.eval):
     fail("data.eval", f"{config.data.eval!r} matches no files")
-  if not config.data.tokenizer or not os.path.exists(config.data.tokenizer):
+  if not config.data.tokenizer or not matches(config.data.tokenizer):
     fail("data.tokenizer", f"{config.data.tokenizer!r} does not exist: give a BERT vocab.txt "
          "or a sentencepiece .model")
-  if config.train.init_from and not os.path.exists(config.train.init_from):
+  if config.train.init_from and not matches(config.train.init_from):
     fail("train.init_from", f"{config.train.init_from!r} does not exist")
   if workdir is not None:
     probe = workdir

@@ -205,9 +205,22 @@ def train(config, workdir: str) -> dict:
   if evaluators and not eval_metrics:
     eval_metrics = _evaluate(evaluators, state.params, writer, max(start, total))
   ckpt.close()
+  export(config, state.params, os.path.join(workdir, "export"))
   _print(f"done: {total} steps in {_hms(time.time() - t0)}")
   return {"train": last, "eval": eval_metrics, "preempted": False, "step": max(start, total),
           "params": state.params, "evaluators": evaluators}
+
+
+def export(config, params, path: str):
+  """The inference model (online params + model config) for evaluate / pretrained / init_from.
+
+  Single-process runs only: on several hosts, evaluate the workdir directly instead.
+  """
+  if jax.process_count() > 1:
+    _print(f"multi-host run: no {path} written; use `python -m miles_jax.evaluate --workdir`")
+    return
+  checkpoints.save_params(path, jax.device_get(params), config.model, overwrite=True)
+  _print(f"exported the model to {path}")
 
 
 def _evaluate(evaluators, params, writer, step) -> dict:

@@ -1,0 +1,48 @@
+"""MILES pre-training at the paper's settings: ViT-B/16 + DistilBERT, WebVid-2M + CC3M.
+
+Frozen's curriculum (SPEC): stage 1 trains on 1-frame clips (images and videos), stage 2 on 4
+frames starting from stage 1 (the temporal rows for frames 2-4 start at zero):
+
+    python -m miles_jax.train --config=configs/pretrain_miles.py:stage1 --workdir=runs/miles_s1
+    python -m miles_jax.train --config=configs/pretrain_miles.py:stage2 --workdir=runs/miles_s2 \
+        --config.train.init_from=runs/miles_s1/export
+
+Initialise stage 1 from public weights with `--config.init.video=ViT-B_16.npz
+--config.init.text=distilbert-base-uncased/` (see README "Start from public weights").
+Data: `python -m miles_jax.data.prepare --format webvid ...` and `--format cc3m ...` write the
+shards named below; override `--config.data.train=...` for other locations. Batch size, steps
+and warm-up are not fixed by the paper: the values here are defaults to verify.
+"""
+from miles_jax import config_lib
+
+
+def get_config(arg: str = "stage2"):
+  c = config_lib.default_config()
+  c.model = config_lib.model_config("base")
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.objectives = "contrastive,miles"
+  c.data.train = "data/webvid/train-*.tfrecord,data/cc3m/train-*.tfrecord"
+  c.data.eval = "data/msrvtt/test-*.tfrecord"
+  c.data.tokenizer = "data/bert-base-uncased/vocab.txt"
+  c.data.batch_size = 256
+  c.data.eval_batch_size = 64
+  c.data.max_len = 32
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 2000
+  c.optim.weight_decay = 0.05
+  c.train.log_every = 50
+  c.train.checkpoint_every = 2000
+  c.train.eval_every = 5000
+  c.train.best_metric = "retrieval/t2v_R10"
+  if arg == "stage1":
+    c.data.num_frames = 1
+    c.train.steps = 100_000
+  elif arg in ("stage2", "base", ""):
+    c.data.num_frames = 4
+    c.train.steps = 50_000
+  else:
+    raise ValueError(f"configs/pretrain_miles.py:{arg}: use stage1 or stage2")
+  c.mesh.shape = (-1, 1)
+  c.mesh.axes = ("data", "fsdp")
+  return c
