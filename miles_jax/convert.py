@@ -9,6 +9,13 @@ them) or a `.safetensors` with the same keys. `.pth` files are read with
 Flax tree; anything missing, unexpected or mis-shaped fails with the key names. Parameters that
 only training uses (`video/mask_token`, `mvm_head`) are not in released checkpoints; they keep a
 fresh initialisation and are listed in the report.
+
+Starting from public weights instead (ViT-B/16 or CLIP into the video encoder, DistilBERT into
+the text encoder; see miles_jax/init_weights.py) writes the initialised model the same way:
+
+    python -m miles_jax.convert --vit=ViT-B_16.npz --distilbert=distilbert-base-uncased/ --out=DIR
+    python -m miles_jax.convert --config.init.video=clip.safetensors \
+        --config.model.video.patch_size=32 --out=DIR
 """
 from __future__ import annotations
 
@@ -216,13 +223,25 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   src, out = f.checkpoint, f.out
-  if not src or not out:
-    print("error: --checkpoint and --out are required (see --help)", file=sys.stderr)
+  from miles_jax import init_weights
+  init_cfg = init_weights.init_config(config)
+  init_cfg.video = f.vit or init_cfg.video
+  init_cfg.text = f.distilbert or init_cfg.text
+  from_init = bool(init_cfg.video or init_cfg.text)
+  if not out or not (src or from_init):
+    print("error: --out and one of --checkpoint or --vit/--distilbert (config.init.video/text) "
+          "are required (see --help)", file=sys.stderr)
+    return 2
+  if src and from_init:
+    print("error: --checkpoint (a released model) and --vit/--distilbert (public init weights) "
+          "are alternatives; pass one", file=sys.stderr)
     return 2
   if os.path.exists(out) and os.listdir(out) and not f.overwrite:
     print(f"error: --out={out} exists and is not empty; pass --overwrite to replace it",
           file=sys.stderr)
     return 2
+  if from_init:
+    return _export_init(config, init_cfg, out, f.overwrite)
   try:
     print(f"reading {src}")
     sd = read_state_dict(src)
@@ -237,6 +256,26 @@ def main(argv):
           + ", ".join(report["kept_initialised"]))
   if report["ignored"]:
     print("ignored buffers: " + ", ".join(report["ignored"]))
+  return 0
+
+
+def _export_init(config, init_cfg, out: str, overwrite: bool) -> int:
+  """Initialises the model from public weights (config.init) and exports it to `out`."""
+  import jax
+  from miles_jax import checkpoints, init_weights
+  try:
+    params = init_model_params(config.model, jax.random.PRNGKey(config.get("seed", 0)))
+    params, report = init_weights.apply_init(params, config.model, init_cfg)
+  except (ConversionError, FileNotFoundError, ImportError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  checkpoints.save_params(out, params, config.model, overwrite=overwrite)
+  print(init_weights.format_report(report))
+  fresh = [k for k in ("video", "text") if k not in report] + ["video_proj", "text_proj",
+                                                               "mvm_head"]
+  if init_cfg.clip_proj and "video" in report:
+    fresh.remove("video_proj")
+  print(f"initialised model -> {out} (fresh initialisation: {', '.join(fresh)})")
   return 0
 
 
@@ -257,6 +296,12 @@ def cli():
   flags.DEFINE_enum("temporal_fill", "error", ["error", "zeros"],
                     "When the checkpoint has fewer temporal-embedding rows than "
                     "model.video.num_frames: fail, or fill the added rows with zeros.")
+  flags.DEFINE_string("vit", None, "Initialise the video encoder from an image ViT instead of "
+                      "converting a released model: ViT-B/16 .npz, timm .safetensors/.pth or "
+                      "OpenAI CLIP state_dict (sets config.init.video; format auto-detected or "
+                      "config.init.video_format).")
+  flags.DEFINE_string("distilbert", None, "Initialise the text encoder from a Hugging Face "
+                      "DistilBERT directory or weights file (sets config.init.text).")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
   cli_lib.run(main)
 

@@ -60,6 +60,7 @@ def report(result: dict, workdir: str):
     return
   out = {"step": result["step"], "train": result["train"], "eval": result["eval"]}
   retr = [e for e in result.get("evaluators", []) if e.name == "retrieval"]
+  chance = None
   if retr and result["eval"]:
     model = {k.split("/", 1)[1]: v for k, v in result["eval"].items() if k.startswith("retrieval/")}
     chance = retr[0].chance()
@@ -68,7 +69,7 @@ def report(result: dict, workdir: str):
                                  f"held-out retrieval ({int(model['num_texts'])} texts, "
                                  f"{int(model['num_videos'])} videos)"))
     out["chance"] = chance
-  figures = loop.plot_curves(workdir)
+  figures = loop.plot_curves(workdir, chance)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(out, f, indent=2, default=float)
   if figures:

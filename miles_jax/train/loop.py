@@ -124,6 +124,8 @@ def train(config, workdir: str) -> dict:
   best = config.train.get("best_metric", "") or None
   ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep,
                                        best_metric=best)
+  if ckpt.latest_step() is not None:
+    _check_same_model(os.path.join(workdir, "config.json"), config)
   if _is_main():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -243,21 +245,27 @@ def _best_metrics(eval_metrics: dict, best: str | None):
 
 
 def _maybe_init_from(config, state: TrainState, shardings) -> TrainState:
-  """`train.init_from`: start a new run from an exported model (e.g. a converted checkpoint)."""
+  """A new run's starting weights: `train.init_from` (an exported model or a released .pth) or
+  `init.video` / `init.text` (timm ViT / CLIP, HF DistilBERT; see init_weights.py)."""
   path = config.train.get("init_from", "")
-  if not path or int(jax.device_get(state.step)) > 0:
+  init = config.get("init")
+  public = init is not None and (init.video or init.text)
+  if (not path and not public) or int(jax.device_get(state.step)) > 0:
     return state
-  from miles_jax import convert
-  if os.path.isdir(path):
-    params, _ = checkpoints.load_params(path, config.model)
-  else:
-    params, _ = convert.convert_state_dict(convert.read_state_dict(path), config.model)
+  from miles_jax import convert, init_weights
   merged = dict(jax.device_get(state.params))
-  for k, v in params.items():
-    merged[k] = v
+  if path:
+    if os.path.isdir(path):
+      params, _ = checkpoints.load_params(path, config.model)
+    else:
+      params, _ = convert.convert_state_dict(convert.read_state_dict(path), config.model)
+    merged.update(params)
+    _print(f"initialised params from {path}")
+  if public:
+    merged, report = init_weights.apply_init(merged, config.model, init)
+    _print(init_weights.format_report(report))
   params = jax.device_put(merged, shardings.params)
   snapshot = {k: jax.tree.map(lambda x: x + 0, params[k]) for k in state.snapshot_params}
-  _print(f"initialised params from {path}")
   return state.replace(params=params, snapshot_params=snapshot)
 
 
@@ -287,8 +295,8 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(workdir: str) -> list[str]:
-  """loss.png and recall.png from metrics.jsonl (process 0)."""
+def plot_curves(workdir: str, chance: dict | None = None) -> list[str]:
+  """loss.png and recall.png (with dashed random-chance levels) from metrics.jsonl."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -313,7 +321,11 @@ def plot_curves(workdir: str) -> list[str]:
   if ev:
     fig, ax = plt.subplots(figsize=(6, 4))
     for k in ("t2v_R1", "t2v_R5", "t2v_R10", "v2t_R1"):
-      ax.plot([r["step"] for r in ev], [r[k] for r in ev], marker="o", label=k)
+      line, = ax.plot([r["step"] for r in ev], [r[k] for r in ev], marker="o", label=k)
+      if chance and k.startswith("t2v"):
+        ax.axhline(chance[k], color=line.get_color(), linestyle="--", linewidth=0.8)
+    if chance:
+      ax.plot([], [], "k--", linewidth=0.8, label="random chance")
     ax.set_xlabel("step")
     ax.set_ylabel("recall (%)")
     ax.set_title("held-out retrieval")
