@@ -33,9 +33,9 @@ def get_config(arg: str = ""):
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 0.01
-  c.train.steps = 600
-  c.train.log_every = 50
-  c.train.checkpoint_every = 200
-  c.train.eval_every = 200
+  c.train.steps = 1500
+  c.train.log_every = 100
+  c.train.checkpoint_every = 500
+  c.train.eval_every = 500
   c.train.best_metric = "retrieval/t2v_R1"
   return c
