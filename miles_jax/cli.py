@@ -13,9 +13,25 @@ def run(main: Callable[[list[str]], int | None]) -> None:
   # orbax and absl log every checkpoint step at INFO; show warnings unless asked (-v / --verbosity).
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
     sys.argv.insert(1, "--verbosity=-1")
+  started = []
+
+  def run_main(argv):
+    started.append(True)
+    sys.exit(main(argv) or 0)
+
   try:
-    app.run(lambda argv: sys.exit(main(argv) or 0))
+    app.run(run_main)
   except SystemExit as e:
     if asked_help and e.code == 1:
       sys.exit(0)
     raise
+  except (AttributeError, KeyError) as e:
+    if started:  # raised by main itself: a bug, keep the traceback
+      raise
+    # ml_collections' answer to --config.no.such.field=... (with a "Did you mean" hint)
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(msg))
+      detail = detail.args[0]
+    detail = " ".join(str(detail).replace("\\'", "'").replace("\\n", "\n").split())
+    print(f"error: unknown config field: {detail}", file=sys.stderr)
+    sys.exit(2)

@@ -73,7 +73,7 @@ class VideoEncoder(nn.Module):
     x = nn.Conv(
         d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed",
         kernel_init=nn.with_logical_partitioning(layers.vit_init,
-                                                 ("patch", "patch", "channels", "embed")),
+                                                 ("patch_h", "patch_w", "channels", "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
     )(frames.reshape(b * t, h, w, 3).astype(self.dtype))
     x = x.reshape(b, t * n, d)  # frame-major: index t*N + n

@@ -269,6 +269,19 @@ def _maybe_init_from(config, state: TrainState, shardings) -> TrainState:
   return state.replace(params=params, snapshot_params=snapshot)
 
 
+def _check_same_model(saved_path: str, config):
+  """Refuses to resume a workdir whose checkpoints were written for another architecture."""
+  if not os.path.exists(saved_path):
+    return
+  with open(saved_path) as f:
+    saved = json.load(f).get("model", {})
+  diffs = checkpoints.diff_configs(saved, json.loads(config.model.to_json_best_effort()))
+  if diffs:
+    raise checkpoints.ArchitectureMismatch(
+        f"--workdir={os.path.dirname(saved_path)} holds checkpoints of another architecture:\n  "
+        + "\n  ".join(diffs) + "\nuse a new --workdir, or the workdir's model settings")
+
+
 def _check_batch(config, mesh, rules):
   div = parallel.batch_divisor(mesh, rules)
   b = int(config.data.batch_size)
