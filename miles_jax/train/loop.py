@@ -112,18 +112,28 @@ def build_evaluators(config, mesh, rules) -> list:
 
 
 def train(config, workdir: str) -> dict:
-  """Runs (or resumes) training in `workdir`; returns the last train and eval metrics."""
+  """Runs (or resumes) training in `workdir`; returns the last train and eval metrics.
+
+  SIGTERM is honoured from the first line: before the first step it exits cleanly (nothing new
+  to save), afterwards it saves the current step first.
+  """
+  with _Preemption() as preempt:
+    return _train(config, workdir, preempt)
+
+
+def _train(config, workdir: str, preempt: _Preemption) -> dict:
   config_lib.validate(config, workdir=workdir)
-  os.makedirs(workdir, exist_ok=True)
   mesh = parallel.mesh_from_config(config)
   rules = parallel.logical_rules(config.sharding.rules, mesh)
   _check_batch(config, mesh, rules)
+  os.makedirs(workdir, exist_ok=True)
   model = dual_encoder.build(config.model)
   tx, lr_schedule = optim.make_optimizer(config)
   del lr_schedule
   best = config.train.get("best_metric", "") or None
-  ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep,
-                                       best_metric=best)
+  # Keep-N by step only: a best-by-metric manager may delete the newest checkpoint, which a
+  # resume needs. The best model by `train.best_metric` is exported to WORKDIR/best instead.
+  ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
   if ckpt.latest_step() is not None:
     _check_same_model(os.path.join(workdir, "config.json"), config)
   if _is_main():
@@ -162,46 +172,50 @@ def train(config, workdir: str) -> dict:
               metrics=metrics, force=force)
 
   nan_at = int(config.train.get("inject_nan_at_step", -1))
-  with _Preemption() as preempt:
-    for step in range(start, total):
-      batch = next(data)
-      if step == nan_at:  # fault injection for the tests: the loss of this step is NaN
-        batch = dict(batch, frames=np.full(batch["frames"].shape, np.nan, np.float32))
-      state, metrics = step_fn(state, parallel.global_batch(batch, mesh, rules))
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      done = step + 1
-      if not math.isfinite(metrics["loss"]):
-        if config.train.on_nonfinite == "skip":
-          skipped_steps += 1
-          _print(f"step {done}: non-finite loss, update skipped ({skipped_steps} so far)")
-        else:
-          ckpt.wait_until_finished()
-          raise NonFiniteLoss(
-              f"step {done}: loss is {metrics['loss']} ({_fmt(metrics)}); stopped without "
-              f"saving — the last good checkpoint is step {ckpt.latest_step()} in "
-              f"{ckpt.directory}. Lower optim.lr, raise optim.warmup_steps, or set "
-              "train.on_nonfinite=skip")
-      metrics["skipped_steps"] = skipped_steps
-      last = metrics
-      window_steps += 1
-      if done % config.train.log_every == 0 or done == total:
-        now = time.time()
-        sps = window_steps / max(now - window_start, 1e-9)
-        eta = (total - done) / max(sps, 1e-9)
-        _print(f"step {done}/{total} | {_fmt(metrics)} | {sps:.2f} steps/s | "
-               f"{sps * clips_per_step:.1f} clips/s | ETA {_hms(eta)}")
-        writer.write(done, {k: metrics[k] for k in (*METRICS, "skipped_steps") if k in metrics})
-        window_start, window_steps = now, 0
-      if evaluators and config.train.eval_every and (done % config.train.eval_every == 0
-                                                      or done == total):
-        eval_metrics = _evaluate(evaluators, state.params, writer, done)
-      if preempt.requested:
-        save(done, force=True)
-        ckpt.close()
-        _print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
-        return {"train": last, "eval": eval_metrics, "preempted": True, "step": done}
-      if done % config.train.checkpoint_every == 0 or done == total:
-        save(done, force=True, metrics=_best_metrics(eval_metrics, best))
+  if preempt.requested:
+    ckpt.close()
+    _print(f"SIGTERM before the first step: nothing new to save (step {start}); exiting")
+    return {"train": {}, "eval": {}, "preempted": True, "step": start}
+  for step in range(start, total):
+    batch = next(data)
+    if step == nan_at:  # fault injection for the tests: the loss of this step is NaN
+      batch = dict(batch, frames=np.full(batch["frames"].shape, np.nan, np.float32))
+    state, metrics = step_fn(state, parallel.global_batch(batch, mesh, rules))
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    done = step + 1
+    if not math.isfinite(metrics["loss"]):
+      if config.train.on_nonfinite == "skip":
+        skipped_steps += 1
+        _print(f"step {done}: non-finite loss, update skipped ({skipped_steps} so far)")
+      else:
+        ckpt.wait_until_finished()
+        raise NonFiniteLoss(
+            f"step {done}: loss is {metrics['loss']} ({_fmt(metrics)}); stopped without "
+            f"saving — the last good checkpoint is step {ckpt.latest_step()} in "
+            f"{ckpt.directory}. Lower optim.lr, raise optim.warmup_steps, or set "
+            "train.on_nonfinite=skip")
+    metrics["skipped_steps"] = skipped_steps
+    last = metrics
+    window_steps += 1
+    if done % config.train.log_every == 0 or done == total:
+      now = time.time()
+      sps = window_steps / max(now - window_start, 1e-9)
+      eta = (total - done) / max(sps, 1e-9)
+      _print(f"step {done}/{total} | {_fmt(metrics)} | {sps:.2f} steps/s | "
+             f"{sps * clips_per_step:.1f} clips/s | ETA {_hms(eta)}")
+      writer.write(done, {k: metrics[k] for k in (*METRICS, "skipped_steps") if k in metrics})
+      window_start, window_steps = now, 0
+    if evaluators and config.train.eval_every and (done % config.train.eval_every == 0
+                                                    or done == total):
+      eval_metrics = _evaluate(evaluators, state.params, writer, done)
+      _keep_best(config, state.params, eval_metrics, best, workdir, done)
+    if preempt.requested:
+      save(done, force=True)
+      ckpt.close()
+      _print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
+      return {"train": last, "eval": eval_metrics, "preempted": True, "step": done}
+    if done % config.train.checkpoint_every == 0 or done == total:
+      save(done, force=True)
   if start >= total:
     _print(f"{workdir}: already trained to step {start} (train.steps={total})")
   if evaluators and not eval_metrics:
@@ -238,10 +252,19 @@ def _evaluate(evaluators, params, writer, step) -> dict:
   return out
 
 
-def _best_metrics(eval_metrics: dict, best: str | None):
-  if not best or best not in eval_metrics:
-    return None
-  return {best: eval_metrics[best]}
+def _keep_best(config, params, eval_metrics: dict, best: str | None, workdir: str, step: int):
+  """Exports the model to WORKDIR/best when `best` (e.g. retrieval/t2v_R1) reaches a new high."""
+  if not best or best not in eval_metrics or jax.process_count() > 1:
+    return
+  record = os.path.join(workdir, "best.json")
+  previous = None
+  if os.path.exists(record):
+    with open(record) as f:
+      previous = json.load(f)
+  if previous is None or eval_metrics[best] > previous["value"]:
+    export(config, params, os.path.join(workdir, "best"))
+    with open(record, "w") as f:
+      json.dump({"metric": best, "value": eval_metrics[best], "step": step}, f)
 
 
 def _maybe_init_from(config, state: TrainState, shardings) -> TrainState:
