@@ -3,20 +3,11 @@ text tokens dropped, contrastive alignment of the masked views, no reconstructio
 
     python -m miles_jax.train --config=configs/pretrain_mac.py:stage2 --workdir=runs/mac
 """
-import importlib.util
-import os
-
-
-def _pretrain_miles():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_miles.py")
-  spec = importlib.util.spec_from_file_location("pretrain_miles", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from miles_jax import config_lib
 
 
 def get_config(arg: str = "stage2"):
-  c = _pretrain_miles().get_config(arg)
+  c = config_lib.sibling(__file__, "pretrain_miles").get_config(arg)
   c.objectives = "mac"
   c.mac.video_ratio = 0.75
   c.mac.text_ratio = 0.15

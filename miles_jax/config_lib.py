@@ -233,3 +233,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     probe = probe or "."
     if not os.access(probe, os.W_OK | os.X_OK):
       raise PermissionError(f"--workdir={workdir}: {probe} is not writable")
+
+
+def sibling(config_file: str, name: str):
+  """Imports `name`.py from the folder of `config_file`: config files sharing a base config
+  (configs/ is not a package; ml_collections loads each file by path)."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"miles_jax_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

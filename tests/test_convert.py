@@ -12,27 +12,17 @@ from miles_jax import checkpoints, config_lib, convert, pretrained  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
+from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
 from torch_reference import RefDualEncoder, randomize_  # noqa: E402
 
 # Tiny dims on purpose unlike the defaults (set through config overrides in the CLI test).
-OVERRIDES = {
-    "model.video.img_size": 32, "model.video.patch_size": 8, "model.video.num_frames": 4,
-    "model.video.width": 48, "model.video.depth": 2, "model.video.num_heads": 3,
-    "model.video.mlp_ratio": 2.0, "model.text.vocab_size": 101, "model.text.width": 40,
-    "model.text.depth": 2, "model.text.num_heads": 5, "model.text.mlp_dim": 72,
-    "model.text.max_len": 16, "model.proj_dim": 24,
-}
+OVERRIDES = TINY_OVERRIDES
 
 
 def _config():
   c = config_lib.default_config()
   c.model = config_lib.model_config("base")
-  for k, v in OVERRIDES.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  apply_overrides(c, OVERRIDES)
   return c
 
 

@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -29,6 +28,9 @@ from miles_jax.data import prepare, schema, synthetic
 from miles_jax.models import dual_encoder
 from miles_jax.train import optim
 from miles_jax.train.state import create_train_state, train_state_shardings
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import apply_overrides, assert_trees_equal, final_state  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # the interrupted / reference runs
@@ -112,43 +114,12 @@ def _snapshot(root):
   return out
 
 
-def _final_params(workdir, step=None):
-  """State of a workdir's checkpoint, restored on this process's devices."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.mesh.shape, config.mesh.axes = (-1,), ("data",)
-  mesh = parallel.mesh_from_config(config)
-  model = dual_encoder.build(config.model)
-  tx = optim.make_optimizer(config)[0]
-  abstract = jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0), mesh,
-                                                       model, tx))
-  ck = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-  state, meta = ck.restore(checkpoints.abstract_with_shardings(
-      abstract, train_state_shardings(config, mesh, model, tx)), step)
-  ck.close()
-  return jax.device_get(state), meta
-
-
-def _assert_trees_equal(a, b):
-  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _demo_config(data_dir, **overrides):
   spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs",
                                                                             "demo.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config(data_dir)
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return apply_overrides(mod.get_config(data_dir), overrides)
 
 
 @pytest.fixture(scope="module")
@@ -247,13 +218,13 @@ def test_sigterm_and_kill9_at_random_points_lose_nothing(data_dir, cache_dir, re
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resumed {wd} from step {expected}" in r.stdout
 
-  ref, ref_meta = _final_params(reference_run)
-  got, meta = _final_params(wd)
+  ref, ref_meta = final_state(reference_run)
+  got, meta = final_state(wd)
   assert int(got.step) == STEPS and meta["data"] == ref_meta["data"]
-  _assert_trees_equal(got.params, ref.params)
-  _assert_trees_equal(got.snapshot_params, ref.snapshot_params)
-  _assert_trees_equal(got.opt_state, ref.opt_state)
-  _assert_trees_equal(got.rng, ref.rng)
+  assert_trees_equal(got.params, ref.params)
+  assert_trees_equal(got.snapshot_params, ref.snapshot_params)
+  assert_trees_equal(got.opt_state, ref.opt_state)
+  assert_trees_equal(got.rng, ref.rng)
 
 
 # 3. corrupt inputs: prepare reports them, the pipeline skips them, training goes on -----------
@@ -337,7 +308,7 @@ def test_corrupt_inputs_reported_skipped_and_training_continues(data_dir, cache_
   r = _run(_cmd(str(data), wd, *_overrides()), _env(cache_dir))
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"step {STEPS}/{STEPS}" in r.stdout
-  state, meta = _final_params(wd)
+  state, meta = final_state(wd)
   assert meta["data"][0]["skipped"] >= 1, meta  # corrupt records were met, skipped and counted
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
 
@@ -396,7 +367,6 @@ def test_restart_with_another_architecture_is_refused(data_dir, cache_dir, refer
 def torch_pth(data_dir, tmp_path_factory):
   """A released-layout .pth of the demo model (video width 64)."""
   torch = pytest.importorskip("torch", reason="needs the [torch] extra")
-  sys.path.insert(0, os.path.dirname(__file__))
   from torch_reference import RefDualEncoder
   mc = _demo_config(data_dir).model
   sd = {f"module.{k}": v for k, v in RefDualEncoder(mc).state_dict().items()}
@@ -505,4 +475,4 @@ def test_fsdp_checkpoint_restores_on_fewer_devices(data_dir, tmp_path):
     assert meta == {"step": 5}
     for x in jax.tree_util.tree_leaves(got):
       assert x.sharding.device_set <= set(devices[:n]), (n, x.sharding)
-    _assert_trees_equal(jax.device_get(got), want)
+    assert_trees_equal(jax.device_get(got), want)

@@ -19,6 +19,9 @@ from miles_jax.train import optim
 from miles_jax.train.state import create_train_state, train_state_shardings
 from miles_jax.train.step import make_train_step
 
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import assert_trees_equal, final_state  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,31 +55,6 @@ def _run(cmd, timeout=300, env=None):
                         env=env or _env())
 
 
-def _final_params(workdir, step=None):
-  """Params of a workdir's checkpoint, restored on this process's devices."""
-  import ml_collections
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.mesh.shape, config.mesh.axes = (-1,), ("data",)
-  mesh = parallel.mesh_from_config(config)
-  model = dual_encoder.build(config.model)
-  tx = optim.make_optimizer(config)[0]
-  abstract = jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0), mesh,
-                                                       model, tx))
-  ck = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-  state, meta = ck.restore(checkpoints.abstract_with_shardings(
-      abstract, train_state_shardings(config, mesh, model, tx)), step)
-  ck.close()
-  return jax.device_get(state), meta
-
-
-def _assert_trees_equal(a, b, atol=0.0):
-  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
-
-
 @pytest.fixture(scope="module")
 def reference_run(data_dir, tmp_path_factory):
   """An uninterrupted 6-step run."""
@@ -103,12 +81,12 @@ def test_resume_after_kill_matches_uninterrupted(data_dir, reference_run, tmp_pa
   r = _run(_cmd(data_dir, wd, *_overrides()))
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resumed {wd} from step" in r.stdout
-  ref, ref_meta = _final_params(reference_run)
-  got, meta = _final_params(wd)
+  ref, ref_meta = final_state(reference_run)
+  got, meta = final_state(wd)
   assert int(got.step) == 6 and meta["data"] == ref_meta["data"]
-  _assert_trees_equal(got.params, ref.params)
-  _assert_trees_equal(got.snapshot_params, ref.snapshot_params)
-  _assert_trees_equal(got.opt_state, ref.opt_state)
+  assert_trees_equal(got.params, ref.params)
+  assert_trees_equal(got.snapshot_params, ref.snapshot_params)
+  assert_trees_equal(got.opt_state, ref.opt_state)
 
 
 def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
@@ -140,7 +118,7 @@ def test_nan_stops_with_last_good_checkpoint_intact(data_dir, tmp_path):
   assert "loss is nan" in r.stderr and "last good checkpoint is step 4" in r.stderr
   steps = checkpoints.TrainCheckpointer(os.path.join(wd, "checkpoints")).all_steps()
   assert max(steps) == 4
-  state, _ = _final_params(wd, 4)
+  state, _ = final_state(wd, 4)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
   # skip mode: the step is dropped and counted, training finishes
   wd2 = str(tmp_path / "skip")
@@ -148,7 +126,7 @@ def test_nan_stops_with_last_good_checkpoint_intact(data_dir, tmp_path):
                                               "train.on_nonfinite": "skip"})))
   assert r.returncode == 0, r.stderr[-2000:]
   assert "update skipped (1 so far)" in r.stdout
-  state, _ = _final_params(wd2)
+  state, _ = final_state(wd2)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
 
 
@@ -190,7 +168,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert f"step {steps}/{steps}" in outs[0][0] and "step" not in outs[1][0]  # only 0 logs
-  got, meta = _final_params(wd)
+  got, meta = final_state(wd)
   assert len(meta["data"]) == 2
 
   # The same steps in this process on 8 devices, fed with both hosts' batches.
@@ -212,8 +190,8 @@ def test_two_processes_match_one(data_dir, tmp_path):
   # gloo's all-reduce sums in another order than one process does; Adam turns those ~1e-7
   # gradient differences into update differences far below one update (lr ~ 1e-3 here).
   ref = jax.device_get(state.params)
-  _assert_trees_equal(got.params, ref, atol=2e-4)
-  _assert_trees_equal(got.snapshot_params, jax.device_get(state.snapshot_params), atol=2e-4)
+  assert_trees_equal(got.params, ref, atol=2e-4)
+  assert_trees_equal(got.snapshot_params, jax.device_get(state.snapshot_params), atol=2e-4)
   init = jax.device_get(create_train_state(config, jax.random.PRNGKey(config.seed), mesh, model,
                                            tx).params)
   moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
