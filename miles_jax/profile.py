@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import flax.linen as nn
 import jax

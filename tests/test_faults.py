@@ -52,7 +52,8 @@ def cache_dir(tmp_path_factory):
 def _overrides(steps=STEPS, **extra):
   o = {"train.steps": steps, "train.checkpoint_every": 1, "train.log_every": 1,
        "train.eval_every": 0, "data.batch_size": 8, "optim.warmup_steps": 2,
-       "data.shuffle_buffer": 16, "data.eval": ""}
+       "data.shuffle_buffer": 16, "data.eval": "",
+       "train.keep": 100}  # keep every step: the tests pick checkpoints out of a finished run
   o.update(extra)
   return [f"--config.{k}={v}" for k, v in o.items()]
 

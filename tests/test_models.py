@@ -7,7 +7,6 @@ import pytest
 
 from miles_jax import config_lib
 from miles_jax.models import dual_encoder, layers
-from miles_jax.models.video import VideoEncoder
 
 
 @pytest.fixture(scope="module")
