@@ -1,12 +1,8 @@
 """Shared command-line plumbing for the `python -m miles_jax.*` entry points."""
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
-
-# Entry points import TensorFlow (tf.data); keep its C++ INFO/WARNING chatter off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:

@@ -24,6 +24,12 @@ from miles_jax import masking
 from miles_jax.data import schema
 from miles_jax.data.tokenizers import build_tokenizer
 
+# The input pipeline runs on the host CPU: keep TensorFlow off the GPUs that JAX owns.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # TF already initialised its devices, or has no GPU support
+  pass
+
 AUTOTUNE = tf.data.AUTOTUNE
 # random-resized-crop aspect ratios (torchvision's RandomResizedCrop default)
 CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
