@@ -28,10 +28,24 @@ def run(main: Callable[[list[str]], int | None]) -> None:
   except (AttributeError, KeyError) as e:
     if started:  # raised by main itself: a bug, keep the traceback
       raise
-    # ml_collections' answer to --config.no.such.field=... (with a "Did you mean" hint)
-    detail = e
-    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(msg))
-      detail = detail.args[0]
-    detail = " ".join(str(detail).replace("\\'", "'").replace("\\n", "\n").split())
-    print(f"error: unknown config field: {detail}", file=sys.stderr)
-    sys.exit(2)
+    _unknown_field(e)
+
+
+def _unknown_field(e: BaseException):
+  """ml_collections' answer to --config.no.such.field=... as one line (with its "Did you mean")."""
+  detail = e
+  while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(msg))
+    detail = detail.args[0]
+  detail = " ".join(str(detail).replace("\\'", "'").replace("\\n", "\n").split())
+  print(f"error: unknown config field: {detail}", file=sys.stderr)
+  sys.exit(2)
+
+
+def define_config_file(name: str, default: str | None, help_string: str):
+  """config_flags.DEFINE_config_file (locked). With a default file, ml_collections applies the
+  --config.* overrides while the flag is defined, so an unknown field is reported here."""
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+  except (AttributeError, KeyError) as e:
+    _unknown_field(e)

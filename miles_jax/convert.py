@@ -281,15 +281,13 @@ def _export_init(config, init_cfg, out: str, overwrite: bool) -> int:
 
 def cli():
   from absl import flags
-  from ml_collections import config_flags
-
   from miles_jax import cli as cli_lib
   from miles_jax import config_lib
 
-  config_flags.DEFINE_config_file(
+  cli_lib.define_config_file(
       "config", config_lib.default_config_path(),
       "Config file (its model section is used), e.g. configs/default.py:tiny; override fields "
-      "with --config.model.video.width=64 etc.", lock_config=True)
+      "with --config.model.video.width=64 etc.")
   flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint: .pth (state_dict, keys may carry "
                       "'module.') or .safetensors with the same keys.")
   flags.DEFINE_string("out", None, "Output directory for the orbax checkpoint.")

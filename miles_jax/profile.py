@@ -301,15 +301,13 @@ def main(argv):
 
 def cli():
   from absl import flags
-  from ml_collections import config_flags
-
   from miles_jax import cli as cli_lib
   from miles_jax import config_lib
 
-  config_flags.DEFINE_config_file(
+  cli_lib.define_config_file(
       "config", config_lib.default_config_path(),
       "Config file, e.g. configs/default.py:base; the clip is data.num_frames x "
-      "model.video.img_size^2, the caption data.max_len tokens.", lock_config=True)
+      "model.video.img_size^2, the caption data.max_len tokens.")
   flags.DEFINE_integer("batch_size", 2, "Clips per profiled train step (FLOPs are per clip; "
                        "the optimiser update is amortised over them).")
   flags.DEFINE_bool("json", False, "Print the figures as one JSON object on the last line.")

@@ -261,16 +261,13 @@ def main(argv):
 
 def cli():
   from absl import flags
-  from ml_collections import config_flags
-
   from miles_jax import cli as cli_lib
   from miles_jax import config_lib
 
-  config_flags.DEFINE_config_file(
+  cli_lib.define_config_file(
       "config", config_lib.default_config_path(),
       "Config file: its model section is used for a .pth checkpoint (an exported directory "
-      "carries its own), data.tokenizer / data.max_len / data.num_frames as defaults.",
-      lock_config=True)
+      "carries its own), data.tokenizer / data.max_len / data.num_frames as defaults.")
   flags.DEFINE_string("checkpoint", None, "Exported model directory (convert / train export) or "
                       "a PyTorch .pth / .safetensors in the released layout.")
   flags.DEFINE_string("video", None, "Video file (decoded with PyAV) or image file.")

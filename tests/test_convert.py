@@ -147,3 +147,12 @@ def test_orbax_checkpoint_of_another_architecture_is_refused(released, tmp_path)
   other = config_lib.model_config("tiny")
   with pytest.raises(checkpoints.ArchitectureMismatch, match="model.video.width"):
     checkpoints.load_params(out, other)
+
+
+def test_unknown_override_is_one_error_line(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "miles_jax.convert", "--config.model.video.widht=3",
+                      "--checkpoint=x.pth", f"--out={tmp_path / 'o'}"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  assert 'Did you mean "width"' in r.stderr and "Traceback" not in r.stderr
+  assert not (tmp_path / "o").exists()
