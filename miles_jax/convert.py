@@ -147,6 +147,51 @@ def _unflatten(flat):
   return tree
 
 
+def assign_tensors(expected: Mapping, kmap: Mapping, sd: Mapping, source: str,
+                   ignored=lambda key: False) -> tuple[dict, set]:
+  """Fills the Flax paths of `kmap` (path -> (torch key, transform)) from `sd`, each checked
+  against the shape of `expected[path]` -> (flat params, used keys).
+
+  Fails with every missing, unexpected (unused and not `ignored`) and mis-shaped key named.
+  """
+  out, used, missing, bad = {}, set(), [], []
+  for path, (key, fn) in kmap.items():
+    if key not in sd:
+      missing.append(key)
+      continue
+    used.add(key)
+    val = fn(np.asarray(sd[key], dtype=np.float32))
+    ref = expected[path].shape
+    if val.shape != ref:
+      bad.append(f"{key}: checkpoint {tuple(np.shape(sd[key]))} -> {val.shape} but model "
+                 f"param {path} is {ref}")
+      continue
+    out[path] = val
+  unexpected = sorted(k for k in sd if k not in used and not ignored(k))
+  problems = []
+  if missing:
+    problems.append(f"missing ({len(missing)}): {', '.join(missing)}")
+  if unexpected:
+    problems.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected)}")
+  if bad:
+    problems.append(f"shape mismatch ({len(bad)}): " + "; ".join(bad) +
+                    " — set model.video.* / model.text.* / model.proj_dim to the checkpoint's")
+  if problems:
+    raise ConversionError(f"{source} does not match the model config:\n  "
+                          + "\n  ".join(problems))
+  return out, used
+
+
+def _zero_fill_rows(fn, ref):
+  """Wraps a transform so a table with fewer rows than `ref` gets zero rows appended."""
+  def fill(w):
+    w = fn(w)
+    if w.shape[0] < ref.shape[0]:
+      w = np.concatenate([w, np.zeros((ref.shape[0] - w.shape[0],) + w.shape[1:], np.float32)])
+    return w
+  return fill
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_config, init_params=None,
                        temporal_fill: str = "error"):
   """Maps a (prefix-stripped) PyTorch state_dict onto the Flax params of `model_config`.
@@ -162,44 +207,21 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_config, init_
     init_params = init_model_params(model_config, jax.random.PRNGKey(0))
   expected = _flatten(jax.tree_util.tree_map(np.asarray, init_params))
   kmap = torch_key_map(model_config)
-  sd = {_strip(k): v for k, v in state_dict.items()}
-  used, missing, bad_shape, out, kept = set(), [], [], {}, []
-  for path, ref in expected.items():
-    if path not in kmap:
-      if path.startswith(TRAIN_ONLY):
-        out[path] = ref
-        kept.append(path)
-        continue
+  kept = [p for p in expected if p not in kmap]
+  for path in kept:
+    if not path.startswith(TRAIN_ONLY):
       raise AssertionError(f"no torch key for flax param {path}")  # a bug in the map
-    tkey, fn = kmap[path]
-    if tkey not in sd:
-      missing.append(tkey)
-      continue
-    used.add(tkey)
-    val = fn(np.asarray(sd[tkey], dtype=np.float32))
-    if path == "video/temporal_embed" and val.shape[0] < ref.shape[0] and temporal_fill == "zeros":
-      val = np.concatenate([val, np.zeros((ref.shape[0] - val.shape[0],) + val.shape[1:],
-                                          np.float32)])
-    if val.shape != ref.shape:
-      bad_shape.append(f"{tkey}: checkpoint {tuple(sd[tkey].shape)} -> {val.shape} but model "
-                       f"param {path} is {ref.shape}")
-      continue
-    out[path] = val
-  unexpected = sorted(k for k in sd if k not in used and not any(r.search(k) for r in IGNORED_KEYS))
-  problems = []
-  if missing:
-    problems.append(f"missing from checkpoint ({len(missing)}): {', '.join(missing)}")
-  if unexpected:
-    problems.append(f"unexpected in checkpoint ({len(unexpected)}): {', '.join(unexpected)}")
-  if bad_shape:
-    problems.append(f"shape mismatch ({len(bad_shape)}): " + "; ".join(bad_shape) +
-                    " — set model.video.* / model.text.* / model.proj_dim to the checkpoint's")
-  if problems:
-    raise ConversionError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
+  if temporal_fill == "zeros":
+    key, fn = kmap["video/temporal_embed"]
+    kmap["video/temporal_embed"] = (key, _zero_fill_rows(fn, expected["video/temporal_embed"]))
+  sd = {_strip(k): v for k, v in state_dict.items()}
+  ignored = lambda k: any(r.search(k) for r in IGNORED_KEYS)
+  flat, used = assign_tensors(expected, kmap, sd, "checkpoint", ignored)
+  flat.update({p: expected[p] for p in kept})
   report = {"converted": len(used), "kept_initialised": kept,
-            "ignored": sorted(k for k in sd if any(r.search(k) for r in IGNORED_KEYS)),
+            "ignored": sorted(k for k in sd if ignored(k)),
             "num_values": int(sum(np.asarray(sd[k]).size for k in used))}
-  return _unflatten(out), report
+  return _unflatten(flat), report
 
 
 def init_model_params(model_config, rng):

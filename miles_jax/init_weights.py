@@ -256,33 +256,6 @@ def read_distilbert(path: str):
 
 # ----------------------------------------------------------------------------- mapping
 
-def _assign(expected: dict, kmap: dict, sd: dict, source: str, ignored) -> tuple[dict, set]:
-  """Fills `expected`'s paths from sd via kmap (path -> (key, transform)); fails naming keys."""
-  out, used, missing, bad = {}, set(), [], []
-  for path, (key, fn) in kmap.items():
-    if key not in sd:
-      missing.append(key)
-      continue
-    used.add(key)
-    val = fn(np.asarray(sd[key], np.float32))
-    if val.shape != expected[path].shape:
-      bad.append(f"{key}: {tuple(np.shape(sd[key]))} but model param {path} is "
-                 f"{expected[path].shape}")
-      continue
-    out[path] = val
-  unexpected = sorted(k for k in sd if k not in used and not ignored(k))
-  problems = []
-  if missing:
-    problems.append(f"missing ({len(missing)}): {', '.join(missing)}")
-  if unexpected:
-    problems.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected)}")
-  if bad:
-    problems.append(f"shape mismatch ({len(bad)}): " + "; ".join(bad))
-  if problems:
-    raise ConversionError(f"{source} does not fit the model config:\n  " + "\n  ".join(problems))
-  return out, used
-
-
 def _sub_map(model_config, flax_prefix: str, torch_prefix: str) -> dict:
   """The released-checkpoint key map restricted to one encoder, torch prefix removed."""
   return {p: (k[len(torch_prefix):], fn) for p, (k, fn) in convert.torch_key_map(model_config).items()
@@ -319,7 +292,7 @@ def video_from_image_vit(sd: Mapping[str, np.ndarray], model_config, ref_video: 
     sd["pos_embed"] = resize_pos_embed(flat, grid)[None]
     notes.append(f"pos_embed resized {g}x{g} -> {grid}x{grid} (bicubic, cls row kept)")
   ignored = lambda k: bool(_VIT_IGNORED.match(k)) or k.startswith("clip.")
-  flat, used = _assign(expected, kmap, sd, source, ignored)
+  flat, used = convert.assign_tensors(expected, kmap, sd, source, ignored)
 
   if init_cfg.time_init not in ("zeros", "random"):
     raise ValueError(f"config.init.time_init={init_cfg.time_init!r}: use zeros or random")
@@ -369,7 +342,8 @@ def text_from_distilbert(sd: Mapping[str, np.ndarray], hf_config: dict | None, m
                             "\n  ".join(bad))
   expected = {f"text/{k}": np.asarray(a) for k, a in convert._flatten(ref_text).items()}
   kmap = _sub_map(model_config, "text/", "text_model.")
-  flat, used = _assign(expected, kmap, dict(sd), source, lambda k: bool(_DISTILBERT_IGNORED.match(k)))
+  flat, used = convert.assign_tensors(expected, kmap, dict(sd), source,
+                                      lambda k: bool(_DISTILBERT_IGNORED.match(k)))
   report = {"source": source, "tensors": len(used),
             "values": int(sum(np.asarray(sd[k]).size for k in used)),
             "ignored": sorted(k for k in sd if _DISTILBERT_IGNORED.match(k)),
