@@ -338,38 +338,39 @@ def plot_curves(workdir: str, chance: dict | None = None) -> list[str]:
   import matplotlib.pyplot as plt
   rows = read_metrics(workdir)
   written = []
-  train = [r for r in rows if r["kind"] == "train"]
-  if train:
+
+  def figure(name, title, ylabel, draw):
     fig, ax = plt.subplots(figsize=(6, 4))
+    draw(ax)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    written.append(os.path.join(workdir, name))
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+  def losses(ax):
     for k in ("loss", "contrastive_loss", "mvm_loss", "mac_loss"):
       pts = [(r["step"], r[k]) for r in train if r.get(k)]
       if pts:
         ax.plot(*zip(*pts), label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("training loss")
-    ax.legend()
-    fig.tight_layout()
-    written.append(os.path.join(workdir, "loss.png"))
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-  ev = [r for r in rows if r["kind"] == "retrieval"]
-  if ev:
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+  def recalls(ax):
     for k in ("t2v_R1", "t2v_R5", "t2v_R10", "v2t_R1"):
       line, = ax.plot([r["step"] for r in ev], [r[k] for r in ev], marker="o", label=k)
       if chance and k.startswith("t2v"):
         ax.axhline(chance[k], color=line.get_color(), linestyle="--", linewidth=0.8)
     if chance:
       ax.plot([], [], "k--", linewidth=0.8, label="random chance")
-    ax.set_xlabel("step")
-    ax.set_ylabel("recall (%)")
-    ax.set_title("held-out retrieval")
-    ax.legend()
-    fig.tight_layout()
-    written.append(os.path.join(workdir, "recall.png"))
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+
+  train = [r for r in rows if r["kind"] == "train"]
+  ev = [r for r in rows if r["kind"] == "retrieval"]
+  if train:
+    figure("loss.png", "training loss", "loss", losses)
+  if ev:
+    figure("recall.png", "held-out retrieval", "recall (%)", recalls)
   return written
 
 
