@@ -28,9 +28,11 @@ class Embedder:
     batch_sh = parallel.batch_sharding(mesh, rules)
     rep = parallel.replicated(mesh)
     m = self.model
+    # The row indices ride along, so every host gets all of them replicated with the embeddings.
     self._video = jax.jit(
-        lambda p, f: m.apply({"params": p}, normalize_frames(f), method=m.encode_video)["embed"],
-        in_shardings=(None, batch_sh), out_shardings=rep)
+        lambda p, f, i: (m.apply({"params": p}, normalize_frames(f),
+                                 method=m.encode_video)["embed"], i),
+        in_shardings=(None, batch_sh, batch_sh), out_shardings=rep)
     self._text = jax.jit(
         lambda p, i, a: m.apply({"params": p}, i, a, method=m.encode_text)["embed"],
         in_shardings=(None, batch_sh, batch_sh), out_shardings=rep)
@@ -65,8 +67,7 @@ class Embedder:
     for b in eval_set.batches(local):
       g = parallel.global_batch({"frames": b["frames"], "index": b["video_index"]},
                                 self.mesh, self.rules)
-      emb = np.asarray(self._video(params, g["frames"]))
-      index = np.asarray(jax.device_get(_replicate(g["index"], self.mesh)))
+      emb, index = (np.asarray(x) for x in self._video(params, g["frames"], g["index"]))
       if result.shape[1] == 0:
         result = np.zeros((num, emb.shape[1]), np.float32)
       keep = index >= 0
@@ -77,10 +78,6 @@ class Embedder:
       raise RuntimeError(f"embedding extraction covered videos {bad} {seen[bad]} times "
                          "(expected exactly once)")
     return result
-
-
-def _replicate(x, mesh):
-  return jax.jit(lambda y: y, out_shardings=parallel.replicated(mesh))(x)
 
 
 def _round_up(x: int, m: int) -> int:
