@@ -1,8 +1,8 @@
 """miles_jax: MILES (masked visual modeling with injected language semantics) and MAC in JAX/Flax."""
 __version__ = "0.1.0"
 
-import os as _os
+from miles_jax import console as _console
 
-# tf.data is the input pipeline: keep TensorFlow's C++ INFO/WARNING lines off the console
-# (set TF_CPP_MIN_LOG_LEVEL yourself to see them).
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before TensorFlow / jaxlib load: no C++ start-up log lines on the console unless asked for
+# (MILES_JAX_VERBOSE=1 or --verbose); see miles_jax/console.py.
+_console.install()
