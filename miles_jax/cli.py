@@ -6,12 +6,22 @@ from typing import Callable
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
-  """absl's app.run, except that --help exits 0 (absl exits 1) and main's int is the exit code."""
-  from absl import app
+  """absl's app.run, except that --help exits 0 (absl exits 1) and main's int is the exit code.
 
+  Flags are spelled with underscores (`--num_shards`); the dashed spelling (`--num-shards`) is
+  accepted as an alias. `--verbose` (or MILES_JAX_VERBOSE=1) keeps the C++ start-up logs and
+  absl/orbax INFO lines that are hidden by default (see miles_jax/console.py)."""
+  from absl import app, flags
+
+  from miles_jax import console
+  if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, "Show library logs: TensorFlow/XLA C++ start-up lines and "
+                      "absl/orbax INFO (same as MILES_JAX_VERBOSE=1).",
+                      module_name=sys.argv[0])  # listed with the command's own flags in --help
+  sys.argv[1:] = underscored(sys.argv[1:], flags.FLAGS)
   asked_help = any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in sys.argv[1:])
   # orbax and absl log every checkpoint step at INFO; show warnings unless asked (-v / --verbosity).
-  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+  if not console.verbose() and not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
     sys.argv.insert(1, "--verbosity=-1")
   started = []
 
@@ -24,11 +34,49 @@ def run(main: Callable[[list[str]], int | None]) -> None:
   except SystemExit as e:
     if asked_help and e.code == 1:
       sys.exit(0)
+    if not started and e.code == 1:  # absl's answer to a bad or unknown flag: bad input
+      sys.exit(2)
     raise
   except (AttributeError, KeyError) as e:
     if started:  # raised by main itself: a bug, keep the traceback
       raise
     _unknown_field(e)
+
+
+def underscored(args: list[str], flag_values) -> list[str]:
+  """`--num-shards=8` / `--num-shards 8` -> `--num_shards...` for flags defined with underscores
+  (also `--no-flag` -> `--noflag` for booleans); everything after a bare `--` is left alone."""
+  out = list(args)
+  for i, a in enumerate(out):
+    if a == "--":
+      break
+    if not a.startswith("--") or "-" not in a[2:].split("=", 1)[0]:
+      continue
+    name, eq, value = a[2:].partition("=")
+    alt = name.replace("-", "_")
+    if alt in flag_values:
+      out[i] = f"--{alt}{eq}{value}"
+    elif alt.startswith("no_") and alt[3:] in flag_values:
+      out[i] = f"--no{alt[3:]}{eq}{value}"
+  return out
+
+
+def parse(define: Callable, argv: list[str], prog: str):
+  """Parses `argv` (no program name) into fresh FlagValues holding the flags `define(fv)` adds:
+  the in-process form of a command, e.g. `prepare.main([...])` from a script or a test.
+  A bad or missing flag prints `error: ...` and exits 2."""
+  from absl import flags
+  fv = flags.FlagValues()
+  define(fv)
+  try:
+    rest = fv([prog] + underscored([str(a) for a in argv], fv))
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if len(rest) > 1:
+    print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)
+    sys.exit(2)
+  return fv
 
 
 def _unknown_field(e: BaseException):

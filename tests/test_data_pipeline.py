@@ -119,7 +119,7 @@ def test_process_split_disjoint_and_complete(shards):
     seen.append(got)
   assert len(seen[0]) == len(seen[1]) == 12
   assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24
-  with pytest.raises(ValueError, match="--num-shards"):
+  with pytest.raises(ValueError, match="--num_shards"):
     pipeline.split_files(files, 0, 5)
 
 

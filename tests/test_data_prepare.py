@@ -70,8 +70,8 @@ def test_prepare_csv_fidelity_and_report(media, tmp_path):
                              ("v0.mp4", "another caption of v0"), ("missing.mp4", "gone"),
                              ("v2.mp4", ""), ("corrupt.mp4", "broken")])
   out = str(tmp_path / "out")
-  prepare.main(["--format", "csv", "--annotations", ann, "--media-dir", media, "--out", out,
-                "--num-shards", "2", "--frames-per-clip", "4", "--resolution", "32",
+  prepare.main(["--format", "csv", "--annotations", ann, "--media_dir", media, "--out", out,
+                "--num_shards", "2", "--frames_per_clip", "4", "--resolution", "32",
                 "--workers", "1"])
   assert sorted(os.listdir(out)) == sorted(
       [".train-00000-of-00002.tfrecord.json", ".train-00001-of-00002.tfrecord.json",

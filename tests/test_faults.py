@@ -271,8 +271,8 @@ def test_corrupt_inputs_reported_skipped_and_training_continues(data_dir, cache_
       ("good0.mp4", "a grey clip"), ("missing.mp4", "points to no file"),
       ("audio_only.mp4", "sound only"), ("text.mp4", "not a video"), ("empty.mp4", "zero bytes"),
       ("nocaption.mp4", ""), ("good1.mp4", "another grey clip")]))
-  prepare.main(["--format", "csv", "--annotations", str(ann), "--media-dir", str(media),
-                "--out", str(data), "--num-shards", "1", "--frames-per-clip", "4",
+  prepare.main(["--format", "csv", "--annotations", str(ann), "--media_dir", str(media),
+                "--out", str(data), "--num_shards", "1", "--frames_per_clip", "4",
                 "--resolution", "32", "--workers", "1"])
   report = json.load(open(data / "report.json"))["train"]
   reasons = {s["video_id"]: s["reason"] for s in report["skipped"]}

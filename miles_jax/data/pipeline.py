@@ -52,7 +52,7 @@ def split_files(files: list, process_index: int, process_count: int) -> list:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
   if len(files) < process_count:
     raise ValueError(f"{len(files)} shards for {process_count} processes: every process needs "
-                     "its own shard; write more (prepare --num-shards)")
+                     "its own shard; write more (prepare --num_shards)")
   return files[process_index::process_count]
 
 

@@ -1,8 +1,8 @@
 r"""Raw dataset -> TFRecord shards of the clip schema (miles_jax/data/schema.py).
 
-  python -m miles_jax.data.prepare --format msrvtt \
-      --annotations MSRVTT_JSFUSION_test.csv --media-dir videos/all --out data/msrvtt \
-      --split test --num-shards 8 --frames-per-clip 8 --resolution 256 --workers 8
+  python -m miles_jax.data.prepare --format=msrvtt \
+      --annotations=MSRVTT_JSFUSION_test.csv --media_dir=videos/all --out=data/msrvtt \
+      --split=test --num_shards=8 --frames_per_clip=8 --resolution=256 --workers=8
 
 Each item is decoded with PyAV, K evenly spaced frames are kept (the middle frame of K equal
 segments; K=0 keeps all), the short side is resized to R (swscale AREA), frames are stored as
@@ -13,7 +13,6 @@ videos are skipped and listed in `out/report.json` (one entry per split), never 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -122,6 +121,26 @@ def _init_worker(counter):
   tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
+class _BarCounter:
+  """The `_progress` counter of a serial run: `.value += 1` advances the progress bar."""
+
+  def __init__(self, bar):
+    self._bar, self._value = bar, 0
+
+  def get_lock(self):
+    import contextlib
+    return contextlib.nullcontext()
+
+  @property
+  def value(self):
+    return self._value
+
+  @value.setter
+  def value(self, v):
+    self._bar.update(v - self._value)
+    self._value = v
+
+
 def _sidecar(out: str, name: str) -> str:
   return os.path.join(out, f".{name}.json")
 
@@ -174,7 +193,7 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
   """Writes `items` as shards `out/{split}-XXXXX-of-N.tfrecord`; returns the report dict."""
   os.makedirs(out, exist_ok=True)
   if num_shards < 1:
-    raise ValueError(f"--num-shards={num_shards} must be >= 1")
+    raise ValueError(f"--num_shards={num_shards} must be >= 1")
   tasks, reused = [], []
   for s in range(num_shards):
     name = shard_name(split, s, num_shards)
@@ -192,20 +211,23 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
   total = sum(len(t["items"]) for t in tasks)
   t0 = time.time()
 
-  def show(done_shards, counter_value, final=False):
-    if verbose:
-      rate = counter_value / max(time.time() - t0, 1e-9)
-      sys.stderr.write(f"\r[prepare {split}] shards {done_shards + len(reused)}/{num_shards} "
-                       f"items {counter_value}/{total} ({rate:.1f}/s)" + ("\n" if final else ""))
-      sys.stderr.flush()
+  from miles_jax import console
+  bar = console.progress(total=total, desc=f"prepare {split}", unit="video",
+                         disable=not verbose or not tasks)
+  bar.set_postfix_str(f"shards {len(reused)}/{num_shards}")
+
+  def show(done_shards, counter_value):
+    bar.update(counter_value - bar.n)
+    bar.set_postfix_str(f"shards {done_shards + len(reused)}/{num_shards}", refresh=False)
 
   reports = []
   if workers <= 1 or len(tasks) <= 1:
     global _progress
-    _progress = None
+    _progress = _BarCounter(bar)  # process_shard counts each video into the bar
     for i, t in enumerate(tasks):
       reports.append(process_shard(t))
       show(i + 1, sum(len(r["items"]) for r in reports))
+    _progress = None
   else:
     ctx = mp.get_context("spawn")  # TensorFlow is not fork-safe
     counter = ctx.Value("i", 0)
@@ -217,7 +239,8 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
         except mp.TimeoutError:
           pass
         show(len(reports), counter.value)
-  show(len(reports), total, final=True)
+  show(len(reports), total)
+  bar.close()
 
   all_reports = sorted(reports + reused, key=lambda r: r["shard"])
   report = {
@@ -250,31 +273,60 @@ def dataclass_dict(item) -> dict:
   return dataclasses.asdict(item)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m miles_jax.data.prepare", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--format", required=True, choices=sorted(readers.READERS))
-  p.add_argument("--annotations", required=True,
-                 help="annotation file (csv/tsv/json/txt) or split folder (hmdb51, ucf101)")
-  p.add_argument("--media-dir", required=True, help="folder holding the videos / images")
-  p.add_argument("--out", required=True)
-  p.add_argument("--split", default="train", choices=["train", "test"])
-  p.add_argument("--num-shards", type=int, default=8)
-  p.add_argument("--frames-per-clip", type=int, default=8, help="K evenly spaced; 0 = all")
-  p.add_argument("--resolution", type=int, default=256, help="short side in px; 0 = native")
-  p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
-  p.add_argument("--jpeg-quality", type=int, default=90)
-  p.add_argument("--fold", type=int, default=1, help="hmdb51/ucf101 split number 1-3")
-  p.add_argument("--video-list", default=None,
-                 help="keep only these video ids (one per line), e.g. train_list_jsfusion.txt")
-  a = p.parse_args(argv)
+def define_flags(fv):
+  """This command's flags, on the absl FlagValues `fv`."""
+  from absl import flags
+  cpus = max(1, os.cpu_count() or 1)
+  flags.DEFINE_enum("format", None, sorted(readers.READERS), "Annotation format.", flag_values=fv)
+  flags.DEFINE_string("annotations", None, "Annotation file (csv/tsv/json/txt) or split folder "
+                      "(hmdb51, ucf101).", flag_values=fv)
+  flags.DEFINE_string("media_dir", None, "Folder holding the videos / images.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output folder for the shards and report.json.", flag_values=fv)
+  flags.DEFINE_enum("split", "train", ["train", "test"], "Split name of the shards.",
+                    flag_values=fv)
+  flags.DEFINE_integer("num_shards", 8, "Number of shards.", flag_values=fv)
+  flags.DEFINE_integer("frames_per_clip", 8, "K evenly spaced frames kept; 0 = all.",
+                       flag_values=fv)
+  flags.DEFINE_integer("resolution", 256, "Short side in px; 0 = native.", flag_values=fv)
+  flags.DEFINE_integer("workers", cpus, "Decoding processes.", flag_values=fv)
+  flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames.", flag_values=fv)
+  flags.DEFINE_integer("fold", 1, "hmdb51/ucf101 split number 1-3.", flag_values=fv)
+  flags.DEFINE_string("video_list", None, "Keep only these video ids (one per line), e.g. "
+                      "train_list_jsfusion.txt.", flag_values=fv)
+  flags.mark_flags_as_required(["format", "annotations", "media_dir", "out"], flag_values=fv)
+
+
+def run(a) -> int:
+  """Reads the annotations and writes the shards, for parsed flags `a`."""
   items = readers.read_items(a.format, a.annotations, a.media_dir, split=a.split, fold=a.fold,
                              video_list=a.video_list)
   if not items:
-    p.error(f"--annotations={a.annotations} gave no items for --format={a.format}")
+    print(f"error: --annotations={a.annotations} gave no items for --format={a.format}",
+          file=sys.stderr)
+    return 2
   prepare(items, a.out, a.split, a.num_shards, a.frames_per_clip, a.resolution, a.workers,
           a.jpeg_quality)
+  return 0
+
+
+def main(argv: list) -> int:
+  """In-process form of the command: `main(["--format=csv", "--annotations=...", ...])`."""
+  from miles_jax import cli
+  return run(cli.parse(define_flags, argv, "python -m miles_jax.data.prepare"))
+
+
+def _cli():
+  from absl import flags
+  from miles_jax import cli
+  define_flags(flags.FLAGS)
+
+  def main_(argv):
+    if len(argv) > 1:
+      print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+      return 2
+    return run(flags.FLAGS)
+  cli.run(main_)
 
 
 if __name__ == "__main__":
-  main()
+  _cli()

@@ -1,7 +1,7 @@
 r"""A procedural video-text dataset whose captions need temporal order (the embedded demo data).
 
-  python -m miles_jax.data.synthetic --out data/synthetic [--train 1024 --eval 128 \
-      --resolution 32 --frames 8 --seed 0]
+  python -m miles_jax.data.synthetic --out=data/synthetic [--train=1024 --eval=128 \
+      --resolution=32 --frames=8 --seed=0]
 
 Each clip shows coloured shapes (red/green/blue/yellow square/circle/triangle) on a dark noisy
 background. A caption is one event, "a red square moves left", or two in order, "a red square
@@ -17,10 +17,10 @@ Config: data.train=OUT/train-*.tfrecord data.eval=OUT/eval-*.tfrecord data.token
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -152,14 +152,20 @@ def generate(out: str, num_train: int = 1024, num_eval: int = 128, resolution: i
                 seed=seed, fps=fps)
   splits = (("train", num_train, seed * 2, TRAIN_SHARDS, False),
             ("eval", num_eval, seed * 2 + 1, EVAL_SHARDS, True))
+  from miles_jax import console
+  # a bar only when generation is slow enough to wait for (a large --train / --resolution)
+  bar = console.progress(total=num_train + num_eval, desc="synthetic", unit="clip", delay=5.0,
+                         disable=not verbose)
   for split, num, split_seed, shards, unique in splits:
     records = [[] for _ in range(shards)]
     for i, (vid, cap, clip) in enumerate(examples(num, split_seed, resolution, frames, unique)):
       ex = schema.make_example(vid, [cap], clip, fps=fps,
                                timestamps=[t / fps for t in range(frames)])
       records[i % shards].append(ex.SerializeToString())
+      bar.update()
     for s in range(shards):
       prepare.write_records(os.path.join(out, prepare.shard_name(split, s, shards)), records[s])
+  bar.close()
   with open(os.path.join(out, "vocab.txt"), "w") as f:
     f.write("\n".join(vocabulary()) + "\n")
   with open(os.path.join(out, "synthetic.json"), "w") as f:
@@ -191,18 +197,41 @@ def ensure(out: str, **kwargs) -> dict:
   return generate(out, **kwargs)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m miles_jax.data.synthetic", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", required=True)
-  p.add_argument("--train", type=int, default=1024, help="train clips")
-  p.add_argument("--eval", type=int, default=128, help="held-out clips (unique captions)")
-  p.add_argument("--resolution", type=int, default=32, help="square frame side in px")
-  p.add_argument("--frames", type=int, default=8, help="stored frames per clip")
-  p.add_argument("--seed", type=int, default=0)
-  a = p.parse_args(argv)
+def define_flags(fv):
+  """This command's flags, on the absl FlagValues `fv`."""
+  from absl import flags
+  flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
+  flags.DEFINE_integer("train", 1024, "Train clips.", flag_values=fv)
+  flags.DEFINE_integer("eval", 128, "Held-out clips (unique captions).", flag_values=fv)
+  flags.DEFINE_integer("resolution", 32, "Square frame side in px.", flag_values=fv)
+  flags.DEFINE_integer("frames", 8, "Stored frames per clip.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Random seed (the held-out split uses another).", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def run(a) -> int:
   generate(a.out, a.train, a.eval, a.resolution, a.frames, a.seed)
+  return 0
+
+
+def main(argv: list) -> int:
+  """In-process form of the command: `main(["--out=data/synthetic", "--train=64"])`."""
+  from miles_jax import cli
+  return run(cli.parse(define_flags, argv, "python -m miles_jax.data.synthetic"))
+
+
+def _cli():
+  from absl import flags
+  from miles_jax import cli
+  define_flags(flags.FLAGS)
+
+  def main_(argv):
+    if len(argv) > 1:
+      print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+      return 2
+    return run(flags.FLAGS)
+  cli.run(main_)
 
 
 if __name__ == "__main__":
-  main()
+  _cli()
