@@ -13,7 +13,7 @@ import os
 import jax
 import numpy as np
 
-from miles_jax import parallel
+from miles_jax import console, parallel
 from miles_jax.models import dual_encoder
 from miles_jax.train.step import normalize_frames
 
@@ -64,7 +64,10 @@ class Embedder:
     num = len(eval_set.video_ids)
     result = np.zeros((num, 0), np.float32)
     seen = np.zeros(num, np.int32)
-    for b in eval_set.batches(local):
+    batches = console.progress(  # shown when extraction takes more than a few seconds
+        eval_set.batches(local), total=-(-eval_set.per_host // local), desc="embedding videos",
+        unit="batch", delay=5.0, disable=jax.process_index() != 0)
+    for b in batches:
       g = parallel.global_batch({"frames": b["frames"], "index": b["video_index"]},
                                 self.mesh, self.rules)
       emb, index = (np.asarray(x) for x in self._video(params, g["frames"], g["index"]))
