@@ -7,7 +7,7 @@ r"""B4: input pipeline throughput, TFRecord shards vs. decoding mp4 with PyAV pe
 Generates its own data: N clips of procedural moving shapes (synthetic.py renderer) with
 background noise at 256x340, written (a) as h264 mp4 of `--mp4-frames` frames at 25 fps and
 (b) as TFRecord shards holding `--stored-frames` evenly spaced frames of the same clips as JPEG
-q90, which is what `prepare --frames-per-clip 8 --resolution 256` stores.
+q90, which is what `prepare --frames_per_clip=8 --resolution=256` stores.
 
 Measured, after warm-up, median of `--runs` runs:
 * tfrecord: `pipeline.build_train_dataset` — parse, random frame per segment, random resized
