@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "av==18.1.0",
     "matplotlib==3.11.2",
     "safetensors==0.8.0",
+    "tqdm==4.70.1",  # progress bars (prepare, synthetic, embedding extraction)
 ]
 
 setup(
