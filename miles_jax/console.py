@@ -105,17 +105,19 @@ def install():
     sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
-def progress(iterable=None, total=None, desc=None, unit="it", delay=0.0, disable=False):
-  """A tqdm bar with ETA on stderr; when stderr is not a terminal (CI, SLURM, TPU logs) it
-  prints a plain line at most every ~5 % and 10 s instead of redrawing one with `\\r`."""
+def progress(iterable=None, total=None, desc=None, unit="it", delay=0.0, disable=False,
+             **kwargs):
+  """A tqdm bar with ETA on stderr. When stderr is not a terminal (CI, SLURM, TPU worker logs)
+  it writes plain lines instead of redrawing one with `\\r`: a line per ~5 % of the work, at
+  most one per 30 s, and the final one."""
   from tqdm import tqdm
   tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-  kwargs = {}
   if not tty:
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
       total = len(iterable)
-    kwargs = dict(file=_Lines(sys.stderr), mininterval=10.0, ncols=100,
-                  miniters=max(1, (total or 0) // 20))
+    # maxinterval=inf: tqdm's monitor thread would otherwise force a redraw every 10 s
+    kwargs.update(file=_Lines(sys.stderr), mininterval=30.0, maxinterval=float("inf"),
+                  miniters=max(1, (total or 0) // 20), ncols=100)
   return tqdm(iterable, total=total, desc=desc, unit=unit, delay=delay, disable=disable,
               dynamic_ncols=tty, **kwargs)
 

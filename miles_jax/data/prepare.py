@@ -213,8 +213,8 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
 
   from miles_jax import console
   bar = console.progress(total=total, desc=f"prepare {split}", unit="video",
-                         disable=not verbose or not tasks)
-  bar.set_postfix_str(f"shards {len(reused)}/{num_shards}")
+                         disable=not verbose or not tasks,
+                         postfix=f"shards {len(reused)}/{num_shards}")
 
   def show(done_shards, counter_value):
     bar.update(counter_value - bar.n)
