@@ -21,7 +21,6 @@ if ! python -c "import miles_jax, jax; assert jax.default_backend() == 'gpu'" 2>
   python -m pip install --quiet -U pip
   python -m pip install --quiet -e . 'jax[cuda12]==0.10.2'
 fi
-export TF_CPP_MIN_LOG_LEVEL=2
 # tf.data must not grab GPU memory: the input pipeline runs on the CPU.
 export TF_FORCE_GPU_ALLOW_GROWTH=true XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 nvidia-smi -L || true

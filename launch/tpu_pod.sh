@@ -45,7 +45,7 @@ train() {
   if [ -n "$DATA" ]; then
     data_flags="--config.data.train=$DATA/train-*.tfrecord --config.data.tokenizer=$DATA/vocab.txt"
   fi
-  ssh_all "cd miles_jax && . .venv/bin/activate && TF_CPP_MIN_LOG_LEVEL=2 \
+  ssh_all "cd miles_jax && . .venv/bin/activate && \
     python -m miles_jax.train --config=$CONFIG --workdir=$WORKDIR $data_flags ${EXTRA[*]:-}"
 }
 
