@@ -104,8 +104,8 @@ def load_torch_checkpoint(path: str):
   from torch import serialization
   try:  # static listing of the pickle's globals: nothing is loaded or run
     unknown = sorted(serialization.get_unsafe_globals_in_checkpoint(path))
-  except Exception:  # legacy (pre-zip) format: torch's own weights-only rules alone apply
-    unknown = []
+  except Exception:  # legacy (torch < 1.6, non-zip) format: torch's weights-only rules alone
+    unknown = []  # apply, so such a file loads only if it holds plain data
   code = [g for g in unknown if _code_global(g)]
   if code:
     raise ConversionError(
@@ -118,7 +118,8 @@ def load_torch_checkpoint(path: str):
   except Exception as e:  # pickle.UnpicklingError for anything the rules above do not cover
     raise ConversionError(
         f"{path}: refused to load — torch.load(weights_only=True) rejected it ({e}). A "
-        "checkpoint must hold tensors and plain containers; one that needs code is not loaded."
+        "checkpoint must hold tensors and plain containers; one that needs code is not loaded. "
+        "(A pre-zip torch<1.6 file with other objects: re-save its state_dict with torch.save.)"
     ) from None
   return obj, unknown
 

@@ -9,7 +9,9 @@ segments; K=0 keeps all), the short side is resized to R (swscale AREA), frames 
 JPEG. Items go to shard `i % num_shards` in annotation order. Shards are written under a
 temporary name and renamed when complete, with a `.{shard}.json` sidecar; a rerun skips shards
 whose file and sidecar exist for the same items. Missing files, empty captions and unreadable
-videos are skipped and listed in `out/report.json` (one entry per split), never fatal.
+videos are skipped and listed in `out/report.json` (one entry per split), never fatal. Ids of
+`--video_list` that the annotations lack are an error (exit 2) unless `--allow_missing`; their
+count is in report.json either way. Formats and the downloaded files they read: docs/data.md.
 """
 from __future__ import annotations
 
