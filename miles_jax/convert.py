@@ -109,8 +109,9 @@ def load_torch_checkpoint(path: str):
   code = [g for g in unknown if _code_global(g)]
   if code:
     raise ConversionError(
-        f"{path}: refused — its pickle references {', '.join(code)}, which would run code when "
-        "loaded. A checkpoint needs tensors and plain containers only; nothing was executed.")
+        f"{path}: refused to load — its pickle references {', '.join(code)}, which would run "
+        "code when loaded. A checkpoint needs tensors and plain containers only; nothing was "
+        "executed.")
   stand_ins = [(_placeholder(g), g) for g in unknown]
   try:
     with serialization.safe_globals(stand_ins):
@@ -330,7 +331,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_config, init_
   drop = {d.strip() for d in drop_modules if d.strip()}
   if drop & own:
     raise ConversionError(f"drop_modules={sorted(drop)} names the model's own modules "
-                          f"{sorted(drop & own)}; only modules outside {sorted(own)} can be dropped")
+                          f"{sorted(drop & own)}; only modules outside {sorted(own)} can be "
+                          "dropped")
   dropped = sorted(k for k in sd if k.split(".")[0] in drop)
   sd = {k: v for k, v in sd.items() if k.split(".")[0] not in drop}
   kmap = torch_key_map(model_config, layout)
