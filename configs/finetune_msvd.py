@@ -1,6 +1,10 @@
 """Fine-tune on MSVD (multi-caption test): contrastive only (the papers' protocol); the argument adds
 objectives, e.g. `:contrastive,miles` for the appendix's MVM ablation.
 
+Hyperparameters: neither the MILES / Frozen papers nor their releases give MSVD fine-tuning
+settings (papers silent); MSR-VTT's released recipe is reused unchanged (configs/finetune_common.py
+names the source of each number).
+
     python -m miles_jax.train --config=configs/finetune_msvd.py \
         --config.train.init_from=PATH_TO_EXPORT_OR_PTH --workdir=runs/ft_msvd
 """

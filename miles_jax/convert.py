@@ -1,14 +1,27 @@
 """Import PyTorch weights of the released MILES / Frozen-in-Time dual encoder into Flax.
 
-    python -m miles_jax.convert --checkpoint=PATH.pth|.safetensors --out=DIR
+    python -m miles_jax.convert --checkpoint=MILES.pth --out=DIR
+    python -m miles_jax.convert --checkpoint=cc-webvid2m-4f_stformer_b_16_224.pth.tar --out=DIR
         [--config=configs/default.py[:SIZE]] [--config.model.video.width=...] [--overwrite]
 
-The checkpoint is a `.pth` holding a `state_dict` (keys prefixed `module.` as DataParallel saves
-them) or a `.safetensors` with the same keys. `.pth` files are read with
-`torch.load(weights_only=True)`: a checkpoint can never run code. Every tensor is mapped to the
-Flax tree; anything missing, unexpected or mis-shaped fails with the key names. Parameters that
-only training uses (`video/mask_token`, `mvm_head`) are not in released checkpoints; they keep a
-fresh initialisation and are listed in the report.
+Accepted files: a bare `state_dict`, or the dict the upstream trainers save (`{'arch', 'epoch',
+'state_dict', 'optimizer', 'monitor_best', 'config'}`, `config` being a pickled object of the
+upstream's own `parse_config.ConfigParser`), as `.pth` / `.pth.tar` / `.pt`, or a
+`.safetensors` with the state_dict's keys; keys with or without DataParallel's `module.`.
+Key layouts (`UPSTREAM_LAYOUTS`): the MILES class (TencentARC/MCQ `MILES/model/model_MILES.py`)
+names the text projection `text_proj`, Frozen-in-Time's `FrozenInTime` (m-bain/frozen-in-time
+`model/model.py`) names it `txt_proj`; everything else is shared. The layout is recognised
+from those names and then every key is checked against it.
+
+A `.pth` never runs code: `read_state_dict` lists the pickle's globals statically
+(`torch.serialization.get_unsafe_globals_in_checkpoint`), refuses files that reference
+code-running modules (os, subprocess, builtins' eval/exec, ...), and loads the rest with
+`torch.load(weights_only=True)` where every other unknown global (ConfigParser, PosixPath, ...)
+is an inert placeholder class: it records its arguments and state and is never imported,
+constructed or called for real. Every tensor is mapped to the Flax tree; anything missing,
+unexpected or mis-shaped fails with the key names. Parameters that only training uses
+(`video/mask_token`, `mvm_head`) are not in released checkpoints; they keep a fresh
+initialisation and are listed in the report.
 
 Starting from public weights instead (ViT-B/16 or CLIP into the video encoder, DistilBERT into
 the text encoder; see miles_jax/init_weights.py) writes the initialised model the same way:
@@ -36,34 +49,107 @@ class ConversionError(ValueError):
   """A checkpoint does not match the model: the message lists every offending key."""
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads `.pth` (weights only, never unpickles code) or `.safetensors` into numpy arrays."""
+# Globals that can only mean "run a command / code": a file referencing one is refused before
+# loading (nothing in any file is ever called either way; see `load_torch_checkpoint`). Not on
+# the list on purpose: builtins.getattr / builtins.dict / functools.partial, which a real
+# pickled configparser.ConfigParser references (they load as inert placeholders).
+CODE_MODULES = ("os", "posix", "nt", "sys", "subprocess", "importlib", "runpy", "shutil",
+                "socket", "pty", "code", "codeop", "ctypes", "pickle", "_pickle", "marshal",
+                "multiprocessing", "webbrowser", "pdb", "commands", "popen2", "platform")
+CODE_BUILTINS = ("eval", "exec", "execfile", "compile", "__import__", "open", "input",
+                 "breakpoint", "globals", "locals", "vars", "setattr", "delattr")
+
+
+class Placeholder:
+  """Stands for a pickled global that is not a tensor or a plain container (the trainer's
+  ConfigParser, a PosixPath, ...): records the arguments and state, does nothing else."""
+  qualified_name = "?"
+
+  def __new__(cls, *args, **kwargs):
+    obj = object.__new__(cls)
+    obj.__dict__["_args"] = args
+    return obj
+
+  def __init__(self, *args, **kwargs):
+    pass
+
+  def __setstate__(self, state):
+    self.__dict__["_state"] = state
+
+  def __repr__(self):
+    return f"<unloaded {self.qualified_name}>"
+
+
+def _placeholder(name: str) -> type:
+  return type(name.rsplit(".", 1)[-1], (Placeholder,), {"qualified_name": name})
+
+
+def _code_global(name: str) -> bool:
+  """True for globals that run code; torch's own safe globals never reach here."""
+  module, _, attr = name.rpartition(".")
+  if module in ("builtins", "__builtin__"):
+    return attr in CODE_BUILTINS
+  return module.split(".", 1)[0] in CODE_MODULES
+
+
+def load_torch_checkpoint(path: str):
+  """`torch.load` of a `.pth` that never runs code -> (object, names of placeholder globals).
+
+  Raises ConversionError for a file whose pickle references code-running globals."""
+  try:
+    import torch
+  except ImportError:
+    raise ImportError("reading .pth checkpoints needs torch: pip install -e '.[torch]' "
+                      "(or convert the file to .safetensors elsewhere)") from None
+  from torch import serialization
+  try:  # static listing of the pickle's globals: nothing is loaded or run
+    unknown = sorted(serialization.get_unsafe_globals_in_checkpoint(path))
+  except Exception:  # legacy (torch < 1.6, non-zip) format: torch's weights-only rules alone
+    unknown = []  # apply, so such a file loads only if it holds plain data
+  code = [g for g in unknown if _code_global(g)]
+  if code:
+    raise ConversionError(
+        f"{path}: refused to load — its pickle references {', '.join(code)}, which would run "
+        "code when loaded. A checkpoint needs tensors and plain containers only; nothing was "
+        "executed.")
+  stand_ins = [(_placeholder(g), g) for g in unknown]
+  try:
+    with serialization.safe_globals(stand_ins):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle.UnpicklingError for anything the rules above do not cover
+    raise ConversionError(
+        f"{path}: refused to load — torch.load(weights_only=True) rejected it ({e}). A "
+        "checkpoint must hold tensors and plain containers; one that needs code is not loaded. "
+        "(A pre-zip torch<1.6 file with other objects: re-save its state_dict with torch.save.)"
+    ) from None
+  return obj, unknown
+
+
+def read_state_dict(path: str, info: dict | None = None) -> dict[str, np.ndarray]:
+  """Reads `.pth`/`.pth.tar` (bare state_dict or the upstream trainer's dict; never runs code)
+  or `.safetensors` into numpy arrays, `module.` prefixes stripped. `info` (optional) receives
+  what else the file held: `placeholders` (unloaded globals) and `other_entries`."""
+  info = {} if info is None else info
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     sd = load_file(path)
-  elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
-    try:
-      import torch
-    except ImportError:
-      raise ImportError("reading .pth checkpoints needs torch: pip install -e '.[torch]' "
-                        "(or convert the file to .safetensors elsewhere)") from None
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for anything that is not plain tensors
-      raise ConversionError(
-          f"{path}: refused to load — torch.load(weights_only=True) rejected it ({e}). A "
-          "checkpoint must hold tensors only; one that needs arbitrary code is not loaded."
-      ) from None
+  elif path.endswith((".pth", ".pt", ".bin", ".ckpt", ".tar")):
+    obj, info["placeholders"] = load_torch_checkpoint(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:
-      obj = obj["state_dict"]
+      info["other_entries"] = sorted(str(k) for k in obj if k != "state_dict")
+      obj = obj["state_dict"]  # upstream trainers: {'arch', 'epoch', 'state_dict', ...}
     if not isinstance(obj, Mapping):
       raise ConversionError(f"{path}: expected a state_dict mapping, got {type(obj).__name__}")
+    not_tensors = sorted(str(k) for k, v in obj.items() if not hasattr(v, "numpy"))
+    if not_tensors:
+      raise ConversionError(f"{path}: state_dict entries that are not tensors: "
+                            + ", ".join(not_tensors))
     sd = {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.numpy()
-          for k, v in obj.items() if hasattr(v, "numpy")}
+          for k, v in obj.items()}
   else:
-    raise ConversionError(f"{path}: unknown checkpoint type; use .pth or .safetensors")
+    raise ConversionError(f"{path}: unknown checkpoint type; use .pth, .pth.tar or .safetensors")
   return {_strip(k): np.asarray(v) for k, v in sd.items()}
 
 
@@ -75,8 +161,39 @@ def _t(w):  # torch Linear weight [out, in] -> flax kernel [in, out]
   return np.ascontiguousarray(w.T)
 
 
-def torch_key_map(model_config) -> dict[str, tuple[str, callable]]:
-  """Flax param path ('video/block_0/attn/qkv/kernel') -> (torch key, transform)."""
+# The two released model classes' top-level module names (upstream source, read for this map):
+# TencentARC/MCQ MILES/model/model_MILES.py class MILES: self.text_model (HF DistilBERT),
+#   self.video_model (SpaceTimeTransformer of model/video_encoder_MILES.py; head, pre_logits
+#   and fc are nn.Identity, so hold no keys), self.text_proj = Sequential(ReLU, Linear),
+#   self.vid_proj = Sequential(Linear).
+# m-bain/frozen-in-time model/model.py class FrozenInTime: the same, but self.txt_proj.
+# The released MILES.pth holds only these modules: upstream test_MILES.py loads it into MILES
+# with strict=True, and its README says it "contains the weights of Video Encoder and Text
+# Encoder" (no snapshot encoder, no MVM head). Any other top-level module is reported as
+# unexpected; `drop_modules` names ones to leave out on purpose.
+UPSTREAM_LAYOUTS = {
+    "miles": {"text_model": "text_model", "video_model": "video_model",
+              "text_proj": "text_proj.1", "video_proj": "vid_proj.0"},
+    "frozen": {"text_model": "text_model", "video_model": "video_model",
+               "text_proj": "txt_proj.1", "video_proj": "vid_proj.0"},
+}
+
+
+def detect_layout(keys) -> str:
+  """'miles' or 'frozen' from the text-projection name the checkpoint uses."""
+  found = sorted(name for name, lay in UPSTREAM_LAYOUTS.items()
+                 if any(_strip(k).startswith(lay["text_proj"] + ".") for k in keys))
+  if len(found) != 1:
+    names = " / ".join(f"{lay['text_proj']}.weight ({n})" for n, lay in UPSTREAM_LAYOUTS.items())
+    raise ConversionError(
+        "checkpoint does not match a released layout: expected exactly one text projection "
+        f"of {names}, found {found or 'none'}")
+  return found[0]
+
+
+def torch_key_map(model_config, layout: str = "frozen") -> dict[str, tuple[str, callable]]:
+  """Flax param path ('video/block_0/attn/qkv/kernel') -> (upstream torch key, transform)."""
+  names = UPSTREAM_LAYOUTS[layout]
   ident = lambda w: w
   squeeze0 = lambda w: w.reshape(w.shape[-2], w.shape[-1])
   conv = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))  # OIHW -> HWIO
@@ -90,7 +207,7 @@ def torch_key_map(model_config) -> dict[str, tuple[str, callable]]:
     m[f"{flax}/scale"] = (f"{torch}.weight", ident)
     m[f"{flax}/bias"] = (f"{torch}.bias", ident)
 
-  v = "video_model"
+  v = names["video_model"]
   m["video/cls_token"] = (f"{v}.cls_token", squeeze0)
   m["video/pos_embed"] = (f"{v}.pos_embed", squeeze0)
   m["video/temporal_embed"] = (f"{v}.temporal_embed", squeeze0)
@@ -107,7 +224,7 @@ def torch_key_map(model_config) -> dict[str, tuple[str, callable]]:
     linear(f"{fb}/mlp/fc2", f"{tb}.mlp.fc2")
   norm("video/norm", f"{v}.norm")
 
-  t = "text_model"
+  t = names["text_model"]
   m["text/word_embeddings/embedding"] = (f"{t}.embeddings.word_embeddings.weight", ident)
   m["text/position_embeddings/embedding"] = (f"{t}.embeddings.position_embeddings.weight", ident)
   norm("text/embeddings_LayerNorm", f"{t}.embeddings.LayerNorm")
@@ -120,8 +237,8 @@ def torch_key_map(model_config) -> dict[str, tuple[str, callable]]:
     linear(f"{fl}/ffn/lin2", f"{tl}.ffn.lin2")
     norm(f"{fl}/output_layer_norm", f"{tl}.output_layer_norm")
 
-  linear("video_proj", "vid_proj.0")
-  linear("text_proj", "txt_proj.1")
+  linear("video_proj", names["video_proj"])
+  linear("text_proj", names["text_proj"])
   return m
 
 
@@ -193,20 +310,32 @@ def _zero_fill_rows(fn, ref):
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_config, init_params=None,
-                       temporal_fill: str = "error"):
+                       temporal_fill: str = "error", drop_modules=()):
   """Maps a (prefix-stripped) PyTorch state_dict onto the Flax params of `model_config`.
 
   `init_params` supplies train-only parameters (mask token, MVM head) that released checkpoints
   lack; without it they are freshly initialised. `temporal_fill='zeros'` lets a checkpoint with
   fewer temporal rows than `model.video.num_frames` load (Frozen's 1 -> 4 frame curriculum:
-  the added rows start at zero). Returns (params, report).
+  the added rows start at zero). `drop_modules`: top-level torch modules outside the model
+  (e.g. a training-only encoder) to leave out; they are listed in the report. Returns
+  (params, report) with the layout ('miles' / 'frozen') the keys were recognised as.
   """
   import jax
 
   if init_params is None:
     init_params = init_model_params(model_config, jax.random.PRNGKey(0))
   expected = _flatten(jax.tree_util.tree_map(np.asarray, init_params))
-  kmap = torch_key_map(model_config)
+  sd = {_strip(k): v for k, v in state_dict.items()}
+  layout = detect_layout(sd)
+  own = {n.split(".")[0] for n in UPSTREAM_LAYOUTS[layout].values()}
+  drop = {d.strip() for d in drop_modules if d.strip()}
+  if drop & own:
+    raise ConversionError(f"drop_modules={sorted(drop)} names the model's own modules "
+                          f"{sorted(drop & own)}; only modules outside {sorted(own)} can be "
+                          "dropped")
+  dropped = sorted(k for k in sd if k.split(".")[0] in drop)
+  sd = {k: v for k, v in sd.items() if k.split(".")[0] not in drop}
+  kmap = torch_key_map(model_config, layout)
   kept = [p for p in expected if p not in kmap]
   for path in kept:
     if not path.startswith(TRAIN_ONLY):
@@ -214,11 +343,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_config, init_
   if temporal_fill == "zeros":
     key, fn = kmap["video/temporal_embed"]
     kmap["video/temporal_embed"] = (key, _zero_fill_rows(fn, expected["video/temporal_embed"]))
-  sd = {_strip(k): v for k, v in state_dict.items()}
   ignored = lambda k: any(r.search(k) for r in IGNORED_KEYS)
-  flat, used = assign_tensors(expected, kmap, sd, "checkpoint", ignored)
+  flat, used = assign_tensors(expected, kmap, sd, f"checkpoint ({layout} layout)", ignored)
   flat.update({p: expected[p] for p in kept})
-  report = {"converted": len(used), "kept_initialised": kept,
+  report = {"layout": layout, "dropped": dropped, "converted": len(used), "kept_initialised": kept,
             "ignored": sorted(k for k in sd if ignored(k)),
             "num_values": int(sum(np.asarray(sd[k]).size for k in used))}
   return _unflatten(flat), report
@@ -266,13 +394,27 @@ def main(argv):
     return _export_init(config, init_cfg, out, f.overwrite)
   try:
     print(f"reading {src}")
-    sd = read_state_dict(src)
-    params, report = convert_state_dict(sd, config.model, temporal_fill=f.temporal_fill)
-  except (ConversionError, FileNotFoundError, ImportError) as e:
+    info = {}
+    sd = read_state_dict(src, info)
+    params, report = convert_state_dict(sd, config.model, temporal_fill=f.temporal_fill,
+                                        drop_modules=(f.drop_modules or "").split(","))
+  except ImportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except (ConversionError, FileNotFoundError) as e:  # the file is wrong: bad input
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   checkpoints.save_params(out, params, config.model, overwrite=f.overwrite)
-  print(f"converted {report['converted']} tensors ({report['num_values']:,} values) -> {out}")
+  print(f"converted {report['converted']} tensors ({report['num_values']:,} values, "
+        f"{report['layout']} key layout) -> {out}")
+  if info.get("other_entries"):
+    print("not converted (trainer entries beside state_dict): " + ", ".join(info["other_entries"]))
+  if info.get("placeholders"):
+    print("objects left unloaded (inert placeholders, never constructed): "
+          + ", ".join(info["placeholders"]))
+  if report["dropped"]:
+    print(f"dropped ({len(report['dropped'])} keys by --drop_modules): "
+          + ", ".join(report["dropped"][:10]) + (" ..." if len(report["dropped"]) > 10 else ""))
   if report["kept_initialised"]:
     print("train-only params not in the checkpoint, freshly initialised: "
           + ", ".join(report["kept_initialised"]))
@@ -310,9 +452,13 @@ def cli():
       "config", config_lib.default_config_path(),
       "Config file (its model section is used), e.g. configs/default.py:tiny; override fields "
       "with --config.model.video.width=64 etc.")
-  flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint: .pth (state_dict, keys may carry "
-                      "'module.') or .safetensors with the same keys.")
+  flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint: .pth / .pth.tar (bare state_dict "
+                      "or the upstream trainer's dict; MILES 'text_proj' or Frozen 'txt_proj' "
+                      "layout; keys may carry 'module.') or .safetensors with the same keys.")
   flags.DEFINE_string("out", None, "Output directory for the orbax checkpoint.")
+  flags.DEFINE_string("drop_modules", "", "Comma list of top-level modules in the checkpoint "
+                      "that are not part of the released model classes (e.g. a training-only "
+                      "encoder) to leave out; by default any such key is an error.")
   flags.DEFINE_enum("temporal_fill", "error", ["error", "zeros"],
                     "When the checkpoint has fewer temporal-embedding rows than "
                     "model.video.num_frames: fail, or fill the added rows with zeros.")

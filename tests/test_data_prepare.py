@@ -241,3 +241,203 @@ def test_image_items(tmp_path):
   assert rep["written"] == 1 and rep["skipped"][0]["video_id"] == "000000001"
   rec = schema.read_records(str(tmp_path / "out" / prepare.shard_name("train", 0, 1)))[0]
   assert rec["num_frames"] == 1 and (rec["height"], rec["width"]) == (20, 30)
+
+
+# ---- the files people download, in their published layouts (issue 12, item 6) ----
+
+
+def _report(out):
+  return json.load(open(os.path.join(out, "report.json")))
+
+
+def test_frozen_msrvtt_json_with_split_files(media, tmp_path):
+  """Frozen-in-Time: annotation/MSR_VTT.json ({'annotations': [{image_id, caption, id}]}) and
+  high-quality/structured-symlinks/{train_list_jsfusion,val_list_jsfusion}.txt +
+  jsfusion_val_caption_idx.pkl ({video_id: caption index})."""
+  import pickle
+  (tmp_path / "annotation").mkdir()
+  ann = tmp_path / "annotation" / "MSR_VTT.json"
+  ann.write_text(json.dumps({"images": [{"id": "v0"}, {"id": "v1"}, {"id": "v2"}],
+                             "annotations": [
+                                 {"caption": "a man talks", "image_id": "v1", "id": 0},
+                                 {"caption": "a dog runs", "image_id": "v0", "id": 1},
+                                 {"caption": "a man speaks", "image_id": "v1", "id": 2},
+                                 {"caption": "a puppy runs", "image_id": "v0", "id": 3},
+                                 {"caption": "cars", "image_id": "v2", "id": 4}]}))
+  split = tmp_path / "high-quality" / "structured-symlinks"
+  split.mkdir(parents=True)
+  (split / "train_list_jsfusion.txt").write_text("v2\n")
+  (split / "val_list_jsfusion.txt").write_text("v1\nv0\n")
+  with open(split / "jsfusion_val_caption_idx.pkl", "wb") as f:
+    pickle.dump({"v0": np.int64(1), "v1": 0}, f)
+  items = readers.read_items("msrvtt", str(ann), media,
+                             video_list=str(split / "val_list_jsfusion.txt"),
+                             caption_index=str(split / "jsfusion_val_caption_idx.pkl"))
+  assert [(i.video_id, i.captions) for i in items] == [("v1", ["a man talks"]),
+                                                       ("v0", ["a puppy runs"])]
+  items = readers.read_items("msrvtt", str(ann), media,
+                             video_list=str(split / "train_list_jsfusion.txt"))
+  assert [(i.video_id, i.captions) for i in items] == [("v2", ["cars"])]
+  # a pickle that is not plain data is refused, never run
+  marker = tmp_path / "ran"
+
+  class Evil:
+    def __reduce__(self):
+      return os.system, (f"touch {marker}",)
+
+  with open(tmp_path / "evil.pkl", "wb") as f:
+    pickle.dump({"v0": Evil()}, f)
+  with pytest.raises(ValueError, match="refused"):
+    readers.read_items("msrvtt", str(ann), media, caption_index=str(tmp_path / "evil.pkl"))
+  assert not marker.exists()
+
+
+def _clip4clip_msrvtt(tmp_path):
+  """CLIP4Clip's msrvtt_data.zip: MSRVTT_data.json (info/videos/sentences of all 10k videos),
+  MSRVTT_train.9k.csv (video_id column), MSRVTT_JSFUSION_test.csv (key,vid_key,video_id,sentence)."""
+  data = {"info": {"year": 2016}, "videos": [
+      {"category": 9, "url": "https://x", "video_id": v, "start time": 1.0, "end time": 9.0,
+       "split": "train", "id": i} for i, v in enumerate(["v0", "v1", "v2"])],
+      "sentences": [{"caption": "zero a", "video_id": "v0", "sen_id": 0},
+                    {"caption": "two", "video_id": "v2", "sen_id": 1},
+                    {"caption": "zero b", "video_id": "v0", "sen_id": 2},
+                    {"caption": "one", "video_id": "v1", "sen_id": 3}]}
+  (tmp_path / "MSRVTT_data.json").write_text(json.dumps(data))
+  (tmp_path / "MSRVTT_train.9k.csv").write_text("video_id\nv2\nv0\nvideo7777\n")
+  (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text(
+      "key,vid_key,video_id,sentence\nret0,msr7020,v1,a man is talking\n")
+
+
+def test_clip4clip_msrvtt_and_missing_ids(media, tmp_path):
+  _clip4clip_msrvtt(tmp_path)
+  missing = []
+  items = readers.read_items("msrvtt", str(tmp_path / "MSRVTT_data.json"), media,
+                             video_list=str(tmp_path / "MSRVTT_train.9k.csv"), missing=missing)
+  assert [(i.video_id, i.captions) for i in items] == [("v2", ["two"]),
+                                                       ("v0", ["zero a", "zero b"])]
+  assert missing == ["video7777"]
+  with pytest.raises(ValueError, match="--video_list"):
+    readers.read_items("msrvtt", str(tmp_path / "MSRVTT_train.9k.csv"), media)
+  out = str(tmp_path / "out")
+  args = ["--format", "msrvtt", "--annotations", str(tmp_path / "MSRVTT_data.json"),
+          "--media-dir", media, "--out", out, "--video_list",
+          str(tmp_path / "MSRVTT_train.9k.csv"), "--num-shards", "1", "--frames-per-clip", "2",
+          "--resolution", "32", "--workers", "1"]
+  assert prepare.main(args) == 2 and not os.path.exists(os.path.join(out, "report.json"))
+  assert prepare.main(args + ["--allow_missing"]) == 0
+  rep = _report(out)["train"]
+  assert rep["missing_annotations"] == {"count": 1, "video_ids": ["video7777"]}
+  assert rep["written"] == 2
+
+
+def test_msvd_raw_captions_pickle(media, tmp_path):
+  """collaborative-experts / CLIP4Clip msvd_data: raw-captions.pkl {vid: [[tokens]]} and
+  train_list.txt / val_list.txt / test_list.txt."""
+  import pickle
+  with open(tmp_path / "raw-captions.pkl", "wb") as f:
+    pickle.dump({"v0": [["a", "cat", "plays"], ["a", "kitten"]], "v1": [["a", "man", "sings"]]},
+                f)
+  (tmp_path / "test_list.txt").write_text("v1\nv0\n")
+  (tmp_path / "train_list.txt").write_text("v1\nv9\n")
+  items = readers.read_items("msvd", str(tmp_path / "raw-captions.pkl"), media,
+                             video_list=str(tmp_path / "test_list.txt"))
+  assert [(i.video_id, i.captions) for i in items] == [
+      ("v1", ["a man sings"]), ("v0", ["a cat plays", "a kitten"])]
+  assert items[0].path == os.path.join(media, "v1.mp4")
+  missing = []
+  readers.read_items("msvd", str(tmp_path / "raw-captions.pkl"), media,
+                     video_list=str(tmp_path / "train_list.txt"), missing=missing)
+  assert missing == ["v9"]
+
+
+def test_lsmdc_challenge_and_training_files(tmp_path):
+  """LSMDC16: tab-separated CLIP_ID, START/END_ALIGNED, START/END_EXTRACTED, SENTENCE; the
+  1,000-clip test is LSMDC16_challenge_1000_publictect.csv; training clips may repeat."""
+  clip = "1004_Juno_00.00.32.849-00.00.38.975"
+  times = "00.00.32.849\t00.00.38.975\t00.00.32.849\t00.00.38.975"
+  (tmp_path / "LSMDC16_challenge_1000_publictect.csv").write_text(
+      f"{clip}\t{times}\tSomeone, \"smiling\", walks in.\n")
+  items = readers.read_items("lsmdc", str(tmp_path / "LSMDC16_challenge_1000_publictect.csv"),
+                             str(tmp_path))
+  assert [(i.video_id, i.captions) for i in items] == [(clip, ['Someone, "smiling", walks in.'])]
+  assert items[0].path.startswith(os.path.join(str(tmp_path), "1004_Juno", clip))
+  (tmp_path / "LSMDC16_annos_training.csv").write_text(
+      f"{clip}\t{times}\tSomeone runs.\n{clip}\t{times}\tThen SOMEONE stops.\n")
+  items = readers.read_items("lsmdc", str(tmp_path / "LSMDC16_annos_training.csv"), str(tmp_path))
+  assert [(i.video_id, i.captions) for i in items] == [
+      (clip, ["Someone runs.", "Then SOMEONE stops."])]
+  (tmp_path / "bad.csv").write_text(f"{clip}\t00.00.32.849\tSomeone runs.\n")
+  with pytest.raises(ValueError, match="bad.csv:1: expected 6 tab-separated"):
+    readers.read_items("lsmdc", str(tmp_path / "bad.csv"), str(tmp_path))
+
+
+def _jpeg(path, value):
+  img = np.full((20, 30, 3), value, np.uint8)
+  img[:, :10] = 255 - value
+  with open(path, "wb") as f:
+    f.write(schema.encode_jpeg(img, 95))
+
+
+def test_cc3m_img2dataset_layouts(tmp_path):
+  """img2dataset's CC3M recipe: `sed` adds the header `caption<TAB>url`; the `files` output is
+  {shard:05d}/{key:09d}.jpg + .txt, the webdataset output {shard:05d}.tar with the same members."""
+  import tarfile
+  tsv = tmp_path / "cc3m.tsv"
+  tsv.write_text("caption\turl\nfirst caption\thttp://x/a.jpg\nsecond caption\thttp://x/b.jpg\n")
+  files = tmp_path / "cc3m_files"
+  (files / "00000").mkdir(parents=True)
+  for key, cap, val in [("000000000", "first caption", 40), ("000000001", "second caption", 200)]:
+    _jpeg(files / "00000" / f"{key}.jpg", val)
+    (files / "00000" / f"{key}.txt").write_text(cap)
+    (files / "00000" / f"{key}.json").write_text(json.dumps({"key": key, "caption": cap}))
+  items = readers.read_items("cc3m", str(tsv), str(files))
+  assert [(i.video_id, i.captions, i.path) for i in items] == [
+      ("000000000", ["first caption"], str(files / "00000" / "000000000.jpg")),
+      ("000000001", ["second caption"], str(files / "00000" / "000000001.jpg"))]
+  from_folder = readers.read_items("img2dataset", str(files), "")
+  assert [(i.video_id, i.captions, i.path) for i in from_folder] == [
+      (i.video_id, i.captions, i.path) for i in items]
+  wds = tmp_path / "cc3m_wds"
+  wds.mkdir()
+  with tarfile.open(wds / "00000.tar", "w") as tf:
+    for ext in ("jpg", "txt", "json"):
+      for key in ("000000000", "000000001"):
+        tf.add(files / "00000" / f"{key}.{ext}", arcname=f"{key}.{ext}")
+  items = readers.read_items("img2dataset", str(wds), "")
+  assert [(i.video_id, i.captions) for i in items] == [("000000000", ["first caption"]),
+                                                       ("000000001", ["second caption"])]
+  out = str(tmp_path / "out")
+  rep = prepare.prepare(items, out, num_shards=1, frames_per_clip=1, resolution=20,
+                        verbose=False)
+  assert rep["written"] == 2 and rep["skipped"] == []
+  recs = schema.read_records(os.path.join(out, prepare.shard_name("train", 0, 1)))
+  for r, val in zip(recs, (40, 200)):
+    px = tf_decode(r["frames"][0])
+    assert abs(int(px[10, 25, 0]) - val) <= 3 and abs(int(px[10, 2, 0]) - (255 - val)) <= 3
+
+
+def tf_decode(jpeg):
+  return tf.io.decode_jpeg(jpeg).numpy()
+
+
+def test_didemo_first_32_seconds_as_clip4clip(tmp_path):
+  """DiDeMo {test_data.json, test_list.txt}; CLIP4Clip reads seconds 0..31 of each video."""
+  vids = tmp_path / "DiDeMo_Videos"
+  vids.mkdir()
+  name = "10015567@N08_3655084291_d8b58466fa.mov"
+  write_mp4(str(vids / (name + ".mp4")), num_frames=40, h=16, w=16, fps=1)
+  (tmp_path / "test_data.json").write_text(json.dumps([
+      {"video": name, "description": "a man walks.", "times": [[0, 0], [0, 1]],
+       "annotation_id": 1},
+      {"video": name, "description": "he sits.", "times": [[3, 4]], "annotation_id": 2}]))
+  (tmp_path / "test_list.txt").write_text(name + "\n")
+  items = readers.read_items("didemo", str(tmp_path / "test_data.json"), str(vids),
+                             video_list=str(tmp_path / "test_list.txt"))
+  assert [(i.video_id, i.captions) for i in items] == [
+      (os.path.splitext(name)[0], ["a man walks. he sits."])]
+  out = str(tmp_path / "out")
+  prepare.prepare(items, out, "test", num_shards=1, frames_per_clip=4, resolution=16,
+                  verbose=False)
+  rec = schema.read_records(os.path.join(out, prepare.shard_name("test", 0, 1)))[0]
+  # 32 frames (0..31 s at 1 fps) in 4 segments: middles 4, 12, 20, 28 (not 5, 15, 25, 35)
+  np.testing.assert_allclose(rec["timestamps"], [4.0, 12.0, 20.0, 28.0], atol=1e-6)

@@ -9,7 +9,9 @@ segments; K=0 keeps all), the short side is resized to R (swscale AREA), frames 
 JPEG. Items go to shard `i % num_shards` in annotation order. Shards are written under a
 temporary name and renamed when complete, with a `.{shard}.json` sidecar; a rerun skips shards
 whose file and sidecar exist for the same items. Missing files, empty captions and unreadable
-videos are skipped and listed in `out/report.json` (one entry per split), never fatal.
+videos are skipped and listed in `out/report.json` (one entry per split), never fatal. Ids of
+`--video_list` that the annotations lack are an error (exit 2) unless `--allow_missing`; their
+count is in report.json either way. Formats and the downloaded files they read: docs/data.md.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def _to_rgb(frame, resolution: int) -> np.ndarray:
   return frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
 
 
-def _decode_pass(path: str, keep: Optional[set], resolution: int):
+def _decode_pass(path: str, keep: Optional[set], resolution: int, limit: int = 0):
   import av
   frames, times, count = [], [], 0
   with av.open(path) as container:
@@ -75,6 +77,8 @@ def _decode_pass(path: str, keep: Optional[set], resolution: int):
     stream.thread_type = "AUTO"
     fps = float(stream.average_rate or 0.0)
     for frame in container.decode(stream):
+      if limit and count >= limit:
+        break
       if keep is None or count in keep:
         frames.append(_to_rgb(frame, resolution))
         times.append(float(frame.time) if frame.time is not None else count / (fps or 1.0))
@@ -82,28 +86,35 @@ def _decode_pass(path: str, keep: Optional[set], resolution: int):
   return frames, times, count, fps
 
 
-def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: bool = False):
-  """PyAV decode -> (uint8 [K, h, w, 3], timestamps [K], fps). Raises on unreadable media."""
+def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: bool = False,
+                 max_seconds: float = 0.0):
+  """PyAV decode -> (uint8 [K, h, w, 3], timestamps [K], fps). Raises on unreadable media.
+
+  `max_seconds` > 0: the clip is only the source's frames before that time (DiDeMo's window)."""
   import av
   if is_image:
     frames, times, _, _ = _decode_pass(path, {0}, resolution)
     if not frames:
       raise ValueError("no decodable frames")
     return np.stack(frames[:1]), [0.0], 0.0
-  keep = None
-  if frames_per_clip > 0:
-    # Count packets without decoding, then decode once keeping the chosen indices.
+  keep, limit = None, 0
+  if frames_per_clip > 0 or max_seconds > 0:
+    # Count packets (those before max_seconds) without decoding, then decode once keeping the
+    # chosen indices.
     with av.open(path) as container:
       if not container.streams.video:
         raise ValueError("no video stream")
       stream = container.streams.video[0]
-      n = sum(1 for p in container.demux(stream) if p.size)
-    keep = set(middle_indices(n, frames_per_clip))
-  frames, times, count, fps = _decode_pass(path, keep, resolution)
+      n = sum(1 for p in container.demux(stream) if p.size and (
+          max_seconds <= 0 or p.pts is None or float(p.pts * p.time_base) < max_seconds))
+    limit = n if max_seconds > 0 else 0
+    if frames_per_clip > 0:
+      keep = set(middle_indices(n, frames_per_clip))
+  frames, times, count, fps = _decode_pass(path, keep, resolution, limit)
   if keep is not None and len(frames) < min(len(keep), count):
     # Fewer frames decoded than packets counted: choose again from the true count.
     frames, times, count, fps = _decode_pass(
-        path, set(middle_indices(count, frames_per_clip)), resolution)
+        path, set(middle_indices(count, frames_per_clip)), resolution, limit)
   if not frames:
     raise ValueError("no decodable frames")
   return np.stack(frames), times, fps
@@ -157,12 +168,13 @@ def process_shard(task: dict) -> dict:
       reason = None
       if not item.captions:
         reason = "no captions (empty caption field)"
-      elif not os.path.isfile(item.path):
+      elif not readers.media_exists(item.path):
         reason = f"missing file {item.path}"
       else:
         try:
-          frames, times, fps = decode_video(item.path, task["frames_per_clip"],
-                                            task["resolution"], item.is_image)
+          with readers.local_media(item.path) as local:
+            frames, times, fps = decode_video(local, task["frames_per_clip"], task["resolution"],
+                                              item.is_image, item.max_seconds)
         except Exception as e:  # any decoder failure means: skip and report this item
           reason = f"unreadable media: {type(e).__name__}: {e}"
       if _progress is not None:
@@ -189,8 +201,11 @@ def process_shard(task: dict) -> dict:
 
 def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
             frames_per_clip: int = 8, resolution: int = 256, workers: int = 1,
-            jpeg_quality: int = 90, verbose: bool = True) -> dict:
-  """Writes `items` as shards `out/{split}-XXXXX-of-N.tfrecord`; returns the report dict."""
+            jpeg_quality: int = 90, verbose: bool = True,
+            missing_annotations: Optional[list] = None) -> dict:
+  """Writes `items` as shards `out/{split}-XXXXX-of-N.tfrecord`; returns the report dict.
+
+  `missing_annotations`: video-list ids the reader found no annotation for (recorded)."""
   os.makedirs(out, exist_ok=True)
   if num_shards < 1:
     raise ValueError(f"--num_shards={num_shards} must be >= 1")
@@ -249,6 +264,8 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
       "skipped": [s for r in all_reports for s in r["skipped"]],
       "short": [s for r in all_reports for s in r["short"]],
       "resumed_shards": sorted(r["shard"] for r in reused),
+      "missing_annotations": {"count": len(missing_annotations or []),
+                              "video_ids": list(missing_annotations or [])},
       "seconds": round(time.time() - t0, 2),
   }
   path = os.path.join(out, "report.json")
@@ -278,8 +295,8 @@ def define_flags(fv):
   from absl import flags
   cpus = max(1, os.cpu_count() or 1)
   flags.DEFINE_enum("format", None, sorted(readers.READERS), "Annotation format.", flag_values=fv)
-  flags.DEFINE_string("annotations", None, "Annotation file (csv/tsv/json/txt) or split folder "
-                      "(hmdb51, ucf101).", flag_values=fv)
+  flags.DEFINE_string("annotations", None, "Annotation file (csv/tsv/json/txt/pkl) or split "
+                      "folder (hmdb51, ucf101).", flag_values=fv)
   flags.DEFINE_string("media_dir", None, "Folder holding the videos / images.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output folder for the shards and report.json.", flag_values=fv)
   flags.DEFINE_enum("split", "train", ["train", "test"], "Split name of the shards.",
@@ -291,21 +308,39 @@ def define_flags(fv):
   flags.DEFINE_integer("workers", cpus, "Decoding processes.", flag_values=fv)
   flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames.", flag_values=fv)
   flags.DEFINE_integer("fold", 1, "hmdb51/ucf101 split number 1-3.", flag_values=fv)
-  flags.DEFINE_string("video_list", None, "Keep only these video ids (one per line), e.g. "
-                      "train_list_jsfusion.txt.", flag_values=fv)
+  flags.DEFINE_string("video_list", None, "Keep only these video ids, in this order: one per "
+                      "line (e.g. Frozen's val_list_jsfusion.txt, MSVD test_list.txt) or a csv "
+                      "with a video_id column (CLIP4Clip's MSRVTT_train.9k.csv).", flag_values=fv)
+  flags.DEFINE_bool("allow_missing", False, "Go on when --video_list names ids the annotations "
+                    "lack (they are counted in report.json); without it that is an error "
+                    "(exit 2).", flag_values=fv)
+  flags.DEFINE_string("caption_index", None, "msrvtt: Frozen's jsfusion_val_caption_idx.pkl "
+                      "(one caption per video).", flag_values=fv)
   flags.mark_flags_as_required(["format", "annotations", "media_dir", "out"], flag_values=fv)
 
 
 def run(a) -> int:
   """Reads the annotations and writes the shards, for parsed flags `a`."""
-  items = readers.read_items(a.format, a.annotations, a.media_dir, split=a.split, fold=a.fold,
-                             video_list=a.video_list)
+  missing: list = []
+  try:
+    items = readers.read_items(a.format, a.annotations, a.media_dir, split=a.split, fold=a.fold,
+                               video_list=a.video_list, missing=missing,
+                               caption_index=a.caption_index)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if missing and not a.allow_missing:
+    print(f"error: --video_list={a.video_list}: {len(missing)} listed video ids have no "
+          f"annotation in --annotations={a.annotations} (first: {', '.join(missing[:5])}); use "
+          "the annotation file that covers the split (e.g. MSRVTT_data.json for "
+          "MSRVTT_train.9k.csv) or pass --allow_missing to go on without them", file=sys.stderr)
+    return 2
   if not items:
     print(f"error: --annotations={a.annotations} gave no items for --format={a.format}",
           file=sys.stderr)
     return 2
   prepare(items, a.out, a.split, a.num_shards, a.frames_per_clip, a.resolution, a.workers,
-          a.jpeg_quality)
+          a.jpeg_quality, missing_annotations=missing)
   return 0
 
 
