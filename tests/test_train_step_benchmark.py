@@ -45,3 +45,19 @@ def test_torch_original_divided_attention_matches_reference():
   for mode in ("space", "time"):
     np.testing.assert_allclose(fast(x, frames, mode).detach().numpy(),
                                ref(x, frames, mode).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_step_profile_quick_sums_to_the_step():
+  """The per-kind JAX table covers the step's ops (nothing large left unclassified) and the
+  PyTorch table comes from the same run."""
+  r = subprocess.run([sys.executable, os.path.join(BENCH, "step_profile.py"), "--quick",
+                      "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  kinds = {k["kind"]: k for k in out["jax"]["kinds"]}
+  assert sum(k["pct"] for k in kinds.values()) == pytest.approx(100.0, abs=1e-6)
+  for kind in ("space attention", "time attention", "video MLP", "text encoder",
+               "optimizer / update"):
+    assert kinds[kind]["ms"] > 0, kind
+  assert kinds.get("other", {"pct": 0})["pct"] < 25
+  assert sum(out["jax"]["dots"].values()) > 0 and out["torch"]["ops"]
