@@ -56,7 +56,8 @@ def test_step_profile_quick_sums_to_the_step():
   out = json.loads(r.stdout.strip().splitlines()[-1])
   kinds = {k["kind"]: k for k in out["jax"]["kinds"]}
   assert sum(k["pct"] for k in kinds.values()) == pytest.approx(100.0, abs=1e-6)
-  for kind in ("space attention", "time attention", "video MLP", "text encoder",
+  for kind in ("space attention core", "time attention core", "space attention qkv/proj",
+               "time attention qkv/proj", "video MLP", "text encoder",
                "optimizer / update"):
     assert kinds[kind]["ms"] > 0, kind
   assert kinds.get("other", {"pct": 0})["pct"] < 25
