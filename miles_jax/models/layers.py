@@ -20,11 +20,52 @@ vit_init = nn.initializers.truncated_normal(0.02)
 bert_init = nn.initializers.normal(0.02)
 
 
+@jax.custom_vjp
+def _low_precision_matmul(x, w):
+  """x `[..., in]` @ w `[in, out]` with low-precision operands and float32 accumulation, in the
+  forward *and* in both backward matmuls.
+
+  Why: XLA:CPU runs `bf16 x bf16 -> f32` dots on the CPU's bf16 units (AVX-512-BF16 / AMX) but
+  rewrites `bf16 x bf16 -> bf16` dots, and the mixed `f32 x bf16` dots that autodiff makes of a
+  `preferred_element_type=f32` forward, into float32 dots plus converts (measured with
+  benchmarks/step_profile.py: 8 of 257 dots of the bf16 step stayed bf16). TPU and GPU
+  accumulate bf16 matmuls in float32 anyway, so this is the same arithmetic there.
+  """
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _low_precision_matmul_fwd(x, w):
+  return _low_precision_matmul(x, w), (x, w)
+
+
+def _low_precision_matmul_bwd(res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  dx = jnp.matmul(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+  return dx, dw
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+  """nn.Dense's contraction (last axis of the input with the kernel's first) through
+  `_low_precision_matmul`; anything else falls back to lax.dot_general."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  if tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb and rhs.ndim == 2:
+    return _low_precision_matmul(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+
+
 def dense(features: int, axes: tuple[str, str], name: str | None, dtype: Dtype, use_bias: bool = True,
           kernel_init: Callable = vit_init) -> nn.Dense:
-  """nn.Dense whose kernel and bias carry logical axis names for sharding."""
+  """nn.Dense whose kernel and bias carry logical axis names for sharding; with a low-precision
+  compute dtype the matmuls accumulate in float32 (see `_low_precision_matmul`)."""
+  low = jnp.dtype(dtype) != jnp.dtype(jnp.float32)
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, name=name,
+      **({"dot_general": _dense_dot_general} if low else {}),
       kernel_init=nn.with_logical_partitioning(kernel_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
@@ -42,7 +83,8 @@ def _softmax_attend(q, k, v, spec_logits: str, spec_out: str, bias=None):
   if bias is not None:
     logits = logits + bias
   weights = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum(spec_out, weights.astype(v.dtype), v), weights
+  out = jnp.einsum(spec_out, weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(v.dtype), weights
 
 
 def divided_attention(q, k, v, num_frames: int, mode: str):

@@ -1,0 +1,64 @@
+"""benchmarks/train_step.py --quick runs JAX and the PyTorch original side by side (no timing
+assertion: only that every figure of its table is produced, from this run)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def test_quick_both_frameworks_same_run():
+  r = subprocess.run([sys.executable, os.path.join(BENCH, "train_step.py"), "--quick",
+                      "--objectives=contrastive,miles", "--json"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["cpu"] and out["torch_threads"] >= 1
+  rows = {row["objective"]: row for row in out["rows"]}
+  for name in ("contrastive", "miles"):
+    row = rows[name]
+    assert len(row["step_s_rounds"]) == len(row["torch_step_s_rounds"]) == out["rounds"]
+    assert row["jax_over_torch"] == pytest.approx(row["step_s"] / row["torch_step_s"])
+  assert rows["contrastive"]["video_forward_jax_over_torch"] > 0
+  # No constant from another machine: the text never names a fixed PyTorch time.
+  assert "7.07" not in open(os.path.join(BENCH, "train_step.py")).read()
+
+
+def test_torch_original_divided_attention_matches_reference():
+  """The benchmark's fast PyTorch attention computes the same divided rule as the slow
+  per-group reference of the parity tests (so the baseline times the right work)."""
+  sys.path.insert(0, BENCH)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_original
+  import torch_reference
+  torch.manual_seed(0)
+  dim, heads, frames, n = 24, 3, 3, 4
+  fast, ref = torch_original.VarAttention(dim, heads), torch_reference.RefVarAttention(dim, heads)
+  ref.load_state_dict(fast.state_dict())
+  x = torch.randn(2, 1 + frames * n, dim)
+  for mode in ("space", "time"):
+    np.testing.assert_allclose(fast(x, frames, mode).detach().numpy(),
+                               ref(x, frames, mode).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_step_profile_quick_sums_to_the_step():
+  """The per-kind JAX table covers the step's ops (nothing large left unclassified) and the
+  PyTorch table comes from the same run."""
+  r = subprocess.run([sys.executable, os.path.join(BENCH, "step_profile.py"), "--quick",
+                      "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  kinds = {k["kind"]: k for k in out["jax"]["kinds"]}
+  assert sum(k["pct"] for k in kinds.values()) == pytest.approx(100.0, abs=1e-6)
+  for kind in ("space attention core", "time attention core", "space attention qkv/proj",
+               "time attention qkv/proj", "video MLP", "text encoder",
+               "optimizer / update"):
+    assert kinds[kind]["ms"] > 0, kind
+  assert kinds.get("other", {"pct": 0})["pct"] < 25
+  assert sum(out["jax"]["dots"].values()) > 0 and out["torch"]["ops"]
