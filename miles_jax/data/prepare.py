@@ -2,11 +2,20 @@ r"""Raw dataset -> TFRecord shards of the clip schema (miles_jax/data/schema.py)
 
   python -m miles_jax.data.prepare --format msrvtt \
       --annotations MSRVTT_JSFUSION_test.csv --media-dir videos/all --out data/msrvtt \
-      --split test --num-shards 8 --frames-per-clip 8 --resolution 256 --workers 8
+      --split test --num-shards 8 --resolution 256 --workers 8
+  python -m miles_jax.data.prepare --format ucf101 --annotations ucfTrainTestlist \
+      --media-dir UCF-101 --out data/ucf101 --split test --fold all   # test1/2/3-*.tfrecord
 
-Each item is decoded with PyAV, K evenly spaced frames are kept (the middle frame of K equal
-segments; K=0 keeps all), the short side is resized to R (swscale AREA), frames are stored as
-JPEG. Items go to shard `i % num_shards` in annotation order. Shards are written under a
+Each item is decoded with PyAV and some of its frames are kept, each with its index in the
+source video (`frame_index`) and timestamp:
+- train split: K evenly spaced frames (the middle frame of K equal segments; K=0 keeps all;
+  default 16, so a 4-frame clip samples among 4 frames per segment);
+- other splits (test, val, test1..3): the frames evaluation reads, exactly: for every T in
+  `--eval-frames` (default 4,8,16) the centres of T equal segments of the source video as
+  Frozen in Time's `sample_frames(..., 'uniform')` picks them (segment bounds
+  `int(linspace(0, n, T+1))`, frame `(start + end - 1) // 2`), the union over the T values.
+  T=4 serves 4-frame eval; 8 and 16 also serve 2 and 4 test-time clips of 4 frames.
+The short side is resized to R (swscale AREA), frames are stored as JPEG. Items go to shard `i % num_shards` in annotation order. Shards are written under a
 temporary name and renamed when complete, with a `.{shard}.json` sidecar; a rerun skips shards
 whose file and sidecar exist for the same items. Missing files, empty captions and unreadable
 videos are skipped and listed in `out/report.json` (one entry per split), never fatal.
@@ -59,6 +68,23 @@ def middle_indices(n: int, k: int) -> list:
   return [(2 * i + 1) * n // (2 * k) for i in range(k)]
 
 
+def uniform_indices(n: int, t: int) -> list:
+  """Frozen in Time's eval frames: the centre of each of t equal segments of n source frames
+  (bounds `int(linspace(0, n, t+1))`, frame `(start + end - 1) // 2`; min(t, n) frames)."""
+  bounds = np.linspace(0, n, min(t, n) + 1).astype(int)
+  return [int((a + b - 1) // 2) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def eval_indices(n: int, counts) -> list:
+  """Sorted union of `uniform_indices(n, T)` for every T in `counts`."""
+  return sorted({i for t in counts for i in uniform_indices(n, int(t))})
+
+
+def choose_indices(n: int, frames_per_clip: int, eval_frames=()) -> list:
+  """The source frames prepare stores: eval positions when `eval_frames`, else evenly spaced."""
+  return eval_indices(n, eval_frames) if eval_frames else middle_indices(n, frames_per_clip)
+
+
 def _to_rgb(frame, resolution: int) -> np.ndarray:
   h, w = resized_hw(frame.height, frame.width, resolution)
   if (h, w) == (frame.height, frame.width):
@@ -83,31 +109,34 @@ def _decode_pass(path: str, keep: Optional[set], resolution: int):
   return frames, times, count, fps
 
 
-def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: bool = False):
-  """PyAV decode -> (uint8 [K, h, w, 3], timestamps [K], fps). Raises on unreadable media."""
+def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: bool = False,
+                 eval_frames=()):
+  """PyAV decode -> (uint8 [K, h, w, 3], timestamps [K], fps, source indices [K], source frame
+  count). Raises on unreadable media."""
   import av
   if is_image:
     frames, times, _, _ = _decode_pass(path, {0}, resolution)
     if not frames:
       raise ValueError("no decodable frames")
-    return np.stack(frames[:1]), [0.0], 0.0
+    return np.stack(frames[:1]), [0.0], 0.0, [0], 1
   keep = None
-  if frames_per_clip > 0:
+  if frames_per_clip > 0 or eval_frames:
     # Count packets without decoding, then decode once keeping the chosen indices.
     with av.open(path) as container:
       if not container.streams.video:
         raise ValueError("no video stream")
       stream = container.streams.video[0]
       n = sum(1 for p in container.demux(stream) if p.size)
-    keep = set(middle_indices(n, frames_per_clip))
-  frames, times, count, fps = _decode_pass(path, keep, resolution)
-  if keep is not None and len(frames) < min(len(keep), count):
-    # Fewer frames decoded than packets counted: choose again from the true count.
-    frames, times, count, fps = _decode_pass(
-        path, set(middle_indices(count, frames_per_clip)), resolution)
+    keep = choose_indices(n, frames_per_clip, eval_frames)
+  frames, times, count, fps = _decode_pass(path, None if keep is None else set(keep), resolution)
+  if keep is not None and (len(frames) < min(len(keep), count) or count != n):
+    # Another frame count decoded than packets counted: choose again from the true count.
+    keep = choose_indices(count, frames_per_clip, eval_frames)
+    frames, times, count, fps = _decode_pass(path, set(keep), resolution)
   if not frames:
     raise ValueError("no decodable frames")
-  return np.stack(frames), times, fps
+  index = keep if keep is not None else list(range(count))
+  return np.stack(frames), times, fps, index[:len(frames)], count
 
 
 _progress = None
@@ -120,6 +149,13 @@ def _init_worker(counter):
   import tensorflow as tf
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def _frames_key(frames_per_clip: int, eval_frames) -> str:
+  """What a shard's frames are, so a rerun with other frame settings redoes it."""
+  if eval_frames:
+    return "eval:" + ",".join(str(int(t)) for t in eval_frames)
+  return f"even:{int(frames_per_clip)}"
 
 
 def _sidecar(out: str, name: str) -> str:
@@ -142,8 +178,9 @@ def process_shard(task: dict) -> dict:
         reason = f"missing file {item.path}"
       else:
         try:
-          frames, times, fps = decode_video(item.path, task["frames_per_clip"],
-                                            task["resolution"], item.is_image)
+          frames, times, fps, index, count = decode_video(
+              item.path, task["frames_per_clip"], task["resolution"], item.is_image,
+              task.get("eval_frames", ()))
         except Exception as e:  # any decoder failure means: skip and report this item
           reason = f"unreadable media: {type(e).__name__}: {e}"
       if _progress is not None:
@@ -152,26 +189,33 @@ def process_shard(task: dict) -> dict:
       if reason:
         skipped.append({"video_id": item.video_id, "path": item.path, "reason": reason})
         continue
-      if task["frames_per_clip"] > 0 and not item.is_image and len(frames) < task[
-          "frames_per_clip"]:
+      want = (max(task["eval_frames"]) if task.get("eval_frames")
+              else task["frames_per_clip"])
+      if want > 0 and not item.is_image and count < want:
         short.append({"video_id": item.video_id, "frames": len(frames)})
       ex = schema.make_example(item.video_id, item.captions, frames, timestamps=times,
-                               label=item.label, fps=fps, jpeg_quality=task["jpeg_quality"])
+                               label=item.label, fps=fps, jpeg_quality=task["jpeg_quality"],
+                               frame_index=index, source_frames=count)
       written.append(item.video_id)
       yield ex.SerializeToString()
 
   write_records(os.path.join(out, name), records())
   report = {"shard": name, "items": [it["video_id"] for it in items], "written": written,
-            "skipped": skipped, "short": short}
+            "skipped": skipped, "short": short,
+            "frames": _frames_key(task["frames_per_clip"], task.get("eval_frames", ()))}
   with open(_sidecar(out, name), "w") as f:
     json.dump(report, f)
   return report
 
 
 def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
-            frames_per_clip: int = 8, resolution: int = 256, workers: int = 1,
-            jpeg_quality: int = 90, verbose: bool = True) -> dict:
-  """Writes `items` as shards `out/{split}-XXXXX-of-N.tfrecord`; returns the report dict."""
+            frames_per_clip: int = 16, resolution: int = 256, workers: int = 1,
+            jpeg_quality: int = 90, verbose: bool = True, eval_frames=()) -> dict:
+  """Writes `items` as shards `out/{split}-XXXXX-of-N.tfrecord`; returns the report dict.
+
+  `eval_frames` (e.g. (4, 8, 16)): store the eval positions for these frame counts instead of
+  `frames_per_clip` evenly spaced frames."""
+  eval_frames = tuple(int(t) for t in eval_frames)
   os.makedirs(out, exist_ok=True)
   if num_shards < 1:
     raise ValueError(f"--num-shards={num_shards} must be >= 1")
@@ -183,12 +227,13 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
     if os.path.isfile(os.path.join(out, name)) and os.path.isfile(side):
       with open(side) as f:
         done = json.load(f)
-      if done.get("items") == [it["video_id"] for it in shard_items]:
+      if (done.get("items") == [it["video_id"] for it in shard_items]
+          and done.get("frames") == _frames_key(frames_per_clip, eval_frames)):
         reused.append(done)
         continue
     tasks.append({"out": out, "name": name, "items": shard_items,
                   "frames_per_clip": frames_per_clip, "resolution": resolution,
-                  "jpeg_quality": jpeg_quality})
+                  "jpeg_quality": jpeg_quality, "eval_frames": eval_frames})
   total = sum(len(t["items"]) for t in tasks)
   t0 = time.time()
 
@@ -226,6 +271,7 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
       "skipped": [s for r in all_reports for s in r["skipped"]],
       "short": [s for r in all_reports for s in r["short"]],
       "resumed_shards": sorted(r["shard"] for r in reused),
+      "frames": _frames_key(frames_per_clip, eval_frames),
       "seconds": round(time.time() - t0, 2),
   }
   path = os.path.join(out, "report.json")
@@ -258,23 +304,36 @@ def main(argv=None):
                  help="annotation file (csv/tsv/json/txt) or split folder (hmdb51, ucf101)")
   p.add_argument("--media-dir", required=True, help="folder holding the videos / images")
   p.add_argument("--out", required=True)
-  p.add_argument("--split", default="train", choices=["train", "test"])
+  p.add_argument("--split", default="train", choices=["train", "val", "test"])
   p.add_argument("--num-shards", type=int, default=8)
-  p.add_argument("--frames-per-clip", type=int, default=8, help="K evenly spaced; 0 = all")
+  p.add_argument("--frames-per-clip", type=int, default=16,
+                 help="train split: K evenly spaced frames; 0 = all")
+  p.add_argument("--eval-frames", default="4,8,16",
+                 help="val/test splits: store the eval frame positions for these frame counts "
+                 "(Frozen's segment centres); '' = use --frames-per-clip instead")
   p.add_argument("--resolution", type=int, default=256, help="short side in px; 0 = native")
   p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
   p.add_argument("--jpeg-quality", type=int, default=90)
-  p.add_argument("--fold", type=int, default=1, help="hmdb51/ucf101 split number 1-3")
+  p.add_argument("--fold", default="1", help="hmdb51/ucf101 official split 1, 2, 3 or 'all'; "
+                 "the shards are named {split}{fold}-*.tfrecord (test1-..., test2-..., ...)")
   p.add_argument("--video-list", default=None,
                  help="keep only these video ids (one per line), e.g. train_list_jsfusion.txt")
   a = p.parse_args(argv)
-  items = readers.read_items(a.format, a.annotations, a.media_dir, split=a.split, fold=a.fold,
-                             video_list=a.video_list)
-  if not items:
-    p.error(f"--annotations={a.annotations} gave no items for --format={a.format}")
-  prepare(items, a.out, a.split, a.num_shards, a.frames_per_clip, a.resolution, a.workers,
-          a.jpeg_quality)
-
+  eval_frames = () if a.split == "train" else tuple(
+      int(t) for t in a.eval_frames.split(",") if t.strip())
+  folds = [None]
+  if a.format in ("hmdb51", "ucf101"):
+    if a.fold not in ("1", "2", "3", "all"):
+      p.error(f"--fold={a.fold}: use 1, 2, 3 or all (the three official splits)")
+    folds = [1, 2, 3] if a.fold == "all" else [int(a.fold)]
+  for fold in folds:
+    items = readers.read_items(a.format, a.annotations, a.media_dir, split=a.split,
+                               fold=fold or 1, video_list=a.video_list)
+    if not items:
+      p.error(f"--annotations={a.annotations} gave no items for --format={a.format}")
+    split = f"{a.split}{fold}" if fold else a.split
+    prepare(items, a.out, split, a.num_shards, a.frames_per_clip, a.resolution, a.workers,
+            a.jpeg_quality, eval_frames=eval_frames)
 
 if __name__ == "__main__":
   main()
