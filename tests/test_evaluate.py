@@ -79,3 +79,79 @@ def test_evaluate_cli_prints_table_and_writes_json(setup, tmp_path):
   r = subprocess.run(args[:4] + [f"--checkpoint={tmp_path / 'nope'}"], cwd=ROOT,
                      capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 2 and "nope" in r.stderr
+
+
+def _softmax(x, axis):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def _direct_metrics(export, c, dsl=None):
+  """Metrics computed here without the evaluate CLI, its evaluators or its cache; `dsl`: a
+  temperature for dual softmax written out in numpy (t2v over texts, v2t over videos)."""
+  m = pretrained.load(export)
+  es = pipeline.load_eval_set(c.data.eval, c)
+  v = np.asarray(m.encode_video(pretrained.normalize_frames(es.clips)), np.float64)
+  t = np.asarray(m.encode_text(es.input_ids, es.attention_mask), np.float64)
+  sim = (t / np.linalg.norm(t, axis=1, keepdims=True)) @ (
+      v / np.linalg.norm(v, axis=1, keepdims=True)).T
+  sim_v2t = None
+  if dsl:
+    sim, sim_v2t = sim * _softmax(sim / dsl, 0), sim * _softmax(sim / dsl, 1)
+  return retrieval.retrieval_metrics(sim, es.text_to_video, sim_v2t=sim_v2t)
+
+
+def test_cache_and_results_never_answer_for_another_evaluation(setup, tmp_path):
+  """Two datasets with same-shaped test sets and two checkpoints in one folder: each of the
+  four evaluations gets its own numbers and its own results file, twice (second time from
+  the verified cache)."""
+  from miles_jax import evaluate
+  c0, model, params_a, _ = setup
+  params_b = nn.unbox(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 4, 32, 32, 3)),
+                                 jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16), jnp.int32))
+                      ["params"])
+  data = {}
+  for name, seed in (("alpha", 1), ("beta", 2)):
+    data[name] = synthetic.generate(str(tmp_path / name), num_train=2, num_eval=6,
+                                    resolution=32, frames=4, seed=seed, verbose=False)
+  models = tmp_path / "models"
+  for name, p in (("ckA", params_a), ("ckB", params_b)):
+    checkpoints.save_params(str(models / name), p, c0.model)
+
+  def config(name):
+    c = config_lib.default_config()
+    c.model = c0.model
+    c.data.num_frames, c.data.eval_batch_size = 4, 4
+    c.data.eval, c.data.tokenizer = data[name]["eval"], data[name]["tokenizer"]
+    # A random tiny model ranks every text's videos alike (a common per-video offset), so
+    # plain cosine metrics of 6 clips coincide across models; dual softmax removes the offset
+    # and gives the four evaluations four different results.
+    c.eval.post, c.eval.dsl_temperature = "dsl", 1e-3
+    return c
+
+  seen, wanted = {}, {}
+  for _ in range(2):  # the second round reads the verified cache
+    for ck in ("ckA", "ckB"):
+      for name in ("alpha", "beta"):
+        res = evaluate.evaluate(config(name), checkpoint=str(models / ck))
+        if (ck, name) not in wanted:
+          wanted[(ck, name)] = _direct_metrics(str(models / ck), config(name), dsl=1e-3)
+        want = wanted[(ck, name)]
+        for k in ("t2v_R1", "t2v_R5", "t2v_MnR", "t2v_MdR", "v2t_R1", "v2t_MnR"):
+          assert res["retrieval"][k] == pytest.approx(want[k], abs=1e-6), (ck, name, k)
+        seen[(ck, name)] = (res["retrieval"]["t2v_MnR"], res["retrieval"]["v2t_MnR"])
+        out = models / f"{ck}_eval_{name}.json"
+        saved = json.load(open(out))
+        assert saved["dataset"] == name and saved["checkpoint"] == str(models / ck)
+        p = saved["retrieval"]["protocol"]
+        assert p["dataset"] == name and p["split"] == "eval" and p["num_videos"] == 6
+        assert p["num_frames"] == 4 and p["frame_positions"]["exact"]
+        assert p["caption_length"] == c0.model.text.max_len
+        assert p["post_processing"].startswith("dsl(temperature=0.001")
+        assert saved["package"].startswith("miles_jax ")
+  assert len(set(seen.values())) == 4, seen  # four evaluations, four different results
+  assert len(os.listdir(models / "embeddings")) == 4
+  # a results file of another dataset is never overwritten
+  with pytest.raises(ValueError, match="another evaluation"):
+    evaluate.evaluate(config("beta"), checkpoint=str(models / "ckA"),
+                      out=str(models / "ckA_eval_alpha.json"))
