@@ -303,3 +303,28 @@ def test_image_items(tmp_path):
   assert rep["written"] == 1 and rep["skipped"][0]["video_id"] == "000000001"
   rec = schema.read_records(str(tmp_path / "out" / prepare.shard_name("train", 0, 1)))[0]
   assert rec["num_frames"] == 1 and (rec["height"], rec["width"]) == (20, 30)
+
+
+def test_action_recognition_three_official_splits(media, tmp_path):
+  """--fold all writes split-named shards test1-, test2-, test3- (UCF101's testlist0N.txt)."""
+  lists = tmp_path / "ucfTrainTestlist"
+  lists.mkdir()
+  (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 BabyCrawling\n")
+  names = {1: "v_BabyCrawling_g01_c01", 2: "v_ApplyEyeMakeup_g02_c01", 3: "v_BabyCrawling_g03_c01"}
+  for fold, name in names.items():
+    cls = name.split("_")[1]
+    (lists / f"testlist0{fold}.txt").write_text(f"{cls}/{name}.avi\n")
+    (lists / f"trainlist0{fold}.txt").write_text("")
+    (tmp_path / "UCF-101" / cls).mkdir(parents=True, exist_ok=True)
+    os.link(os.path.join(media, "v0.mp4"), tmp_path / "UCF-101" / cls / f"{name}.avi")
+  out = str(tmp_path / "out")
+  prepare.main(["--format", "ucf101", "--annotations", str(lists), "--media-dir",
+                str(tmp_path / "UCF-101"), "--out", out, "--split", "test", "--fold", "all",
+                "--num-shards", "1", "--resolution", "32", "--workers", "1"])
+  for fold, name in names.items():
+    recs = schema.read_records(os.path.join(out, f"test{fold}-00000-of-00001.tfrecord"))
+    assert [r["video_id"].decode() for r in recs] == [name]
+  assert set(json.load(open(os.path.join(out, "report.json")))) == {"test1", "test2", "test3"}
+  with pytest.raises(SystemExit):
+    prepare.main(["--format", "ucf101", "--annotations", str(lists), "--media-dir", media,
+                  "--out", out, "--split", "test", "--fold", "4"])

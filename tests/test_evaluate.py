@@ -155,3 +155,83 @@ def test_cache_and_results_never_answer_for_another_evaluation(setup, tmp_path):
   with pytest.raises(ValueError, match="another evaluation"):
     evaluate.evaluate(config("beta"), checkpoint=str(models / "ckA"),
                       out=str(models / "ckA_eval_alpha.json"))
+
+
+def test_multi_clip_embedding_is_the_mean_over_clips(setup):
+  c, model, params, _ = setup
+  c = c.copy_and_resolve_references()
+  c.data.num_frames, c.data.eval_clips = 2, 2
+  es = pipeline.load_eval_set(c.data.eval, c)
+  assert es.clips.shape[1] == 4  # 2 clips x 2 frames, clip-major
+  mesh = parallel.make_mesh((-1,), ("data",))
+  rules = parallel.logical_rules(c.sharding.rules, mesh)
+  got = extract.Embedder(c.model, mesh, rules, num_clips=2).videos(params, es, 3)
+  order = np.argsort(es.clip_index)
+  clips = [pretrained.normalize_frames(es.clips[order][:, k * 2:(k + 1) * 2]) for k in range(2)]
+  want = np.mean([np.asarray(model.apply({"params": params}, f, method=model.encode_video)
+                             ["embed"]) for f in clips], axis=0)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_zeroshot_every_split_mean_std_and_config_templates(setup, tmp_path):
+  """Three split-named shard sets: each is evaluated, mean ± std over them, with the prompt
+  templates of the config; checked against numpy from the model's own embeddings."""
+  from miles_jax import evaluate
+  from miles_jax.data import prepare, schema
+  c0, model, params, d = setup
+  export = str(tmp_path / "export")
+  checkpoints.save_params(export, params, c0.model)
+  rng = np.random.default_rng(0)
+  classes = ["red", "green", "blue"]
+  for s in range(1, 4):
+    recs = [schema.make_example(f"s{s}v{i}", [classes[(i + s) % 3]],
+                                rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),
+                                label=(i + s) % 3).SerializeToString() for i in range(5)]
+    prepare.write_records(str(tmp_path / f"test{s}-00000-of-00001.tfrecord"), recs)
+  templates = ("{}", "a clip of {}.")
+  c = config_lib.default_config()
+  c.model = c0.model
+  c.evaluators = "zeroshot"
+  c.data.num_frames, c.data.tokenizer = 4, c0.data.tokenizer
+  c.data.eval = str(tmp_path / "{split}-*.tfrecord")
+  c.data.eval_splits = "test1,test2,test3"
+  c.zeroshot.templates = templates
+  res = evaluate.evaluate(c, checkpoint=export)["zeroshot"]
+  assert sorted(res["per_split"]) == ["test1", "test2", "test3"]
+  m = pretrained.load(export)
+  top1 = []
+  for s in ("test1", "test2", "test3"):
+    cs = c.copy_and_resolve_references()
+    cs.data.eval, cs.data.eval_splits = str(tmp_path / f"{s}-*.tfrecord"), ""
+    es = pipeline.load_eval_set(cs.data.eval, cs)
+    v = np.asarray(m.encode_video(pretrained.normalize_frames(es.clips)), np.float64)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    cls = []
+    for name in es.class_names:
+      ids, att = pipeline.build_tokenizer(c.data.tokenizer, 64).tokenize_numpy(
+          [t.format(name) for t in templates])
+      cls.append(unit(unit(np.asarray(m.encode_text(ids, att), np.float64)).mean(0)))
+    pred = np.argmax(unit(v) @ np.stack(cls).T, axis=1)
+    top1.append(100.0 * np.mean(pred == es.labels))
+    assert res["per_split"][s]["top1"] == pytest.approx(top1[-1])
+    assert res["per_split"][s]["protocol"]["templates"] == list(templates)
+  assert res["mean"]["top1"] == pytest.approx(np.mean(top1))
+  assert res["std"]["top1"] == pytest.approx(np.std(top1))
+
+
+def test_validation_split_selects_the_best_checkpoint_and_is_recorded(setup, tmp_path):
+  from miles_jax.train import loop
+  c0, _, params, _ = setup
+  c = c0.copy_and_resolve_references()
+  c.data.val, c.data.eval = c0.data.eval, str(tmp_path / "no-test-split-*.tfrecord")
+  mesh = parallel.make_mesh((-1,), ("data",))
+  rules = parallel.logical_rules(c.sharding.rules, mesh)
+  (ev,) = loop.build_evaluators(c, mesh, rules)
+  assert ev.pattern == c0.data.eval and ev.protocol()["split"] == "eval"
+  loop._keep_best(c, params, {"retrieval/t2v_R1": 5.0}, "retrieval/t2v_R1", str(tmp_path), 3)
+  best = json.load(open(tmp_path / "best.json"))
+  assert best["step"] == 3 and best["selected_on"].startswith("val (")
+  # without a validation split the test split selects, and the record says so
+  c.data.val, c.data.eval = "", c0.data.eval
+  loop._keep_best(c, params, {"retrieval/t2v_R1": 6.0}, "retrieval/t2v_R1", str(tmp_path), 4)
+  assert json.load(open(tmp_path / "best.json"))["selected_on"].startswith("test (")
