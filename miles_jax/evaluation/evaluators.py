@@ -98,7 +98,9 @@ class ZeroShotEvaluator(RetrievalEvaluator):
 
     def encode_text(strings):
       ids, att = tok.tokenize_numpy(list(strings))
-      return self.embedder.texts(params, ids, att, self.config.data.eval_batch_size)
+      used = max(int(att.sum(1).max()), 1)  # pad to the longest prompt only (padding is masked)
+      return self.embedder.texts(params, ids[:, :used], att[:, :used],
+                                 self.config.data.eval_batch_size)
 
     zs = self.config.get("zeroshot")
     templates = tuple(zs.templates) if zs is not None else zeroshot.DEFAULT_TEMPLATES
