@@ -125,6 +125,36 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 8
   c.data.shuffle_buffer = 1000
   c.data.crop_scale = (0.5, 1.0)
+  # Evaluation data (docs/evaluation.md "Protocol"):
+  c.data.eval_name = ""  # dataset name in results/caches ("": the eval glob's folder name)
+  # comma list of split names; data.eval then holds "{split}", e.g. data/ucf101/test{split}-*
+  # with eval_splits "1,2,3": every split is evaluated and the mean ± std reported
+  c.data.eval_splits = ""
+  # eval caption length; 0: model.text.max_len (Frozen tokenises eval text untruncated up to
+  # the text model's positions), not data.max_len (the training length)
+  c.data.eval_max_len = 0
+  c.data.eval_clips = 1  # K test-time clips per video, embeddings averaged (1: off)
+  # the train loop's evaluators read this split (best-checkpoint selection) when set; empty:
+  # they read data.eval, and best.json records that the test split selected the checkpoint
+  c.data.val = ""
+
+  # Retrieval options the papers compare with; every one off by default (Frozen / MILES eval)
+  c.eval = ml_collections.ConfigDict()
+  # video->text with several captions per video: "frozen" (rank among all captions, the best
+  # caption counts: Frozen / MILES) or "max" (a video's captions scored by their max, ranked
+  # among videos' caption sets: CLIP4Clip family)
+  c.eval.v2t_multi_caption = "frozen"
+  c.eval.post = "none"  # none | dsl (dual softmax at inference) | qbnorm (QB-Norm, t2v)
+  c.eval.dsl_temperature = 0.01  # DSL: sim * softmax(sim / T) over the other side's queries
+  c.eval.qbnorm_bank = ""  # QB-Norm query bank: glob of shards whose captions are the queries
+  c.eval.qbnorm_beta = 20.0  # QB-Norm inverse temperature (its release's default)
+  c.eval.qbnorm_k = 1  # QB-Norm: top-k of each bank query form the activation set
+
+  c.zeroshot = ml_collections.ConfigDict()
+  # prompt templates ("{}" = class name); the papers do not list theirs (**default**)
+  c.zeroshot.templates = ("{}", "a video of {}.", "a video of a person {}.", "a person is {}.",
+                          "a person doing {}.")
+  c.zeroshot.reduce = "mean"  # mean (normalise each prompt, average) | mean_raw
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -213,14 +243,33 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     fail("data.num_frames", f"{config.data.num_frames} > model.video.num_frames={v.num_frames}")
   if config.data.max_len > config.model.text.max_len:
     fail("data.max_len", f"{config.data.max_len} > model.text.max_len={config.model.text.max_len}")
+  if int(config.data.get("eval_max_len", 0)) > config.model.text.max_len:
+    fail("data.eval_max_len", f"{config.data.eval_max_len} > model.text.max_len="
+         f"{config.model.text.max_len}")
+  if int(config.data.get("eval_clips", 1)) < 1:
+    fail("data.eval_clips", f"{config.data.eval_clips} must be >= 1")
+  if config.data.num_frames * int(config.data.get("eval_clips", 1)) < 1:
+    fail("data.num_frames", "must be >= 1")
+  ev = config.get("eval")
+  if ev is not None:
+    if ev.v2t_multi_caption not in ("frozen", "max"):
+      fail("eval.v2t_multi_caption", f"{ev.v2t_multi_caption!r}: use frozen or max")
+    if ev.post not in ("none", "dsl", "qbnorm"):
+      fail("eval.post", f"{ev.post!r}: use none, dsl or qbnorm")
+    if ev.post == "qbnorm" and not (ev.qbnorm_bank and matches(ev.qbnorm_bank)):
+      fail("eval.qbnorm_bank", f"{ev.qbnorm_bank!r} matches no files: QB-Norm needs a query "
+           "bank, e.g. the training split's shards")
   if needs_train_data:
     if not config.data.train:
       fail("data.train", "is empty: set it to a glob of TFRecord shards "
            "(python -m miles_jax.data.prepare / miles_jax.data.synthetic write them)")
     if not matches(config.data.train):
       fail("data.train", f"{config.data.train!r} matches no files")
-  if config.data.eval and not matches(config.data.eval):
-    fail("data.eval", f"{config.data.eval!r} matches no files")
+  for name, pattern in eval_patterns(config):
+    if not matches(pattern):
+      fail("data.eval", f"{pattern!r} (split {name}) matches no files")
+  if config.data.get("val") and not matches(config.data.val):
+    fail("data.val", f"{config.data.val!r} matches no files")
   if not config.data.tokenizer or not matches(config.data.tokenizer):
     fail("data.tokenizer", f"{config.data.tokenizer!r} does not exist: give a BERT vocab.txt "
          "or a sentencepiece .model")
@@ -233,6 +282,30 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     probe = probe or "."
     if not os.access(probe, os.W_OK | os.X_OK):
       raise PermissionError(f"--workdir={workdir}: {probe} is not writable")
+
+
+def eval_patterns(config) -> list:
+  """[(split name, glob)] of data.eval: one per data.eval_splits entry ("{split}" filled in),
+  or the one glob (split name: its shards' prefix, e.g. "test")."""
+  pattern = config.data.eval
+  if not pattern:
+    return []
+  splits = [s.strip() for s in str(config.data.get("eval_splits", "")).split(",") if s.strip()]
+  if splits:
+    if "{split}" not in pattern:
+      raise ValueError(f"config.data.eval={pattern!r}: with data.eval_splits set it must hold "
+                       "'{split}', e.g. data/ucf101/test{split}-*.tfrecord")
+    return [(s, pattern.replace("{split}", s)) for s in splits]
+  if "{split}" in pattern:
+    raise ValueError(f"config.data.eval={pattern!r} holds '{{split}}': set data.eval_splits, "
+                     "e.g. 1,2,3")
+  return [(split_name(pattern), pattern)]
+
+
+def split_name(pattern: str) -> str:
+  """The split of an eval glob: its shards' prefix (data/msrvtt/test-*.tfrecord -> test)."""
+  base = os.path.basename(pattern.split(",")[0].strip())
+  return base.split("-")[0].split("*")[0] or "eval"
 
 
 def sibling(config_file: str, name: str):

@@ -1,17 +1,21 @@
 """python -m miles_jax.evaluate --config=configs/FILE.py[:ARG] (--workdir=DIR | --checkpoint=PATH)
 
 Retrieval (text->video, video->text R@1/5/10/50, MdR, MnR) or zero-shot action recognition
-(top-1/top-5 over class-name prompts) on `config.data.eval`, printed in the papers' table
-layout and written as JSON. The model comes from the newest checkpoint of a training
+(top-1/top-5 over class-name prompts) on `config.data.eval` (every split of
+`data.eval_splits`, with mean ± std), printed in the papers' table layout and written as JSON
+with the protocol (docs/evaluation.md). The model comes from the newest checkpoint of a training
 --workdir, or from --checkpoint: an exported model directory (`WORKDIR/export`, `convert`
-output) or a PyTorch `.pth`/`.safetensors` in the released layout. Embeddings are cached beside
-the output JSON, so re-running with other metrics costs nothing.
+output) or a PyTorch `.pth`/`.safetensors` in the released layout. Results go to one file per
+dataset and checkpoint; embeddings are cached beside it under a fingerprint of the params,
+eval files, model, frames, tokenizer and caption length, and are verified on load.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+
+import numpy as np
 
 from absl import flags
 from ml_collections import config_flags
@@ -23,8 +27,8 @@ config_flags.DEFINE_config_file("config", None, "Config file whose data.eval / d
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "A training workdir: its newest checkpoint is evaluated.")
 flags.DEFINE_string("checkpoint", None, "Exported model dir, or .pth/.safetensors (PyTorch).")
-flags.DEFINE_string("out", None, "Output JSON (default: WORKDIR/eval/results.json, or "
-                    "eval_results.json beside --checkpoint).")
+flags.DEFINE_string("out", None, "Output JSON (default: WORKDIR/eval/{dataset}-step{N}.json, "
+                    "or {checkpoint}_eval_{dataset}.json beside --checkpoint).")
 flags.DEFINE_bool("no_cache", False, "Recompute embeddings even when cached.")
 FLAGS = flags.FLAGS
 
@@ -70,9 +74,42 @@ def load_params(config, workdir: str | None, checkpoint: str | None):
   return state.params, config.model, step
 
 
+def default_out(config, workdir: str | None, checkpoint: str | None, step) -> str:
+  """One results file per dataset and checkpoint: WORKDIR/eval/{dataset}-step{N}.json, or
+  {checkpoint stem}_eval_{dataset}.json beside --checkpoint."""
+  from miles_jax.evaluation import protocol
+  name = protocol.dataset_name(config)
+  if workdir:
+    return os.path.join(workdir, "eval", f"{name}-step{step}.json")
+  return os.path.splitext(checkpoint.rstrip("/"))[0] + f"_eval_{name}.json"
+
+
+def _check_out(out: str, results: dict):
+  """Refuses to overwrite a results file of another dataset, eval files or checkpoint."""
+  if not os.path.exists(out):
+    return
+  try:
+    with open(out) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return
+  for k in ("dataset", "files_sha256", "checkpoint_sha256"):
+    if k in old and old[k] != results[k]:
+      raise ValueError(f"--out={out} holds the results of another evaluation ({k} "
+                       f"{old[k]!r:.40} != {results[k]!r:.40}); give another --out or remove it")
+
+
+def _mean_std(per_split: dict) -> tuple:
+  keys = [k for k, v in next(iter(per_split.values())).items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+  vals = {k: np.asarray([float(r[k]) for r in per_split.values()]) for k in keys}
+  return ({k: float(v.mean()) for k, v in vals.items()},
+          {k: float(v.std()) for k, v in vals.items()})  # population std (ddof=0)
+
+
 def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) -> dict:
   from miles_jax import config_lib, parallel
-  from miles_jax.evaluation import retrieval
+  from miles_jax.evaluation import protocol, retrieval
   from miles_jax.train import loop
 
   if not config.data.eval:
@@ -83,24 +120,39 @@ def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) ->
   config.model = model_config
   mesh = parallel.mesh_from_config(config)
   rules = parallel.logical_rules(config.sharding.rules, mesh)
-  out = out or (os.path.join(workdir, "eval", "results.json") if workdir
-                else os.path.splitext(checkpoint.rstrip("/"))[0] + "_eval_results.json")
-  results = {"checkpoint": checkpoint or workdir, "step": step, "data": config.data.eval}
-  for ev in loop.build_evaluators(config, mesh, rules):
-    tag = f"{ev.name}-{os.path.basename(config.data.eval.split(',')[0]).split('*')[0]}"
-    cache = None
-    if use_cache and ev.name == "retrieval":
-      cache = os.path.join(os.path.dirname(os.path.abspath(out)),
-                           f"embeddings-{tag}-step{step}.npz")
-    res = ev.run(params, cache=cache) if ev.name == "retrieval" else ev.run(params)
-    results[ev.name] = res
-    if ev.name == "retrieval":
-      print(retrieval.format_table({"miles_jax": res, "random chance": ev.chance()},
-                                   f"{config.data.eval}: {int(res['num_texts'])} texts, "
-                                   f"{int(res['num_videos'])} videos"))
-    else:
-      print(f"zero-shot classification on {config.data.eval}: "
-            + " ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float)))
+  out = out or default_out(config, workdir, checkpoint, step)
+  params_fp = protocol.params_fingerprint(params)
+  splits = config_lib.eval_patterns(config)
+  results = {"checkpoint": checkpoint or workdir, "checkpoint_sha256": params_fp, "step": step,
+             "package": f"miles_jax {protocol.package_version()}",
+             "dataset": protocol.dataset_name(config), "data": config.data.eval,
+             "splits": [name for name, _ in splits]}
+  cache_dir = (os.path.join(os.path.dirname(os.path.abspath(out)), "embeddings")
+               if use_cache else None)
+  per_split, fingerprints = {}, []
+  for name, pattern in splits:
+    for ev in loop.build_evaluators(config, mesh, rules, pattern=pattern, split=name):
+      res = ev.run(params, cache_dir=cache_dir, params_fp=params_fp)
+      per_split.setdefault(ev.name, {})[name] = res
+      fingerprints.append(res["protocol"]["files_sha256"])
+      title = f"{results['dataset']} {name} ({pattern})"
+      if ev.name == "retrieval":
+        print(retrieval.format_table({"miles_jax": res, "random chance": ev.chance()},
+                                     f"{title}: {int(res['num_texts'])} texts, "
+                                     f"{int(res['num_videos'])} videos"))
+      else:
+        print(f"zero-shot classification, {title}: "
+              + " ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float)))
+  results["files_sha256"] = ",".join(fingerprints)
+  _check_out(out, results)
+  for kind, runs in per_split.items():
+    if len(runs) == 1:
+      results[kind] = next(iter(runs.values()))
+      continue
+    mean, std = _mean_std(runs)
+    results[kind] = {"per_split": runs, "mean": mean, "std": std}
+    print(f"{kind} over splits {', '.join(runs)}: " + " ".join(
+        f"{k}={mean[k]:.2f}±{std[k]:.2f}" for k in mean if not k.startswith("num_")))
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(results, f, indent=2, default=float)

@@ -185,15 +185,19 @@ def test_eval_set(tmp_path):
   # shard order: shard 0 holds clips 0, 2, 4; shard 1 holds 1, 3
   assert ev.video_ids == ["vid000", "vid002", "vid004", "vid001", "vid003"]
   assert len(ev.texts) == 10 and ev.text_to_video.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-  assert ev.texts[2] == _caption(2) and ev.input_ids.shape == (10, 8)
+  # eval captions are padded to the longest one ([CLS] clip number two [SEP]), not data.max_len
+  assert ev.texts[2] == _caption(2) and ev.input_ids.shape == (10, 5)
   # a class is named by the first caption of its first video (vid000, vid004, vid002)
   assert ev.labels.tolist() == [0, 2, 1, 1, 0] and ev.class_names == [
       _caption(0), _caption(4), _caption(2)]
-  # eval frames: middle frame of each of 4 segments of 8 -> stored frames 1, 3, 5, 7; the
-  # square 32 px frame is the centre crop, so they equal the stored JPEG decoded independently
+  # eval frames: these records carry no frame_index, so their 8 stored frames are the source;
+  # Frozen's 'uniform' rule on 8 frames and 4 segments: bounds int(linspace(0, 8, 5)) =
+  # 0,2,4,6,8, frame (start + end - 1) // 2 -> 0, 2, 4, 6. The square 32 px frame is the
+  # centre crop, so they equal the stored JPEG decoded independently.
   for v, vid in enumerate(ev.video_ids):
     ref = [tf.io.decode_jpeg(schema.encode_jpeg(f)).numpy() for f in _frames(int(vid[3:]))]
-    np.testing.assert_array_equal(ev.clips[v], np.stack([ref[1], ref[3], ref[5], ref[7]]))
+    np.testing.assert_array_equal(ev.clips[v], np.stack([ref[0], ref[2], ref[4], ref[6]]))
+  assert ev.positions["exact"]
   batches = list(ev.batches())
   assert len(batches) == 2 and batches[1]["valid"].tolist() == [True, False, False, False]
   assert batches[1]["video_index"].tolist() == [4, -1, -1, -1]
@@ -215,3 +219,54 @@ def test_config_errors(shards):
   c.data.train = os.path.join(tmp, "nothing-*.tfrecord")
   with pytest.raises(FileNotFoundError, match="data.train"):
     pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=1)
+
+
+def _frozen_uniform(n, t):
+  """Frozen in Time's sample_frames(t, n, 'uniform'), written out here independently."""
+  bounds = np.linspace(start=0, stop=n, num=min(t, n) + 1).astype(int)
+  return [(bounds[i] + bounds[i + 1] - 1) // 2 for i in range(len(bounds) - 1)]
+
+
+def test_eval_positions_match_frozen_uniform_in_graph():
+  # includes counts where float linspace and integer division disagree (208/48, 392/24)
+  for n, t in [(9, 4), (12, 4), (208, 48), (392, 24), (416, 48), (100, 16), (3, 4), (1, 4)]:
+    got = pipeline.uniform_positions(tf.constant(n, tf.int64), t).numpy().tolist()
+    assert got == _frozen_uniform(n, t), (n, t)
+    assert prepare.uniform_indices(n, t) == _frozen_uniform(n, t), (n, t)
+
+
+def test_eval_frames_from_source_positions_and_clips(tmp_path):
+  """Stored frames with source indices: eval takes the segment centres of the *source* video
+  (not the middles among the stored frames); K clips take sub-segment centres, clip-major."""
+  tmp = str(tmp_path)
+  n_src = 40
+  stored_idx = sorted(set(range(0, 40, 3)) | set(_frozen_uniform(n_src, 4))
+                      | set(_frozen_uniform(n_src, 8)))
+  frames = np.stack([np.full((SIZE, SIZE, 3), 5 * i, np.uint8) for i in stored_idx])
+  ex = schema.make_example("v", ["a very long caption " + "word " * 20], frames, fps=10.0,
+                           frame_index=stored_idx, source_frames=n_src)
+  os.makedirs(tmp, exist_ok=True)
+  prepare.write_records(os.path.join(tmp, "test-00000-of-00001.tfrecord"),
+                        [ex.SerializeToString()])
+  with open(os.path.join(tmp, "vocab.txt"), "w") as f:
+    f.write("\n".join(VOCAB + ["a", "very", "long", "caption", "word"]) + "\n")
+  c = _config(tmp, os.path.join(tmp, "test-*.tfrecord"))
+  c.model.text.max_len = 64
+  ev = pipeline.load_eval_set(c.data.eval, c)
+  brightness = ev.clips[0].mean(axis=(1, 2, 3)) / 5
+  np.testing.assert_allclose(brightness, _frozen_uniform(n_src, 4), atol=0.5)  # 4,14,24,34
+  assert ev.positions["exact"]
+  # the eval caption keeps all 26 pieces + [CLS]/[SEP] although data.max_len is 8
+  assert c.data.max_len == 8 and ev.attention_mask.sum() == 2 + 4 + 20 and ev.truncated == 0
+  c.data.eval_max_len = 10
+  assert pipeline.load_eval_set(c.data.eval, c).truncated == 1
+  # two clips: centres of 8 segments, clip 0 = segments 0, 2, 4, 6; clip 1 = 1, 3, 5, 7
+  c.data.eval_clips = 2
+  ev2 = pipeline.load_eval_set(c.data.eval, c)
+  u8 = _frozen_uniform(n_src, 8)
+  np.testing.assert_allclose(ev2.clips[0].mean(axis=(1, 2, 3)) / 5, u8[0::2] + u8[1::2],
+                             atol=0.5)
+  # frames missing at the eval positions: the nearest stored frame, reported as not exact
+  c.data.eval_clips, c.data.num_frames = 1, 3
+  ev3 = pipeline.load_eval_set(c.data.eval, c)
+  assert not ev3.positions["exact"] and ev3.positions["max_offset_frames"] >= 1

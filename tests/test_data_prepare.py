@@ -127,7 +127,7 @@ def test_prepare_then_pipeline_frame_exact(media, tmp_path):
   ann = _csv(str(tmp_path), [("square.mp4", "a square clip")])
   out = str(tmp_path / "out")
   prepare.prepare(readers.read_items("csv", ann, media), out, "test", num_shards=1,
-                  frames_per_clip=4, resolution=32, verbose=False)
+                  resolution=32, verbose=False, eval_frames=(4,))
   (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\na\nsquare\nclip\n")
   c = config_lib.default_config()
   c.model = config_lib.model_config("tiny")
@@ -138,10 +138,72 @@ def test_prepare_then_pipeline_frame_exact(media, tmp_path):
   stored = np.stack([tf.io.decode_jpeg(j).numpy() for j in rec["frames"]])
   np.testing.assert_array_equal(ev.clips[0], stored)
   assert ev.input_ids[0, :5].tolist() == [2, 4, 5, 6, 3]
-  # and within JPEG tolerance of the source video (9 frames -> middles 1, 3, 5, 7)
-  ref = independent_decode(os.path.join(media, "square.mp4"), {1, 3, 5, 7}, 32)
+  # and within JPEG tolerance of the source video: Frozen's segment centres of 9 frames in 4
+  # segments (bounds 0, 2, 4, 6, 9 -> frames 0, 2, 4, 7)
+  assert rec["frame_index"].tolist() == [0, 2, 4, 7] and rec["source_frames"] == 9
+  ref = independent_decode(os.path.join(media, "square.mp4"), {0, 2, 4, 7}, 32)
   err = np.abs(ev.clips[0].astype(int) - ref)
   assert err.mean() < JPEG_MEAN_TOL and err.max() <= JPEG_MAX_TOL
+
+
+def write_counting_mp4(path, num_frames, fps=10, size=32):
+  """Frame i is a flat grey of value 6*i + 8: every frame encodes its own index."""
+  with av.open(path, "w") as c:
+    s = c.add_stream("libx264", rate=fps)
+    s.width = s.height = size
+    s.pix_fmt = "yuv420p"
+    s.options = {"crf": "0"}
+    for i in range(num_frames):
+      f = np.full((size, size, 3), 6 * i + 8, np.uint8)
+      for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+  return path
+
+
+def _frame_numbers(frames):
+  return np.round((np.asarray(frames, float).mean(axis=(1, 2, 3)) - 8) / 6).astype(int).tolist()
+
+
+def test_eval_frames_are_segment_centres_of_the_source_video(tmp_path):
+  """A 40-frame video whose frames show their own index: the eval split stores Frozen's segment
+  centres for every --eval-frames count, and a 4-frame eval clip is frames 4, 14, 24, 34 —
+  the centres of 4 equal segments of the source (not the middles among 8 stored frames,
+  7, 17, 27, 37)."""
+  media = tmp_path / "media"
+  media.mkdir()
+  write_counting_mp4(str(media / "count.mp4"), 40)
+  ann = _csv(str(tmp_path), [("count.mp4", "counting")])
+  out = str(tmp_path / "out")
+  prepare.main(["--format", "csv", "--annotations", ann, "--media-dir", str(media), "--out", out,
+                "--split", "test", "--num-shards", "1", "--resolution", "32", "--workers", "1",
+                "--eval-frames", "4,8"])
+  rec = schema.read_records(os.path.join(out, prepare.shard_name("test", 0, 1)))[0]
+  bounds4, bounds8 = np.linspace(0, 40, 5).astype(int), np.linspace(0, 40, 9).astype(int)
+  centres4 = [(a + b - 1) // 2 for a, b in zip(bounds4[:-1], bounds4[1:])]
+  centres8 = [(a + b - 1) // 2 for a, b in zip(bounds8[:-1], bounds8[1:])]
+  assert centres4 == [4, 14, 24, 34]
+  want = sorted(set(centres4) | set(centres8))
+  stored = [tf.io.decode_jpeg(j).numpy() for j in rec["frames"]]
+  assert rec["frame_index"].tolist() == want == _frame_numbers(stored)
+  np.testing.assert_allclose(rec["timestamps"], np.array(want) / 10, atol=1e-6)
+  (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\ncounting\n")
+  c = config_lib.default_config()
+  c.model = config_lib.model_config("tiny")
+  c.data.num_frames, c.data.tokenizer = 4, str(tmp_path / "vocab.txt")
+  ev = pipeline.load_eval_set(os.path.join(out, "test-*.tfrecord"), c)
+  assert _frame_numbers(ev.clips[0]) == centres4 and ev.positions["exact"]
+  # two test-time clips of 4 frames: the centres of 8 segments, alternating
+  c.data.eval_clips = 2
+  ev = pipeline.load_eval_set(os.path.join(out, "test-*.tfrecord"), c)
+  assert _frame_numbers(ev.clips[0]) == centres8[0::2] + centres8[1::2]
+  # the train split stores 16 evenly spaced frames by default (4 per segment of a 4-frame clip)
+  prepare.main(["--format", "csv", "--annotations", ann, "--media-dir", str(media), "--out", out,
+                "--num-shards", "1", "--resolution", "32", "--workers", "1"])
+  rec = schema.read_records(os.path.join(out, prepare.shard_name("train", 0, 1)))[0]
+  assert rec["num_frames"] == 16
+  assert rec["frame_index"].tolist() == [(2 * i + 1) * 40 // 32 for i in range(16)]
 
 
 def test_msrvtt_readers(media, tmp_path):
@@ -441,3 +503,27 @@ def test_didemo_first_32_seconds_as_clip4clip(tmp_path):
   rec = schema.read_records(os.path.join(out, prepare.shard_name("test", 0, 1)))[0]
   # 32 frames (0..31 s at 1 fps) in 4 segments: middles 4, 12, 20, 28 (not 5, 15, 25, 35)
   np.testing.assert_allclose(rec["timestamps"], [4.0, 12.0, 20.0, 28.0], atol=1e-6)
+
+
+def test_action_recognition_three_official_splits(media, tmp_path):
+  """--fold all writes split-named shards test1-, test2-, test3- (UCF101's testlist0N.txt)."""
+  lists = tmp_path / "ucfTrainTestlist"
+  lists.mkdir()
+  (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 BabyCrawling\n")
+  names = {1: "v_BabyCrawling_g01_c01", 2: "v_ApplyEyeMakeup_g02_c01", 3: "v_BabyCrawling_g03_c01"}
+  for fold, name in names.items():
+    cls = name.split("_")[1]
+    (lists / f"testlist0{fold}.txt").write_text(f"{cls}/{name}.avi\n")
+    (lists / f"trainlist0{fold}.txt").write_text("")
+    (tmp_path / "UCF-101" / cls).mkdir(parents=True, exist_ok=True)
+    os.link(os.path.join(media, "v0.mp4"), tmp_path / "UCF-101" / cls / f"{name}.avi")
+  out = str(tmp_path / "out")
+  prepare.main(["--format", "ucf101", "--annotations", str(lists), "--media-dir",
+                str(tmp_path / "UCF-101"), "--out", out, "--split", "test", "--fold", "all",
+                "--num-shards", "1", "--resolution", "32", "--workers", "1"])
+  for fold, name in names.items():
+    recs = schema.read_records(os.path.join(out, f"test{fold}-00000-of-00001.tfrecord"))
+    assert [r["video_id"].decode() for r in recs] == [name]
+  assert set(json.load(open(os.path.join(out, "report.json")))) == {"test1", "test2", "test3"}
+  assert prepare.main(["--format", "ucf101", "--annotations", str(lists), "--media-dir", media,
+                       "--out", out, "--split", "test", "--fold", "4"]) == 2

@@ -142,3 +142,60 @@ def test_errors_name_the_argument():
     retrieval.retrieval_metrics(np.zeros((2, 3)), np.array([0, 1]))
   with pytest.raises(ValueError, match="NaN"):
     retrieval.retrieval_metrics(np.full((2, 2), np.nan), np.arange(2))
+
+
+# ---- options the papers compare with (issue 12 item 5), against loops written out here ----
+
+def _multi_caption_case(seed=0, num_videos=7):
+  rng = np.random.default_rng(seed)
+  t2v = np.concatenate([np.arange(num_videos), rng.integers(0, num_videos, 9)])
+  rng.shuffle(t2v)
+  return rng.normal(size=(len(t2v), num_videos)), t2v
+
+
+def test_v2t_max_over_captions_clip4clip_convention():
+  sim, t2v = _multi_caption_case()
+  num_videos = sim.shape[1]
+  want = []
+  for v in range(num_videos):  # video v queries the caption sets; a set scores its max
+    scores = [max(sim[c, v] for c in range(len(t2v)) if t2v[c] == g) for g in range(num_videos)]
+    want.append(sum(s > scores[v] for s in scores))
+  np.testing.assert_array_equal(retrieval.v2t_ranks_max(sim, t2v), want)
+  m = retrieval.retrieval_metrics(sim, t2v, v2t_mode="max")
+  assert m["v2t_MnR"] == pytest.approx(np.mean(want) + 1)
+  # differs from Frozen's convention (rank among all 16 captions) on this case
+  assert m["v2t_MnR"] != retrieval.retrieval_metrics(sim, t2v)["v2t_MnR"]
+  with pytest.raises(ValueError, match="v2t_mode"):
+    retrieval.retrieval_metrics(sim, t2v, v2t_mode="mean")
+
+
+def test_dual_softmax_against_loops():
+  sim, _ = _multi_caption_case(1)
+  temp = 0.05
+  want0, want1 = np.zeros_like(sim), np.zeros_like(sim)
+  for i in range(sim.shape[0]):
+    for j in range(sim.shape[1]):
+      want0[i, j] = sim[i, j] * np.exp(sim[i, j] / temp) / sum(
+          np.exp(sim[k, j] / temp) for k in range(sim.shape[0]))
+      want1[i, j] = sim[i, j] * np.exp(sim[i, j] / temp) / sum(
+          np.exp(sim[i, k] / temp) for k in range(sim.shape[1]))
+  np.testing.assert_allclose(retrieval.dual_softmax(sim, temp, 0), want0, rtol=1e-10)
+  np.testing.assert_allclose(retrieval.dual_softmax(sim, temp, 1), want1, rtol=1e-10)
+
+
+def test_qb_norm_against_loops():
+  rng = np.random.default_rng(3)
+  sim = rng.uniform(-1, 1, (12, 6))
+  bank = rng.uniform(-1, 1, (3, 6))  # activation set: at most 3 of the 6 candidates
+  beta, k = 5.0, 1
+  active = set()
+  for row in bank:  # each bank query's top-k candidates
+    active |= set(np.argsort(-row)[:k].tolist())
+  norm = [sum(np.exp(beta * bank[q, j]) for q in range(len(bank))) for j in range(6)]
+  want = sim.copy()
+  for i, row in enumerate(sim):
+    if int(np.argmax(row)) in active:
+      want[i] = [np.exp(beta * row[j]) / norm[j] for j in range(6)]
+  got = retrieval.qb_norm(sim, bank, beta, k)
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+  assert 0 < sum(int(np.argmax(r)) in active for r in sim) < 12  # both branches exercised

@@ -125,14 +125,56 @@ def train_clip(ex: dict, seed, num_frames: int, size: int, crop_scale):
   return frames, caps[pick]
 
 
-def eval_clip(ex: dict, num_frames: int, size: int):
-  """Middle frame per segment; the centred square (short side) resized to size."""
-  jpegs = tf.gather(ex["frames"], frame_indices(tf.size(ex["frames"]), num_frames, False))
-  jpegs.set_shape([num_frames])
+def uniform_positions(num_source, count):
+  """Frozen in Time's eval frames in-graph: centres of min(count, n) equal segments of n source
+  frames, bounds `int(linspace(0, n, count+1))` computed in float64 exactly as numpy does
+  (prepare.uniform_indices is the numpy twin)."""
+  n = tf.cast(num_source, tf.int64)
+  acc = tf.maximum(tf.minimum(tf.cast(count, tf.int64), n), 1)
+  step = tf.cast(n, tf.float64) / tf.cast(acc, tf.float64)
+  bounds = tf.cast(tf.cast(tf.range(acc + 1), tf.float64) * step, tf.int64)
+  bounds = tf.concat([bounds[:-1], [n]], 0)  # numpy sets the endpoint exactly
+  return (bounds[:-1] + bounds[1:] - 1) // 2
+
+
+def eval_positions(ex: dict, num_frames: int, num_clips: int = 1):
+  """(stored frame positions [K*T], wanted source indices [K*T], source indices got [K*T]).
+
+  One clip (K=1): the centres of T equal segments of the source video. K clips: the centres of
+  K*T equal segments; clip k takes segments k, k+K, k+2K, ... (each clip spans the whole video,
+  shifted by a sub-segment). Rows are clip-major. Each wanted index is served by the stored
+  frame of nearest source index (exact when prepare stored the eval positions).
+  """
+  stored = tf.size(ex["frames"], out_type=tf.int64)
+  index = ex.get("frame_index")
+  source = tf.cast(ex.get("source_frames", 0), tf.int64)
+  # Older shards carry no frame_index: take the stored frames as the whole source.
+  index = tf.cond(tf.equal(tf.size(index, out_type=tf.int64), stored), lambda: index,
+                  lambda: tf.range(stored, dtype=tf.int64))
+  source = tf.where(source > 0, source, tf.reduce_max(index) + 1)
+  count = num_frames * num_clips
+  want = uniform_positions(source, count)
+  want = tf.concat([want, tf.fill([count - tf.size(want)], want[-1])], 0)  # n < K*T: repeat
+  want = tf.reshape(tf.transpose(tf.reshape(want, [num_frames, num_clips])), [count])
+  pos = tf.argmin(tf.abs(index[None, :] - want[:, None]), axis=1)
+  return pos, want, tf.gather(index, pos)
+
+
+def eval_clip(ex: dict, num_frames: int, size: int, num_clips: int = 1):
+  """Segment-centre frames (eval_positions); the centred square (short side) resized to size.
+  -> (uint8 [K*T, size, size, 3], wanted source indices [K*T], got source indices [K*T])."""
+  pos, want, got = eval_positions(ex, num_frames, num_clips)
+  jpegs = tf.gather(ex["frames"], pos)
+  jpegs.set_shape([num_frames * num_clips])
   shape = tf.io.extract_jpeg_shape(jpegs[0])
   side = tf.minimum(shape[0], shape[1])
   window = tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
-  return decode_frames(jpegs, window, size, antialias=True)
+  return decode_frames(jpegs, window, size, antialias=True), want, got
+
+
+def eval_max_len(config) -> int:
+  """Caption length at evaluation: data.eval_max_len, or (0) all of model.text.max_len."""
+  return int(config.data.get("eval_max_len", 0) or config.model.text.max_len)
 
 
 def _parse_valid(position, raw):
@@ -273,6 +315,15 @@ def make_train_iterator(config, *, seed: int, process_index: Optional[int] = Non
                        process_count=process_count, tokenizer=tokenizer)
 
 
+def read_captions(pattern: str, field: str) -> list:
+  """Every non-empty caption of the shards matching `pattern`, in shard order (no frames read)."""
+  out = []
+  for raw in _records(list_files(pattern, field), cycle_length=1):
+    ex = schema.parse_example(raw, with_frames=False)
+    out.extend(c.decode("utf-8", "replace") for c in ex["captions"].numpy() if c.strip())
+  return out
+
+
 @dataclasses.dataclass
 class EvalSet:
   """All of an eval split: texts for every video, clips for this host's share of the videos."""
@@ -281,7 +332,7 @@ class EvalSet:
   input_ids: np.ndarray           # int32 [C, L]
   attention_mask: np.ndarray      # int32 [C, L]
   text_to_video: np.ndarray       # int32 [C] index into video_ids
-  clips: np.ndarray               # uint8 [V_local, T, S, S, 3]
+  clips: np.ndarray               # uint8 [V_local, K*T, S, S, 3] (K = data.eval_clips)
   clip_index: np.ndarray          # int32 [V_local] index into video_ids
   labels: Optional[np.ndarray]    # int32 [V], None when the dataset has no labels
   class_names: Optional[list]     # class name (its caption) per label index
@@ -289,6 +340,9 @@ class EvalSet:
   failed: list                    # video_ids whose frames did not decode (their clip is black)
   per_host: int = 0               # clips per host incl. padding (equal on every host)
   batch_size: int = 8
+  num_clips: int = 1              # K test-time clips per video (rows of clips are clip-major)
+  positions: Optional[dict] = None  # this host's frame positions: exact or nearest stored
+  truncated: int = 0              # captions longer than the eval caption length
 
   def batches(self, batch_size: Optional[int] = None):
     """This host's clips in order, padded: {frames, video_index (-1 = pad), valid}.
@@ -312,7 +366,9 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
   """Reads an eval split in shard order. Records without frames or captions are left out (on
   every host alike); a video whose JPEGs fail to decode keeps its place with a black clip."""
   num_frames, size, _ = _geometry(config)
-  tokenizer = tokenizer or build_tokenizer(config.data.tokenizer, config.data.max_len)
+  num_clips = int(config.data.get("eval_clips", 1) or 1)
+  max_len = eval_max_len(config)
+  tokenizer = tokenizer or build_tokenizer(config.data.tokenizer, max_len)
   files = list_files(pattern, "data.eval")
   records = _records(files, cycle_length=1).enumerate()
 
@@ -353,13 +409,24 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
   local = records.filter(lambda p, r: tf.reduce_any(tf.equal(p, want)))
 
   def clip(position, raw):
-    return position, eval_clip(schema.parse_example(raw), num_frames, size)
+    return (position,) + eval_clip(schema.parse_example(raw), num_frames, size, num_clips)
 
-  got = {}
-  for p, c in local.map(clip, num_parallel_calls=AUTOTUNE, deterministic=True) \
+  got, offsets = {}, []
+  for p, c, want, have in local.map(clip, num_parallel_calls=AUTOTUNE, deterministic=True) \
       .ignore_errors(log_warning=True).as_numpy_iterator():
     got[int(p)] = c
-  clips = np.zeros((len(mine), num_frames, size, size, 3), np.uint8)
+    offsets.append(int(np.abs(want - have).max()))
+  positions = {"rule": "centres of equal segments of the source video (Frozen 'uniform')"
+                       + (f"; {num_clips} clips, clip k = segments k, k+K, ... of K*T"
+                          if num_clips > 1 else ""),
+               "exact": all(o == 0 for o in offsets), "videos_off": sum(o > 0 for o in offsets),
+               "max_offset_frames": max(offsets, default=0)}
+  if not positions["exact"]:
+    logging.warning("eval %s: %d videos lack stored frames at the eval positions (nearest stored "
+                    "frame used, up to %d frames away); prepare the split with --eval_frames "
+                    "covering %d", pattern, positions["videos_off"],
+                    positions["max_offset_frames"], num_frames * num_clips)
+  clips = np.zeros((len(mine), num_frames * num_clips, size, size, 3), np.uint8)
   failed = []
   for j, i in enumerate(mine):
     if valid_pos[i] in got:
@@ -371,6 +438,9 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
                     len(failed), failed[:10])
 
   ids, att = tokenizer.tokenize_numpy(texts)
+  truncated = int((att.sum(1) >= max_len).sum())  # [SEP] landed in the last slot: maybe cut
+  used = max(int(att.sum(1).max()), 1) if len(att) else 1
+  ids, att = ids[:, :used], att[:, :used]  # padding columns change nothing (masked); drop them
   labels_arr = np.asarray(labels, np.int32)
   class_names = None
   if (labels_arr >= 0).any():
@@ -386,4 +456,5 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
                  text_to_video=np.asarray(t2v, np.int32), clips=clips,
                  clip_index=np.asarray(mine, np.int32), labels=labels_arr,
                  class_names=class_names, skipped=skipped, failed=failed,
-                 per_host=per_host, batch_size=b)
+                 per_host=per_host, batch_size=b, num_clips=num_clips, positions=positions,
+                 truncated=truncated)

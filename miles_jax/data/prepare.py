@@ -2,11 +2,20 @@ r"""Raw dataset -> TFRecord shards of the clip schema (miles_jax/data/schema.py)
 
   python -m miles_jax.data.prepare --format=msrvtt \
       --annotations=MSRVTT_JSFUSION_test.csv --media_dir=videos/all --out=data/msrvtt \
-      --split=test --num_shards=8 --frames_per_clip=8 --resolution=256 --workers=8
+      --split=test --num_shards=8 --resolution=256 --workers=8
+  python -m miles_jax.data.prepare --format=ucf101 --annotations=ucfTrainTestlist \
+      --media_dir=UCF-101 --out=data/ucf101 --split=test --fold=all   # test1/2/3-*.tfrecord
 
-Each item is decoded with PyAV, K evenly spaced frames are kept (the middle frame of K equal
-segments; K=0 keeps all), the short side is resized to R (swscale AREA), frames are stored as
-JPEG. Items go to shard `i % num_shards` in annotation order. Shards are written under a
+Each item is decoded with PyAV and some of its frames are kept, each with its index in the
+source video (`frame_index`) and timestamp:
+- train split: K evenly spaced frames (the middle frame of K equal segments; K=0 keeps all;
+  default 16, so a 4-frame clip samples among 4 frames per segment);
+- other splits (test, val, test1..3): the frames evaluation reads, exactly: for every T in
+  `--eval_frames` (default 4,8,16) the centres of T equal segments of the source video as
+  Frozen in Time's `sample_frames(..., 'uniform')` picks them (segment bounds
+  `int(linspace(0, n, T+1))`, frame `(start + end - 1) // 2`), the union over the T values.
+  T=4 serves 4-frame eval; 8 and 16 also serve 2 and 4 test-time clips of 4 frames.
+The short side is resized to R (swscale AREA), frames are stored as JPEG. Items go to shard `i % num_shards` in annotation order. Shards are written under a
 temporary name and renamed when complete, with a `.{shard}.json` sidecar; a rerun skips shards
 whose file and sidecar exist for the same items. Missing files, empty captions and unreadable
 videos are skipped and listed in `out/report.json` (one entry per split), never fatal. Ids of
@@ -60,6 +69,23 @@ def middle_indices(n: int, k: int) -> list:
   return [(2 * i + 1) * n // (2 * k) for i in range(k)]
 
 
+def uniform_indices(n: int, t: int) -> list:
+  """Frozen in Time's eval frames: the centre of each of t equal segments of n source frames
+  (bounds `int(linspace(0, n, t+1))`, frame `(start + end - 1) // 2`; min(t, n) frames)."""
+  bounds = np.linspace(0, n, min(t, n) + 1).astype(int)
+  return [int((a + b - 1) // 2) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def eval_indices(n: int, counts) -> list:
+  """Sorted union of `uniform_indices(n, T)` for every T in `counts`."""
+  return sorted({i for t in counts for i in uniform_indices(n, int(t))})
+
+
+def choose_indices(n: int, frames_per_clip: int, eval_frames=()) -> list:
+  """The source frames prepare stores: eval positions when `eval_frames`, else evenly spaced."""
+  return eval_indices(n, eval_frames) if eval_frames else middle_indices(n, frames_per_clip)
+
+
 def _to_rgb(frame, resolution: int) -> np.ndarray:
   h, w = resized_hw(frame.height, frame.width, resolution)
   if (h, w) == (frame.height, frame.width):
@@ -87,8 +113,9 @@ def _decode_pass(path: str, keep: Optional[set], resolution: int, limit: int = 0
 
 
 def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: bool = False,
-                 max_seconds: float = 0.0):
-  """PyAV decode -> (uint8 [K, h, w, 3], timestamps [K], fps). Raises on unreadable media.
+                 max_seconds: float = 0.0, eval_frames=()):
+  """PyAV decode -> (uint8 [K, h, w, 3], timestamps [K], fps, source indices [K], source frame
+  count). Raises on unreadable media.
 
   `max_seconds` > 0: the clip is only the source's frames before that time (DiDeMo's window)."""
   import av
@@ -96,9 +123,9 @@ def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: boo
     frames, times, _, _ = _decode_pass(path, {0}, resolution)
     if not frames:
       raise ValueError("no decodable frames")
-    return np.stack(frames[:1]), [0.0], 0.0
+    return np.stack(frames[:1]), [0.0], 0.0, [0], 1
   keep, limit = None, 0
-  if frames_per_clip > 0 or max_seconds > 0:
+  if frames_per_clip > 0 or eval_frames or max_seconds > 0:
     # Count packets (those before max_seconds) without decoding, then decode once keeping the
     # chosen indices.
     with av.open(path) as container:
@@ -108,16 +135,17 @@ def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: boo
       n = sum(1 for p in container.demux(stream) if p.size and (
           max_seconds <= 0 or p.pts is None or float(p.pts * p.time_base) < max_seconds))
     limit = n if max_seconds > 0 else 0
-    if frames_per_clip > 0:
-      keep = set(middle_indices(n, frames_per_clip))
-  frames, times, count, fps = _decode_pass(path, keep, resolution, limit)
-  if keep is not None and len(frames) < min(len(keep), count):
-    # Fewer frames decoded than packets counted: choose again from the true count.
-    frames, times, count, fps = _decode_pass(
-        path, set(middle_indices(count, frames_per_clip)), resolution, limit)
+    keep = choose_indices(n, frames_per_clip, eval_frames)
+  frames, times, count, fps = _decode_pass(path, None if keep is None else set(keep), resolution,
+                                           limit)
+  if keep is not None and (len(frames) < min(len(keep), count) or count != n):
+    # Another frame count decoded than packets counted: choose again from the true count.
+    keep = choose_indices(count, frames_per_clip, eval_frames)
+    frames, times, count, fps = _decode_pass(path, set(keep), resolution, limit)
   if not frames:
     raise ValueError("no decodable frames")
-  return np.stack(frames), times, fps
+  index = keep if keep is not None else list(range(count))
+  return np.stack(frames), times, fps, index[:len(frames)], count
 
 
 _progress = None
@@ -152,6 +180,13 @@ class _BarCounter:
     self._value = v
 
 
+def _frames_key(frames_per_clip: int, eval_frames) -> str:
+  """What a shard's frames are, so a rerun with other frame settings redoes it."""
+  if eval_frames:
+    return "eval:" + ",".join(str(int(t)) for t in eval_frames)
+  return f"even:{int(frames_per_clip)}"
+
+
 def _sidecar(out: str, name: str) -> str:
   return os.path.join(out, f".{name}.json")
 
@@ -173,8 +208,9 @@ def process_shard(task: dict) -> dict:
       else:
         try:
           with readers.local_media(item.path) as local:
-            frames, times, fps = decode_video(local, task["frames_per_clip"], task["resolution"],
-                                              item.is_image, item.max_seconds)
+            frames, times, fps, index, count = decode_video(
+                local, task["frames_per_clip"], task["resolution"], item.is_image,
+                item.max_seconds, task.get("eval_frames", ()))
         except Exception as e:  # any decoder failure means: skip and report this item
           reason = f"unreadable media: {type(e).__name__}: {e}"
       if _progress is not None:
@@ -183,29 +219,35 @@ def process_shard(task: dict) -> dict:
       if reason:
         skipped.append({"video_id": item.video_id, "path": item.path, "reason": reason})
         continue
-      if task["frames_per_clip"] > 0 and not item.is_image and len(frames) < task[
-          "frames_per_clip"]:
+      want = (max(task["eval_frames"]) if task.get("eval_frames")
+              else task["frames_per_clip"])
+      if want > 0 and not item.is_image and count < want:
         short.append({"video_id": item.video_id, "frames": len(frames)})
       ex = schema.make_example(item.video_id, item.captions, frames, timestamps=times,
-                               label=item.label, fps=fps, jpeg_quality=task["jpeg_quality"])
+                               label=item.label, fps=fps, jpeg_quality=task["jpeg_quality"],
+                               frame_index=index, source_frames=count)
       written.append(item.video_id)
       yield ex.SerializeToString()
 
   write_records(os.path.join(out, name), records())
   report = {"shard": name, "items": [it["video_id"] for it in items], "written": written,
-            "skipped": skipped, "short": short}
+            "skipped": skipped, "short": short,
+            "frames": _frames_key(task["frames_per_clip"], task.get("eval_frames", ()))}
   with open(_sidecar(out, name), "w") as f:
     json.dump(report, f)
   return report
 
 
 def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
-            frames_per_clip: int = 8, resolution: int = 256, workers: int = 1,
+            frames_per_clip: int = 16, resolution: int = 256, workers: int = 1,
             jpeg_quality: int = 90, verbose: bool = True,
-            missing_annotations: Optional[list] = None) -> dict:
+            missing_annotations: Optional[list] = None, eval_frames=()) -> dict:
   """Writes `items` as shards `out/{split}-XXXXX-of-N.tfrecord`; returns the report dict.
 
-  `missing_annotations`: video-list ids the reader found no annotation for (recorded)."""
+  `missing_annotations`: video-list ids the reader found no annotation for (recorded).
+  `eval_frames` (e.g. (4, 8, 16)): store the eval positions for these frame counts instead of
+  `frames_per_clip` evenly spaced frames."""
+  eval_frames = tuple(int(t) for t in eval_frames)
   os.makedirs(out, exist_ok=True)
   if num_shards < 1:
     raise ValueError(f"--num_shards={num_shards} must be >= 1")
@@ -217,12 +259,13 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
     if os.path.isfile(os.path.join(out, name)) and os.path.isfile(side):
       with open(side) as f:
         done = json.load(f)
-      if done.get("items") == [it["video_id"] for it in shard_items]:
+      if (done.get("items") == [it["video_id"] for it in shard_items]
+          and done.get("frames") == _frames_key(frames_per_clip, eval_frames)):
         reused.append(done)
         continue
     tasks.append({"out": out, "name": name, "items": shard_items,
                   "frames_per_clip": frames_per_clip, "resolution": resolution,
-                  "jpeg_quality": jpeg_quality})
+                  "jpeg_quality": jpeg_quality, "eval_frames": eval_frames})
   total = sum(len(t["items"]) for t in tasks)
   t0 = time.time()
 
@@ -266,6 +309,7 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
       "resumed_shards": sorted(r["shard"] for r in reused),
       "missing_annotations": {"count": len(missing_annotations or []),
                               "video_ids": list(missing_annotations or [])},
+      "frames": _frames_key(frames_per_clip, eval_frames),
       "seconds": round(time.time() - t0, 2),
   }
   path = os.path.join(out, "report.json")
@@ -299,15 +343,20 @@ def define_flags(fv):
                       "folder (hmdb51, ucf101).", flag_values=fv)
   flags.DEFINE_string("media_dir", None, "Folder holding the videos / images.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output folder for the shards and report.json.", flag_values=fv)
-  flags.DEFINE_enum("split", "train", ["train", "test"], "Split name of the shards.",
+  flags.DEFINE_enum("split", "train", ["train", "val", "test"], "Split name of the shards.",
                     flag_values=fv)
   flags.DEFINE_integer("num_shards", 8, "Number of shards.", flag_values=fv)
-  flags.DEFINE_integer("frames_per_clip", 8, "K evenly spaced frames kept; 0 = all.",
-                       flag_values=fv)
+  flags.DEFINE_integer("frames_per_clip", 16, "Train split: K evenly spaced frames kept; "
+                       "0 = all.", flag_values=fv)
+  flags.DEFINE_string("eval_frames", "4,8,16", "val/test splits: store the eval frame positions "
+                      "for these frame counts (Frozen's segment centres); '' = use "
+                      "--frames_per_clip instead.", flag_values=fv)
   flags.DEFINE_integer("resolution", 256, "Short side in px; 0 = native.", flag_values=fv)
   flags.DEFINE_integer("workers", cpus, "Decoding processes.", flag_values=fv)
   flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames.", flag_values=fv)
-  flags.DEFINE_integer("fold", 1, "hmdb51/ucf101 split number 1-3.", flag_values=fv)
+  flags.DEFINE_string("fold", "1", "hmdb51/ucf101 official split 1, 2, 3 or 'all'; the shards "
+                      "are named {split}{fold}-*.tfrecord (test1-..., test2-..., ...).",
+                      flag_values=fv)
   flags.DEFINE_string("video_list", None, "Keep only these video ids, in this order: one per "
                       "line (e.g. Frozen's val_list_jsfusion.txt, MSVD test_list.txt) or a csv "
                       "with a video_id column (CLIP4Clip's MSRVTT_train.9k.csv).", flag_values=fv)
@@ -321,26 +370,38 @@ def define_flags(fv):
 
 def run(a) -> int:
   """Reads the annotations and writes the shards, for parsed flags `a`."""
-  missing: list = []
-  try:
-    items = readers.read_items(a.format, a.annotations, a.media_dir, split=a.split, fold=a.fold,
-                               video_list=a.video_list, missing=missing,
-                               caption_index=a.caption_index)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if missing and not a.allow_missing:
-    print(f"error: --video_list={a.video_list}: {len(missing)} listed video ids have no "
-          f"annotation in --annotations={a.annotations} (first: {', '.join(missing[:5])}); use "
-          "the annotation file that covers the split (e.g. MSRVTT_data.json for "
-          "MSRVTT_train.9k.csv) or pass --allow_missing to go on without them", file=sys.stderr)
-    return 2
-  if not items:
-    print(f"error: --annotations={a.annotations} gave no items for --format={a.format}",
-          file=sys.stderr)
-    return 2
-  prepare(items, a.out, a.split, a.num_shards, a.frames_per_clip, a.resolution, a.workers,
-          a.jpeg_quality, missing_annotations=missing)
+  eval_frames = () if a.split == "train" else tuple(
+      int(t) for t in a.eval_frames.split(",") if t.strip())
+  folds = [None]
+  if a.format in ("hmdb51", "ucf101"):
+    if a.fold not in ("1", "2", "3", "all"):
+      print(f"error: --fold={a.fold}: use 1, 2, 3 or all (the three official splits)",
+            file=sys.stderr)
+      return 2
+    folds = [1, 2, 3] if a.fold == "all" else [int(a.fold)]
+  for fold in folds:
+    missing: list = []
+    try:
+      items = readers.read_items(a.format, a.annotations, a.media_dir, split=a.split,
+                                 fold=fold or 1, video_list=a.video_list, missing=missing,
+                                 caption_index=a.caption_index)
+    except (ValueError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    if missing and not a.allow_missing:
+      print(f"error: --video_list={a.video_list}: {len(missing)} listed video ids have no "
+            f"annotation in --annotations={a.annotations} (first: {', '.join(missing[:5])}); "
+            "use the annotation file that covers the split (e.g. MSRVTT_data.json for "
+            "MSRVTT_train.9k.csv) or pass --allow_missing to go on without them",
+            file=sys.stderr)
+      return 2
+    if not items:
+      print(f"error: --annotations={a.annotations} gave no items for --format={a.format}",
+            file=sys.stderr)
+      return 2
+    split = f"{a.split}{fold}" if fold else a.split
+    prepare(items, a.out, split, a.num_shards, a.frames_per_clip, a.resolution, a.workers,
+            a.jpeg_quality, missing_annotations=missing, eval_frames=eval_frames)
   return 0
 
 

@@ -5,8 +5,12 @@ context:  video_id  bytes        source name, unique within a dataset
           label     int64        class index, -1 when the dataset has none
           num_frames, height, width  int64   stored frames and their size
           fps       float        frame rate of the source (0 for images)
+          source_frames int64    frames of the source video (0: unknown, e.g. older shards)
 sequence: frames     bytes       one JPEG per stored frame
           timestamps float       seconds of each stored frame in the source
+          frame_index int64      0-based index of each stored frame in the source video
+                                 (absent in older shards: the stored frames are then taken as
+                                 the whole source)
 """
 from __future__ import annotations
 
@@ -23,10 +27,12 @@ CONTEXT_FEATURES = {
     "height": tf.io.FixedLenFeature([], tf.int64, default_value=0),
     "width": tf.io.FixedLenFeature([], tf.int64, default_value=0),
     "fps": tf.io.FixedLenFeature([], tf.float32, default_value=0.0),
+    "source_frames": tf.io.FixedLenFeature([], tf.int64, default_value=0),
 }
 SEQUENCE_FEATURES = {
     "frames": tf.io.FixedLenSequenceFeature([], tf.string, allow_missing=True),
     "timestamps": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
+    "frame_index": tf.io.FixedLenSequenceFeature([], tf.int64, allow_missing=True),
 }
 DEFAULT_JPEG_QUALITY = 90
 
@@ -39,8 +45,8 @@ def encode_jpeg(frame: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY) -> bytes
 def make_example(video_id: str, captions: Sequence[str], frames=None, *,
                  jpeg_frames: Sequence[bytes] | None = None, timestamps=None, label: int = -1,
                  fps: float = 0.0, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
-                 height: int | None = None, width: int | None = None
-                 ) -> tf.train.SequenceExample:
+                 height: int | None = None, width: int | None = None,
+                 frame_index=None, source_frames: int = 0) -> tf.train.SequenceExample:
   """Builds a clip record from uint8 frames [K, H, W, 3] (or already-encoded `jpeg_frames`)."""
   if (frames is None) == (jpeg_frames is None):
     raise ValueError("make_example: pass exactly one of frames= or jpeg_frames=")
@@ -59,6 +65,9 @@ def make_example(video_id: str, captions: Sequence[str], frames=None, *,
     timestamps = [i / fps if fps else 0.0 for i in range(num)]
   if len(timestamps) != num:
     raise ValueError(f"make_example({video_id!r}): {len(timestamps)} timestamps for {num} frames")
+  if frame_index is not None and len(frame_index) != num:
+    raise ValueError(f"make_example({video_id!r}): {len(frame_index)} frame indices for {num} "
+                     "frames")
   ex = tf.train.SequenceExample()
   ctx = ex.context.feature
   ctx["video_id"].bytes_list.value.append(video_id.encode())
@@ -68,11 +77,14 @@ def make_example(video_id: str, captions: Sequence[str], frames=None, *,
   ctx["height"].int64_list.value.append(int(height))
   ctx["width"].int64_list.value.append(int(width))
   ctx["fps"].float_list.value.append(float(fps))
+  ctx["source_frames"].int64_list.value.append(int(source_frames))
   fl = ex.feature_lists.feature_list
   for jpg in jpeg_frames:
     fl["frames"].feature.add().bytes_list.value.append(jpg)
   for ts in timestamps:
     fl["timestamps"].feature.add().float_list.value.append(float(ts))
+  for i in (frame_index if frame_index is not None else ()):
+    fl["frame_index"].feature.add().int64_list.value.append(int(i))
   return ex
 
 

@@ -8,6 +8,7 @@ Texts: every host has every caption; each global batch is cut the same way.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -21,18 +22,25 @@ from miles_jax.train.step import normalize_frames
 class Embedder:
   """Jitted text / video embedding functions for one model on one mesh."""
 
-  def __init__(self, model_config, mesh, rules):
+  def __init__(self, model_config, mesh, rules, num_clips: int = 1):
     self.model = dual_encoder.build(model_config)
+    k = int(num_clips)
     self.mesh, self.rules = mesh, rules
     self.divisor = parallel.batch_divisor(mesh, rules)
     batch_sh = parallel.batch_sharding(mesh, rules)
     rep = parallel.replicated(mesh)
     m = self.model
     # The row indices ride along, so every host gets all of them replicated with the embeddings.
-    self._video = jax.jit(
-        lambda p, f, i: (m.apply({"params": p}, normalize_frames(f),
-                                 method=m.encode_video)["embed"], i),
-        in_shardings=(None, batch_sh, batch_sh), out_shardings=rep)
+
+    def embed_video(p, f):
+      # [b, K*T, ...] clip-major -> K clips of T frames each, embeddings averaged over clips
+      b = f.shape[0]
+      f = f.reshape((b * k, f.shape[1] // k) + f.shape[2:])
+      e = m.apply({"params": p}, normalize_frames(f), method=m.encode_video)["embed"]
+      return e.reshape(b, k, -1).mean(axis=1)
+
+    self._video = jax.jit(lambda p, f, i: (embed_video(p, f), i),
+                          in_shardings=(None, batch_sh, batch_sh), out_shardings=rep)
     self._text = jax.jit(
         lambda p, i, a: m.apply({"params": p}, i, a, method=m.encode_text)["embed"],
         in_shardings=(None, batch_sh, batch_sh), out_shardings=rep)
@@ -87,15 +95,26 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def cached_embeddings(path: str | None, compute):
-  """Loads `(text_emb, video_emb)` from an .npz at `path`, or computes and writes it (process 0)."""
+def cached_embeddings(path: str | None, compute, key: str = "", video_ids=(), texts=()):
+  """`(text_emb, video_emb)` from the .npz at `path` when it was written for the same `key`
+  (evaluation/protocol.cache_key) and the same video ids and texts in the same order;
+  otherwise computed and written (process 0)."""
   if path and os.path.exists(path):
-    with np.load(path) as z:
-      return z["text"], z["video"]
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        ok = (str(z["key"]) == key and z["video_ids"].tolist() == list(video_ids)
+              and z["texts"].tolist() == list(texts))
+        if ok:
+          return z["text"], z["video"]
+    except (KeyError, ValueError, OSError):
+      pass
+    logging.warning("embedding cache %s was written for another evaluation: recomputing", path)
   text, video = compute()
   if path and jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, text=text, video=video)
+    np.savez(tmp, text=text, video=video, key=np.asarray(key),
+             video_ids=np.asarray(list(video_ids), dtype=str),
+             texts=np.asarray(list(texts), dtype=str))
     os.replace(tmp, path)
   return text, video

@@ -113,11 +113,68 @@ def metrics_from_ranks(ranks0, prefix: str = "") -> dict:
   return out
 
 
-def retrieval_metrics(sim: np.ndarray, text_to_video: np.ndarray) -> dict:
-  """t2v_* and v2t_* R@1/5/10/50, MdR, MnR for sim [num_texts, num_videos]."""
+def v2t_ranks_max(sim, text_to_video) -> np.ndarray:
+  """0-based video→text ranks [num_videos], CLIP4Clip family: each video's captions form one
+  candidate scored by the max over them; the ground-truth set is ranked among the num_videos
+  sets, ties optimistic (CLIP4Clip's `compute_metrics`: first position among equals)."""
   sim, t2v = _check(sim, text_to_video)
+  num_videos = sim.shape[1]
+  if np.bincount(t2v, minlength=num_videos).min() == 0:
+    raise ValueError("v2t_ranks_max: some video has no caption in text_to_video.")
+  grouped = np.full((num_videos, num_videos), -np.inf)  # [caption set g, video v]
+  np.maximum.at(grouped, t2v, sim)
+  scores = grouped.T  # [query video, caption set]
+  gt = np.diagonal(scores)
+  return np.sum(scores > gt[:, None], axis=1).astype(np.int64)
+
+
+def dual_softmax(sim, temperature: float = 0.01, query_axis: int = 0) -> np.ndarray:
+  """Dual-softmax (DSL) inference re-scoring (CAMoE, arXiv 2109.04290; used by the CLIP4Clip
+  family): each score times the softmax of scores/temperature over the queries (`query_axis`)
+  for the same candidate. t2v: sim [texts, videos], query_axis 0; v2t: query_axis 1."""
+  x = np.asarray(sim, np.float64) / temperature
+  x = np.exp(x - x.max(axis=query_axis, keepdims=True))
+  prior = x / x.sum(axis=query_axis, keepdims=True)
+  return np.asarray(sim, np.float64) * prior
+
+
+def qb_norm(sim, bank_sim, beta: float = 20.0, k: int = 1) -> np.ndarray:
+  """QB-Norm with the dynamic inverted softmax (Bogolin et al., CVPR 2022), rows = queries.
+
+  `bank_sim` [bank queries, candidates]: the candidates some bank query ranks in its top k form
+  the activation set; a test query whose top-1 candidate is in it gets its row replaced by
+  exp(beta·s) / Σ_bank exp(beta·s_bank) per candidate; other rows are left unchanged.
+  """
+  sim = np.asarray(sim, np.float64)
+  bank = np.asarray(bank_sim, np.float64)
+  if bank.ndim != 2 or bank.shape[1] != sim.shape[1]:
+    raise ValueError(f"qb_norm: bank_sim must be [bank queries, {sim.shape[1]}], got {bank.shape}")
+  active = np.unique(np.argsort(-bank, axis=1, kind="stable")[:, :k])
+  norm = np.exp(bank * beta).sum(axis=0)
+  rows = np.isin(np.argmax(sim, axis=1), active)
+  out = sim.copy()
+  out[rows] = np.exp(sim[rows] * beta) / norm
+  return out
+
+
+V2T_MODES = ("frozen", "max")
+
+
+def retrieval_metrics(sim: np.ndarray, text_to_video: np.ndarray, *, v2t_mode: str = "frozen",
+                      sim_v2t=None) -> dict:
+  """t2v_* and v2t_* R@1/5/10/50, MdR, MnR for sim [num_texts, num_videos].
+
+  v2t_mode "frozen": rank among all captions, a video's best caption counts (Frozen / MILES);
+  "max": rank among videos' caption sets scored by their max (CLIP4Clip family). `sim_v2t`:
+  a separately post-processed matrix for the v2t direction (e.g. dual softmax).
+  """
+  sim, t2v = _check(sim, text_to_video)
+  if v2t_mode not in V2T_MODES:
+    raise ValueError(f"v2t_mode={v2t_mode!r}: use one of {V2T_MODES}")
+  sim_v2t = sim if sim_v2t is None else _check(sim_v2t, t2v)[0]
   out = metrics_from_ranks(t2v_ranks(sim, t2v), "t2v_")
-  out.update(metrics_from_ranks(v2t_ranks(sim, t2v), "v2t_"))
+  ranks = v2t_ranks(sim_v2t, t2v) if v2t_mode == "frozen" else v2t_ranks_max(sim_v2t, t2v)
+  out.update(metrics_from_ranks(ranks, "v2t_"))
   out["num_texts"], out["num_videos"] = sim.shape
   return out
 

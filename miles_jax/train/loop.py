@@ -97,9 +97,12 @@ def _data_state_all_hosts(it) -> list:
   return [{"epoch": int(e), "position": int(p), "skipped": int(k)} for e, p, k in allv]
 
 
-def build_evaluators(config, mesh, rules) -> list:
+def build_evaluators(config, mesh, rules, pattern=None, split=None) -> list:
+  """Evaluators on `pattern`, by default data.val when set (checkpoint selection on a
+  validation split) else data.eval."""
   from miles_jax.evaluation import evaluators
-  if not config.data.eval:
+  pattern = pattern or config.data.get("val") or config.data.eval
+  if not pattern:
     return []
   kinds = [k.strip() for k in str(config.get("evaluators", "retrieval")).split(",") if k.strip()]
   table = {"retrieval": evaluators.RetrievalEvaluator, "zeroshot": evaluators.ZeroShotEvaluator}
@@ -107,7 +110,7 @@ def build_evaluators(config, mesh, rules) -> list:
   for k in kinds:
     if k not in table:
       raise ValueError(f"config.evaluators: unknown evaluator {k!r}; use {sorted(table)}")
-    out.append(table[k](config, mesh, rules))
+    out.append(table[k](config, mesh, rules, pattern=pattern, split=split))
   return out
 
 
@@ -264,7 +267,9 @@ def _keep_best(config, params, eval_metrics: dict, best: str | None, workdir: st
   if previous is None or eval_metrics[best] > previous["value"]:
     export(config, params, os.path.join(workdir, "best"))
     with open(record, "w") as f:
-      json.dump({"metric": best, "value": eval_metrics[best], "step": step}, f)
+      json.dump({"metric": best, "value": eval_metrics[best], "step": step,
+                 "selected_on": (f"val ({config.data.val})" if config.data.get("val")
+                                 else f"test ({config.data.eval}): no data.val given")}, f)
 
 
 def _maybe_init_from(config, state: TrainState, shardings) -> TrainState:
