@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "av==18.1.0",
     "matplotlib==3.11.2",
     "safetensors==0.8.0",
+    "tqdm==4.70.1",  # progress bar of python -m miles_jax.embed
+    "pillow==13.0.0",  # thumbnail strips of the search / evaluate results pages
 ]
 
 setup(

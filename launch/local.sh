@@ -23,3 +23,7 @@ if [ ! -f "$DATA/synthetic.json" ]; then
   python -m miles_jax.data.synthetic --out="$DATA"
 fi
 python -m miles_jax.train --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "$@"
+# Held-out captions and the clips the model retrieves for them, as a page (prints its path).
+python -m miles_jax.evaluate --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "$@" \
+  | grep -E '^(gallery|results):'
+echo "open $WORKDIR/gallery.html in a browser to see what the model retrieves"
