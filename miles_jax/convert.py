@@ -262,6 +262,10 @@ def main(argv):
     print(f"error: --out={out} exists and is not empty; pass --overwrite to replace it",
           file=sys.stderr)
     return 2
+  if f.tokenizer and not os.path.exists(f.tokenizer):
+    print(f"error: --tokenizer={f.tokenizer} does not exist (a BERT vocab.txt or a "
+          "sentencepiece .model)", file=sys.stderr)
+    return 2
   if from_init:
     return _export_init(config, init_cfg, out, f.overwrite, f.tokenizer)
   try:

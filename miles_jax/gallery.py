@@ -25,8 +25,10 @@ h2{font-size:1.05em;margin:.2em 0 .6em} .q{font-style:italic}
 ol{list-style:none;padding:0;margin:0}
 li{display:flex;align-items:center;gap:.8em;padding:.25em 0;border-top:1px solid #f0f0f0}
 li.correct{background:#e6f6e6;outline:2px solid #3a3}
-.rank{width:2.2em;text-align:right;color:#888}.score{width:4.5em;font-variant-numeric:tabular-nums}
-.name{font-size:.85em;word-break:break-all}.tag{color:#181;font-weight:bold;font-size:.85em}
+.rank{width:2.2em;text-align:right;color:#888;flex:none}
+.score{width:4.5em;font-variant-numeric:tabular-nums;flex:none}
+.name{font-size:.85em;word-break:break-all;flex:1;min-width:6em}
+.tag{color:#181;font-weight:bold;font-size:.85em;flex:none}
 .strip{height:var(--h);display:block;flex:none;border:1px solid #ccc}
 .loop{width:var(--w);height:var(--h);flex:none;border:1px solid #ccc;background-repeat:no-repeat;
  background-size:auto 100%;animation:frames var(--dur) steps(var(--n)) infinite}

@@ -307,3 +307,24 @@ def test_evaluate_writes_gallery_with_correct_clip_marked(world, tmp_path):
     # top-5, plus the correct clip with its rank when it is not among them; marked once
     assert q["results"] in (5, 6) and q["loaded"] == q["images"] == q["results"], q
     assert q["correct"] == 1, q
+
+
+def test_train_export_and_convert_carry_the_tokenizer(world, tmp_path):
+  from miles_jax.train import loop
+  c = world["config"]
+  path = str(tmp_path / "export")
+  loop.export(c, world["params"], path)
+  assert sorted(os.listdir(path)) == ["model_config.json", "params", "preprocessing.json",
+                                      "vocab.txt"]
+  m = pretrained.load(path)
+  np.testing.assert_allclose(m.encode_texts(world["captions"]),
+                             pretrained.load(world["export"]).encode_texts(world["captions"]))
+  # sentencepiece models keep their kind under a fixed name
+  sp = tmp_path / "spm.model"
+  shutil.copy(world["vocab"], sp)
+  rec = checkpoints.save_assets(path, c, str(sp))
+  assert rec["tokenizer"] == "tokenizer.model" and (tmp_path / "export" / "tokenizer.model").exists()
+  # convert refuses a missing --tokenizer before writing anything
+  r = _run("miles_jax.convert", f"--checkpoint={tmp_path / 'x.pth'}", f"--out={tmp_path / 'o'}",
+           f"--tokenizer={tmp_path / 'nope.txt'}")
+  assert r.returncode == 2 and "nope.txt" in r.stderr and not (tmp_path / "o").exists()
