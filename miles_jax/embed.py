@@ -203,8 +203,9 @@ def build_index(model, videos: str, out: str, *, checkpoint: str = "", shard_siz
           if not os.path.exists(os.path.join(out, shard_name(i, num_shards)))]
   if max_shards > 0:
     todo = todo[:max_shards]
-  done_before = sum(min(shard_size, len(paths) - i * shard_size)
-                    for i in range(num_shards) if i not in set(todo))
+  finished = [i for i in range(num_shards)
+              if os.path.exists(os.path.join(out, shard_name(i, num_shards)))]
+  done_before = sum(min(shard_size, len(paths) - i * shard_size) for i in finished)
   tasks = [(i, vid) for i in todo for vid in range(i * shard_size,
                                                    min((i + 1) * shard_size, len(paths)))]
   t, size = int(pre["num_frames"]), int(pre["img_size"])

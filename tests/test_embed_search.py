@@ -323,7 +323,8 @@ def test_train_export_and_convert_carry_the_tokenizer(world, tmp_path):
   sp = tmp_path / "spm.model"
   shutil.copy(world["vocab"], sp)
   rec = checkpoints.save_assets(path, c, str(sp))
-  assert rec["tokenizer"] == "tokenizer.model" and (tmp_path / "export" / "tokenizer.model").exists()
+  assert rec["tokenizer"] == "tokenizer.model"
+  assert (tmp_path / "export" / "tokenizer.model").exists()
   # convert refuses a missing --tokenizer before writing anything
   r = _run("miles_jax.convert", f"--checkpoint={tmp_path / 'x.pth'}", f"--out={tmp_path / 'o'}",
            f"--tokenizer={tmp_path / 'nope.txt'}")
