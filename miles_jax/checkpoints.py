@@ -175,7 +175,8 @@ def preprocessing_record(config: ml_collections.ConfigDict) -> dict:
   model = config.model if "model" in config else config
   data = config.get("data") if "model" in config else None
   num_frames = int(data.num_frames) if data is not None else int(model.video.num_frames)
-  max_len = int(data.max_len) if data is not None else int(min(model.text.max_len, 32))
+  # Captions never longer than the text position table (data.max_len's default is 32).
+  max_len = int(min(data.max_len if data is not None else 32, model.text.max_len))
   return {
       "num_frames": num_frames,
       "img_size": int(model.video.img_size),

@@ -329,3 +329,30 @@ def test_train_export_and_convert_carry_the_tokenizer(world, tmp_path):
   r = _run("miles_jax.convert", f"--checkpoint={tmp_path / 'x.pth'}", f"--out={tmp_path / 'o'}",
            f"--tokenizer={tmp_path / 'nope.txt'}")
   assert r.returncode == 2 and "nope.txt" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_pth_asks_for_a_tokenizer_and_convert_copies_it(world, tmp_path):
+  """A released-layout .pth carries no tokenizer: text asks for one; `convert --tokenizer` (and
+  `pretrained.load(..., tokenizer=)`) supply it."""
+  torch = pytest.importorskip("torch", reason="needs the [torch] extra")
+  sys.path.insert(0, os.path.dirname(__file__))
+  from helpers import TINY_OVERRIDES, apply_overrides
+  from torch_reference import RefDualEncoder, randomize_
+  c = config_lib.default_config()
+  apply_overrides(c, TINY_OVERRIDES)
+  ref = randomize_(RefDualEncoder(c.model).eval(), seed=1)
+  pth = str(tmp_path / "miles_tiny.pth")
+  torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, pth)
+  m = pretrained.load(pth, c)
+  assert m.encode_video_files(world["paths"][:1]).shape == (1, c.model.proj_dim)
+  with pytest.raises(pretrained.NoTokenizer, match=r"tokenizer='vocab.txt'"):
+    m.encode_texts(["a red square"])
+  want = pretrained.load(pth, c, tokenizer=world["vocab"]).encode_texts(world["captions"])
+  out = str(tmp_path / "converted")
+  overrides = [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
+  r = _run("miles_jax.convert", f"--checkpoint={pth}", f"--out={out}",
+           f"--tokenizer={world['vocab']}", *overrides)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert os.path.exists(os.path.join(out, "vocab.txt"))
+  np.testing.assert_allclose(pretrained.load(out).encode_texts(world["captions"]), want,
+                             atol=1e-5)
