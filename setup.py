@@ -19,7 +19,8 @@ INSTALL_REQUIRES = [
     "av==18.1.0",
     "matplotlib==3.11.2",
     "safetensors==0.8.0",
-    "tqdm==4.70.1",  # progress bars (prepare, synthetic, embedding extraction)
+    "tqdm==4.70.1",  # progress bars (prepare, synthetic, embedding extraction, embed)
+    "pillow==13.0.0",  # thumbnail strips of the search / evaluate results pages
 ]
 
 setup(

@@ -27,7 +27,10 @@ if [ ! -f "$DATA/synthetic.json" ]; then
   python -m miles_jax.data.synthetic --out="$DATA"
 fi
 python -m miles_jax.train --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "$@"
+# Held-out captions and the clips the model retrieves for them, as a page.
+python -m miles_jax.evaluate --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "$@" \
+  | grep -E '^(gallery|results):' || true
 echo
-echo "results: $WORKDIR/results.json | figures: $WORKDIR/loss.png $WORKDIR/recall.png | model: $WORKDIR/export (best eval: $WORKDIR/best)"
+echo "results: $WORKDIR/results.json | gallery: $WORKDIR/gallery.html | figures: $WORKDIR/loss.png $WORKDIR/recall.png | model: $WORKDIR/export (best eval: $WORKDIR/best)"
 echo "try (. $VENV/bin/activate): python -m miles_jax.evaluate --config=configs/demo.py:$DATA --checkpoint=$WORKDIR/export ; python -m miles_jax.viz --config=configs/demo.py:$DATA --checkpoint=$WORKDIR/export --shard=$DATA/eval-00000-of-00002.tfrecord --out=$WORKDIR/viz"
 echo "fine-tune the released weights: python -m miles_jax.train --config=configs/finetune_msrvtt.py --config.train.init_from=MILES.pth --workdir=runs/ft_msrvtt (data: README, Data preparation)"

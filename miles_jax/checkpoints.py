@@ -158,3 +158,63 @@ def abstract_with_shardings(tree, shardings):
   """ShapeDtypeStructs of `tree` (arrays or abstract values) carrying `shardings`."""
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# --- Self-contained exports: the tokenizer and the preprocessing travel with the params. ------
+
+PREPROCESSING_FILE = "preprocessing.json"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.model")  # WordPiece vocab / sentencepiece model
+
+
+def preprocessing_record(config: ml_collections.ConfigDict) -> dict:
+  """How a clip and a caption are turned into model inputs at evaluation time (SPEC, eval).
+
+  `config` is a full config (its `data` section gives frames and max_len) or a `model` section.
+  """
+  from miles_jax import config_lib
+  model = config.model if "model" in config else config
+  data = config.get("data") if "model" in config else None
+  num_frames = int(data.num_frames) if data is not None else int(model.video.num_frames)
+  # Captions never longer than the text position table (data.max_len's default is 32).
+  max_len = int(min(data.max_len if data is not None else 32, model.text.max_len))
+  return {
+      "num_frames": num_frames,
+      "img_size": int(model.video.img_size),
+      # centre of each of num_frames equal segments of the source (Frozen's `uniform` rule)
+      "frame_positions": "segment_centre",
+      "crop": "centre_square",  # the centred square of side min(height, width)
+      "resize": "area",  # that square resized to img_size x img_size (area / antialiased)
+      "mean": list(config_lib.IMAGENET_MEAN),
+      "std": list(config_lib.IMAGENET_STD),
+      "max_len": max_len,
+      "tokenizer": None,
+  }
+
+
+def save_assets(path: str, config: ml_collections.ConfigDict, tokenizer: str | None = None):
+  """Writes `preprocessing.json` and copies the tokenizer (vocab.txt / *.model) beside the params.
+
+  `tokenizer` defaults to `config.data.tokenizer`; without one the export has no tokenizer and
+  `pretrained.load(path, tokenizer=...)` must be given it.
+  """
+  from etils import epath
+  path = epath.Path(path)
+  record = preprocessing_record(config)
+  if tokenizer is None and "data" in config:
+    tokenizer = config.data.get("tokenizer", "") or None
+  if tokenizer:
+    src = epath.Path(tokenizer)
+    if not src.exists():
+      raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
+    name = TOKENIZER_FILES[1] if src.name.endswith(".model") else TOKENIZER_FILES[0]
+    src.copy(path / name, overwrite=True)
+    record["tokenizer"] = name
+  (path / PREPROCESSING_FILE).write_text(json.dumps(record, indent=2))
+  return record
+
+
+def read_preprocessing(path: str) -> dict | None:
+  """The export's preprocessing record (None for exports written before it existed)."""
+  from etils import epath
+  f = epath.Path(path) / PREPROCESSING_FILE
+  return json.loads(f.read_text()) if f.exists() else None

@@ -390,8 +390,12 @@ def main(argv):
     print(f"error: --out={out} exists and is not empty; pass --overwrite to replace it",
           file=sys.stderr)
     return 2
+  if f.tokenizer and not os.path.exists(f.tokenizer):
+    print(f"error: --tokenizer={f.tokenizer} does not exist (a BERT vocab.txt or a "
+          "sentencepiece .model)", file=sys.stderr)
+    return 2
   if from_init:
-    return _export_init(config, init_cfg, out, f.overwrite)
+    return _export_init(config, init_cfg, out, f.overwrite, f.tokenizer)
   try:
     print(f"reading {src}")
     info = {}
@@ -405,6 +409,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 2
   checkpoints.save_params(out, params, config.model, overwrite=f.overwrite)
+  checkpoints.save_assets(out, config, f.tokenizer)  # tokenizer + preprocessing.json
   print(f"converted {report['converted']} tensors ({report['num_values']:,} values, "
         f"{report['layout']} key layout) -> {out}")
   if info.get("other_entries"):
@@ -423,7 +428,7 @@ def main(argv):
   return 0
 
 
-def _export_init(config, init_cfg, out: str, overwrite: bool) -> int:
+def _export_init(config, init_cfg, out: str, overwrite: bool, tokenizer=None) -> int:
   """Initialises the model from public weights (config.init) and exports it to `out`."""
   import jax
   from miles_jax import checkpoints, init_weights
@@ -434,6 +439,7 @@ def _export_init(config, init_cfg, out: str, overwrite: bool) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   checkpoints.save_params(out, params, config.model, overwrite=overwrite)
+  checkpoints.save_assets(out, config, tokenizer)  # tokenizer + preprocessing.json
   print(init_weights.format_report(report))
   fresh = [k for k in ("video", "text") if k not in report] + ["video_proj", "text_proj",
                                                                "mvm_head"]
@@ -469,6 +475,9 @@ def cli():
   flags.DEFINE_string("distilbert", None, "Initialise the text encoder from a Hugging Face "
                       "DistilBERT directory or weights file (sets config.init.text).")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
+  flags.DEFINE_string("tokenizer", None, "vocab.txt (WordPiece, e.g. bert-base-uncased's) or "
+                      "sentencepiece .model copied into --out, so the export encodes text "
+                      "(default: config.data.tokenizer; none: pass it to pretrained.load).")
   cli_lib.run(main)
 
 

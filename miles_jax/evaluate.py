@@ -140,6 +140,8 @@ def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) ->
         print(retrieval.format_table({"miles_jax": res, "random chance": ev.chance()},
                                      f"{title}: {int(res['num_texts'])} texts, "
                                      f"{int(res['num_videos'])} videos"))
+        if name == splits[0][0]:
+          write_gallery(ev, params, cache_dir, params_fp, workdir, out)
       else:
         print(f"zero-shot classification, {title}: "
               + " ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float)))
@@ -158,6 +160,19 @@ def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) ->
     json.dump(results, f, indent=2, default=float)
   print(f"results: {out}")
   return results
+
+
+def write_gallery(ev, params, cache_dir, params_fp, workdir, out):
+  """WORKDIR/gallery.html (or gallery.html beside --out): held-out captions, their top-5 clips as
+  frame strips, the correct clip marked (miles_jax/gallery.py). Process 0 of one-host runs."""
+  import jax
+  if jax.process_count() > 1:
+    return None
+  from miles_jax import gallery
+  path = os.path.join(workdir if workdir else os.path.dirname(os.path.abspath(out)),
+                      "gallery.html")
+  print(f"gallery: {gallery.write_eval_gallery(ev, params, path, cache_dir, params_fp)}")
+  return path
 
 
 def main(argv):

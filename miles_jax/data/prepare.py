@@ -148,6 +148,57 @@ def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: boo
   return np.stack(frames), times, fps, index[:len(frames)], count
 
 
+def square_resize(frame: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [h, w, 3] -> its centred square of side min(h, w), area-resized to [size, size, 3]."""
+  import av
+  h, w = frame.shape[:2]
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  crop = np.ascontiguousarray(frame[top:top + s, left:left + s])
+  if s == size:
+    return crop
+  return av.VideoFrame.from_ndarray(crop, format="rgb24").reformat(
+      width=size, height=size, interpolation="AREA").to_ndarray()
+
+
+def eval_frames(path: str, num_frames: int, size: int) -> np.ndarray:
+  """A video file -> uint8 [num_frames, size, size, 3] by the eval protocol (export's
+  preprocessing.json): the centre of each of num_frames equal segments of the whole video
+  (Frozen's `uniform` rule, `uniform_indices`), each the centred square of the short side
+  resized to size; a video shorter than num_frames repeats frames. Raises on unreadable media."""
+  frames = decode_video(path, 0, 0, eval_frames=(num_frames,))[0]
+  return np.stack([square_resize(frames[i * len(frames) // num_frames], size)
+                   for i in range(num_frames)])
+
+
+def strip_jpeg(frames: np.ndarray, height: int = 96, quality: int = 85) -> bytes:
+  """uint8 [T, h, w, 3] -> one JPEG of the T frames side by side, each resized to `height`."""
+  import io
+
+  from PIL import Image
+  tiles = [Image.fromarray(np.ascontiguousarray(f)).resize(
+      (max(1, round(f.shape[1] * height / f.shape[0])), height), Image.BICUBIC) for f in frames]
+  strip = Image.new("RGB", (sum(t.width for t in tiles), height))
+  x = 0
+  for t in tiles:
+    strip.paste(t, (x, 0))
+    x += t.width
+  buf = io.BytesIO()
+  strip.save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def embed_task(task: tuple):
+  """Worker of `python -m miles_jax.embed`: (path, T, size, thumb_height) ->
+  (uint8 [T, size, size, 3], strip JPEG bytes, None) or (None, None, error message)."""
+  path, num_frames, size, thumb = task
+  try:
+    frames = eval_frames(path, num_frames, size)
+    return frames, strip_jpeg(frames, thumb), None
+  except Exception as e:  # any decoder failure: the file is skipped and listed
+    return None, None, f"{type(e).__name__}: {e}".strip()[:300]
+
+
 _progress = None
 
 

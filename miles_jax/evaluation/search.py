@@ -110,12 +110,13 @@ def _check_mesh(mesh):
 
 
 def topk_search(queries, gallery, k: int, chunk_size: int = DEFAULT_CHUNK, *,
-                mesh: Mesh | None = None):
+                mesh: Mesh | None = None, allow_fewer: bool = False):
   """Top-k gallery items per query: (scores [Q, k] f32, indices [Q, k] int32), as numpy.
 
   `gallery` is a [G, D] array (numpy, memmap or jax) or an iterable of [rows, D] chunks
   (e.g. a generator reading shards); either way at most `chunk_size` rows are scored at once.
-  With `mesh`, each chunk is split over its `data` axis.
+  With `mesh`, each chunk is split over its `data` axis. A gallery smaller than k is an error,
+  or with `allow_fewer` gives min(k, G) columns.
   """
   _check_mesh(mesh)
   if chunk_size < 1 or k < 1:
@@ -143,7 +144,9 @@ def topk_search(queries, gallery, k: int, chunk_size: int = DEFAULT_CHUNK, *,
     run_vals, run_idx = step(run_vals, run_idx, q, g, np.int32(offset), np.int32(rows))
     offset += rows
   if offset < k:
-    raise ValueError(f"k={k} exceeds the gallery size {offset}; lower k.")
+    if not allow_fewer:
+      raise ValueError(f"k={k} exceeds the gallery size {offset}; lower k.")
+    return np.asarray(run_vals)[:, :offset], np.asarray(run_idx)[:, :offset]
   return np.asarray(run_vals), np.asarray(run_idx)
 
 
@@ -207,3 +210,26 @@ def dense_topk(queries, gallery, k: int):
   q = jnp.asarray(queries)
   v, i = _dense(q, jnp.asarray(gallery, q.dtype), k=k)
   return np.asarray(v), np.asarray(i)
+
+
+
+def search_shards(queries, shards, k: int, chunk_size: int = DEFAULT_CHUNK):
+  """Cosine top-k of `queries` [Q, D] over a gallery stored in shards, read one at a time.
+
+  `shards` yields (embeddings [n, D], ids [n]) (e.g. `embed.Index.shards()`); both sides are
+  normalised here, so scores are cosine similarities. Returns (scores [Q, k'] f32, the shards'
+  ids [Q, k']) with k' = min(k, gallery size); only one shard's embeddings are in memory.
+  """
+  q = normalize(jnp.asarray(queries, jnp.float32))
+  seen_ids = []
+
+  def chunks():
+    for emb, ids in shards:
+      if len(ids):
+        seen_ids.append(np.asarray(ids))
+        yield normalize(np.asarray(emb, np.float32))
+
+  vals, rows = topk_search(q, chunks(), k, chunk_size, allow_fewer=True)
+  if not seen_ids:
+    return vals, rows
+  return vals, np.concatenate(seen_ids)[rows]

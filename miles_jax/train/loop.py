@@ -239,6 +239,7 @@ def export(config, params, path: str):
     _print(f"multi-host run: no {path} written; use `python -m miles_jax.evaluate --workdir`")
     return
   checkpoints.save_params(path, jax.device_get(params), config.model, overwrite=True)
+  checkpoints.save_assets(path, config)  # tokenizer + preprocessing.json beside the params
   _print(f"exported the model to {path}")
 
 
