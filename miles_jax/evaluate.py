@@ -16,7 +16,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import cli
+from miles_jax import cli, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file whose data.eval / data.tokenizer / "
                                 "evaluators are used, e.g. configs/zeroshot.py:msrvtt.",
@@ -35,17 +35,16 @@ def load_params(config, workdir: str | None, checkpoint: str | None):
 
   from miles_jax import checkpoints, pretrained
   if checkpoint:
-    model = pretrained.load(checkpoint, config.model if not os.path.isdir(checkpoint) else None)
+    model = pretrained.load(checkpoint, config.model if not paths.isdir(checkpoint) else None)
     return model.params, model.config, None
   from miles_jax import parallel
   from miles_jax.models import dual_encoder
   from miles_jax.train import optim
   from miles_jax.train.state import create_train_state, train_state_shardings
-  saved = os.path.join(workdir, "config.json")
-  if os.path.exists(saved):
+  saved = paths.join(workdir, "config.json")
+  if paths.exists(saved):
     import ml_collections
-    with open(saved) as f:
-      train_config = ml_collections.ConfigDict(json.load(f))
+    train_config = ml_collections.ConfigDict(json.loads(paths.read_text(saved)))
     diffs = checkpoints.diff_configs(train_config.model.to_dict(), config.model.to_dict())
     if diffs:
       print("note: using the workdir's model config (it differs from --config in: "
@@ -55,7 +54,7 @@ def load_params(config, workdir: str | None, checkpoint: str | None):
     for k in ("objectives",):
       config[k] = train_config[k]
     config.mvm.target_space = train_config.mvm.target_space
-  ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoints.TrainCheckpointer(paths.join(workdir, "checkpoints"))
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"--workdir={workdir} holds no checkpoint")
@@ -71,6 +70,8 @@ def load_params(config, workdir: str | None, checkpoint: str | None):
 
 
 def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) -> dict:
+  import jax
+
   from miles_jax import config_lib, parallel
   from miles_jax.evaluation import retrieval
   from miles_jax.train import loop
@@ -83,15 +84,15 @@ def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) ->
   config.model = model_config
   mesh = parallel.mesh_from_config(config)
   rules = parallel.logical_rules(config.sharding.rules, mesh)
-  out = out or (os.path.join(workdir, "eval", "results.json") if workdir
+  out = out or (paths.join(workdir, "eval", "results.json") if workdir
                 else os.path.splitext(checkpoint.rstrip("/"))[0] + "_eval_results.json")
+  out = paths.resolve(out)
   results = {"checkpoint": checkpoint or workdir, "step": step, "data": config.data.eval}
   for ev in loop.build_evaluators(config, mesh, rules):
     tag = f"{ev.name}-{os.path.basename(config.data.eval.split(',')[0]).split('*')[0]}"
     cache = None
     if use_cache and ev.name == "retrieval":
-      cache = os.path.join(os.path.dirname(os.path.abspath(out)),
-                           f"embeddings-{tag}-step{step}.npz")
+      cache = paths.join(paths.dirname(out), f"embeddings-{tag}-step{step}.npz")
     res = ev.run(params, cache=cache) if ev.name == "retrieval" else ev.run(params)
     results[ev.name] = res
     if ev.name == "retrieval":
@@ -101,10 +102,9 @@ def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) ->
     else:
       print(f"zero-shot classification on {config.data.eval}: "
             + " ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float)))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(results, f, indent=2, default=float)
-  print(f"results: {out}")
+  if jax.process_index() == 0:
+    paths.write_text(out, json.dumps(results, indent=2, default=float))
+    print(f"results: {out}")
   return results
 
 

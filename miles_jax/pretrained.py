@@ -11,7 +11,6 @@ with `cosine_similarity`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from miles_jax import checkpoints, config_lib
+from miles_jax import checkpoints, config_lib, paths
 from miles_jax.models import dual_encoder
 
 
@@ -69,10 +68,11 @@ def load(path: str, config: ml_collections.ConfigDict | None = None) -> Pretrain
   model_config = None
   if config is not None:
     model_config = config.model if "model" in config else config
-  if os.path.isdir(path):
+  if paths.isdir(path):
     params, model_config = checkpoints.load_params(path, model_config)
     return Pretrained(model_config, params)
   from miles_jax import convert
   model_config = model_config or config_lib.model_config("base")
-  params, _ = convert.convert_state_dict(convert.read_state_dict(path), model_config)
+  with paths.local_file(path) as local:  # gs:// too
+    params, _ = convert.convert_state_dict(convert.read_state_dict(local), model_config)
   return Pretrained(model_config, jax.tree_util.tree_map(jnp.asarray, params))

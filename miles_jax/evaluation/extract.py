@@ -8,12 +8,12 @@ Texts: every host has every caption; each global batch is cut the same way.
 """
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import numpy as np
 
-from miles_jax import parallel
+from miles_jax import parallel, paths
 from miles_jax.models import dual_encoder
 from miles_jax.train.step import normalize_frames
 
@@ -86,13 +86,12 @@ def _round_up(x: int, m: int) -> int:
 
 def cached_embeddings(path: str | None, compute):
   """Loads `(text_emb, video_emb)` from an .npz at `path`, or computes and writes it (process 0)."""
-  if path and os.path.exists(path):
-    with np.load(path) as z:
+  if path and paths.exists(path):
+    with np.load(io.BytesIO(paths.read_bytes(path))) as z:
       return z["text"], z["video"]
   text, video = compute()
-  if path and jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, text=text, video=video)
-    os.replace(tmp, path)
+  if path and jax.process_index() == 0:  # local or gs://; written whole, never half
+    buf = io.BytesIO()
+    np.savez(buf, text=text, video=video)
+    paths.write_bytes(path, buf.getvalue())
   return text, video

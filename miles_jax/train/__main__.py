@@ -14,7 +14,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import cli
+from miles_jax import cli, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or "
                                 "configs/pretrain_miles.py:base; override any field with "
@@ -70,11 +70,11 @@ def report(result: dict, workdir: str):
                                  f"{int(model['num_videos'])} videos)"))
     out["chance"] = chance
   figures = loop.plot_curves(workdir, chance)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(out, f, indent=2, default=float)
+  results = paths.join(workdir, "results.json")
+  paths.write_text(results, json.dumps(out, indent=2, default=float))
   if figures:
     print("figures: " + ", ".join(figures))
-  print(f"results: {os.path.join(workdir, 'results.json')}")
+  print(f"results: {results}")
 
 
 def main(argv):
