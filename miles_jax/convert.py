@@ -37,7 +37,14 @@ class ConversionError(ValueError):
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads `.pth` (weights only, never unpickles code) or `.safetensors` into numpy arrays."""
+  """Reads `.pth` (weights only, never unpickles code) or `.safetensors` into numpy arrays
+  (local or gs://: a remote file is read from a local copy)."""
+  from miles_jax import paths
+  if paths.is_uri(path):
+    if not paths.exists(path):
+      raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with paths.local_file(path) as local:
+      return read_state_dict(local)
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if path.endswith(".safetensors"):
@@ -258,7 +265,8 @@ def main(argv):
     print("error: --checkpoint (a released model) and --vit/--distilbert (public init weights) "
           "are alternatives; pass one", file=sys.stderr)
     return 2
-  if os.path.exists(out) and os.listdir(out) and not f.overwrite:
+  from miles_jax import paths
+  if paths.isdir(out) and any(paths.Path(out).iterdir()) and not f.overwrite:
     print(f"error: --out={out} exists and is not empty; pass --overwrite to replace it",
           file=sys.stderr)
     return 2
