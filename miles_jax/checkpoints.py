@@ -91,7 +91,7 @@ def load_params(path: str, model_config: ml_collections.ConfigDict | None = None
   """Restores exported params -> (params, model_config); fails naming any architecture change.
 
   `shardings` (a pytree of jax.sharding.Sharding matching the params) places each array on
-  the current mesh, whatever mesh wrote it.
+  the current mesh, whatever mesh wrote it; without it the params come back as host numpy.
   """
   path = paths.resolve(path)
   saved = read_model_config(path)
@@ -102,17 +102,14 @@ def load_params(path: str, model_config: ml_collections.ConfigDict | None = None
                                  + "\n  ".join(diffs))
   else:
     model_config = saved
+  if shardings is None:  # host numpy, whatever mesh (and process count) wrote them
+    return read_params_host(path)[0], model_config
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(paths.join(path, "params"))
     tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     target = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree,
         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    if shardings is None:  # whatever mesh wrote them: one copy (replicated over all processes)
-      devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()[:1]
-      whole = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("d",)),
-                                         jax.sharding.PartitionSpec())
-      shardings = jax.tree_util.tree_map(lambda _: whole, target)
     target = jax.tree_util.tree_map(
         lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
     params = ckptr.restore(paths.join(path, "params"), target)
