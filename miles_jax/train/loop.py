@@ -332,6 +332,7 @@ def _host_params(params):
 def _orbax_init_params(path: str, config, current: dict) -> dict:
   """`current` with every param an orbax source holds: same architecture except the frame
   count; a shorter temporal table gets zero rows appended (as `convert --temporal_fill=zeros`)."""
+  from miles_jax import convert
   source, saved_model = checkpoints.read_params_host(path)
   if saved_model is not None:
     wanted = json.loads(config.model.to_json_best_effort())
