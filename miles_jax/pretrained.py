@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from typing import Any
 
 import jax
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from miles_jax import checkpoints, config_lib
+from miles_jax import checkpoints, config_lib, paths
 from miles_jax.models import dual_encoder
 
 
@@ -176,19 +175,20 @@ def load(path: str, config: ml_collections.ConfigDict | None = None,
   model_config = None
   if config is not None:
     model_config = config.model if "model" in config else config
-  if tokenizer and not os.path.exists(tokenizer):
+  if tokenizer and not paths.exists(tokenizer):
     raise FileNotFoundError(f"tokenizer={tokenizer} does not exist")
-  if os.path.isdir(path):
+  if paths.isdir(path):
     params, model_config = checkpoints.load_params(path, model_config)
     pre = checkpoints.read_preprocessing(path)
     if pre and not tokenizer and pre.get("tokenizer"):
-      tokenizer = os.path.join(path, pre["tokenizer"])
+      tokenizer = paths.join(path, pre["tokenizer"])
     if pre is None and config is not None and "model" in config:
       pre = checkpoints.preprocessing_record(config)
     return Pretrained(model_config, params, pre, tokenizer, source=path)
   from miles_jax import convert
   model_config = model_config or config_lib.model_config("base")
-  params, _ = convert.convert_state_dict(convert.read_state_dict(path), model_config)
+  with paths.local_file(path) as local:  # gs:// too
+    params, _ = convert.convert_state_dict(convert.read_state_dict(local), model_config)
   pre = checkpoints.preprocessing_record(config if config is not None and "model" in config
                                          else model_config)
   return Pretrained(model_config, jax.tree_util.tree_map(jnp.asarray, params), pre, tokenizer,

@@ -8,13 +8,13 @@ Texts: every host has every caption; each global batch is cut the same way.
 """
 from __future__ import annotations
 
+import io
 import logging
-import os
 
 import jax
 import numpy as np
 
-from miles_jax import console, parallel
+from miles_jax import console, parallel, paths
 from miles_jax.models import dual_encoder
 from miles_jax.train.step import normalize_frames
 
@@ -96,12 +96,12 @@ def _round_up(x: int, m: int) -> int:
 
 
 def cached_embeddings(path: str | None, compute, key: str = "", video_ids=(), texts=()):
-  """`(text_emb, video_emb)` from the .npz at `path` when it was written for the same `key`
-  (evaluation/protocol.cache_key) and the same video ids and texts in the same order;
-  otherwise computed and written (process 0)."""
-  if path and os.path.exists(path):
+  """`(text_emb, video_emb)` from the .npz at `path` (local or gs://) when it was written for the
+  same `key` (evaluation/protocol.cache_key) and the same video ids and texts in the same order;
+  otherwise computed and written whole (process 0)."""
+  if path and paths.exists(path):
     try:
-      with np.load(path, allow_pickle=False) as z:
+      with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as z:
         ok = (str(z["key"]) == key and z["video_ids"].tolist() == list(video_ids)
               and z["texts"].tolist() == list(texts))
         if ok:
@@ -111,10 +111,9 @@ def cached_embeddings(path: str | None, compute, key: str = "", video_ids=(), te
     logging.warning("embedding cache %s was written for another evaluation: recomputing", path)
   text, video = compute()
   if path and jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, text=text, video=video, key=np.asarray(key),
+    buf = io.BytesIO()
+    np.savez(buf, text=text, video=video, key=np.asarray(key),
              video_ids=np.asarray(list(video_ids), dtype=str),
              texts=np.asarray(list(texts), dtype=str))
-    os.replace(tmp, path)
+    paths.write_bytes(path, buf.getvalue())
   return text, video

@@ -8,47 +8,42 @@ describes a multi-host job, or explicitly with --coordinator_address/--num_proce
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import cli
+from miles_jax import cli, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or "
                                 "configs/pretrain_miles.py:base; override any field with "
                                 "--config.FIELD=VALUE.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and figures.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "auto: initialise jax.distributed when a multi-host environment (TPU pod, SLURM, "
-                  "--coordinator_address) is detected; on: always; off: never.")
+                  "auto: initialise jax.distributed when JAX's cluster detection finds a job "
+                  "(Cloud TPU VM / GKE, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or "
+                  "--coordinator_address is given; on: always; off: never.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.DEFINE_integer("cpu_devices", None, "Simulated CPU devices per process (testing).")
+flags.DEFINE_list("local_device_ids", None, "Devices this process drives (e.g. 0,1,2,3); default: "
+                  "what the cluster detection assigns.")
+flags.DEFINE_integer("expect_local_devices", None, "Fail unless this process sees at least this "
+                     "many devices (default: SLURM's GPUs per task, where SLURM says).")
 FLAGS = flags.FLAGS
 
 
-def _multi_host_env() -> bool:
-  env = os.environ
-  return bool(FLAGS.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
-              or int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "")
-              .count(",") > 0 or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1)
-
-
 def init_jax():
+  """jax.distributed when the job has several hosts, then one start-up line per process."""
   import jax
+  from miles_jax import cluster
   if FLAGS.cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-  if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _multi_host_env()):
-    if FLAGS.coordinator_address:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-      jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                                 coordinator_bind_address=FLAGS.coordinator_address)
-    else:
-      jax.distributed.initialize()
+  ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
+  used = cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                            ids, FLAGS.distributed)
+  cluster.report_and_check(used, FLAGS.expect_local_devices)
 
 
 def report(result: dict, workdir: str):
@@ -70,11 +65,11 @@ def report(result: dict, workdir: str):
                                  f"{int(model['num_videos'])} videos)"))
     out["chance"] = chance
   figures = loop.plot_curves(workdir, chance)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(out, f, indent=2, default=float)
+  results = paths.join(workdir, "results.json")
+  paths.write_text(results, json.dumps(out, indent=2, default=float))
   if figures:
     print("figures: " + ", ".join(figures))
-  print(f"results: {os.path.join(workdir, 'results.json')}")
+  print(f"results: {results}")
 
 
 def main(argv):
@@ -84,7 +79,11 @@ def main(argv):
   if FLAGS.config is None or not FLAGS.workdir:
     print("error: --config and --workdir are required (see --help)", file=sys.stderr)
     return 2
-  init_jax()
+  try:
+    init_jax()
+  except RuntimeError as e:  # cluster.DeviceMismatch, or no coordinator reachable
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   from miles_jax.train import loop
   result = {}
 

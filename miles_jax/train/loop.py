@@ -9,17 +9,19 @@ checkpoint stays intact, or, with `train.on_nonfinite='skip'`, the update is dro
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
 
-from miles_jax import checkpoints, config_lib, parallel
+from miles_jax import checkpoints, config_lib, parallel, paths
 from miles_jax.data import pipeline
 from miles_jax.models import dual_encoder
 from miles_jax.train import optim
@@ -63,15 +65,29 @@ def _print(msg: str):
 
 
 class MetricWriter:
-  """TensorBoard scalars + a metrics.jsonl beside them; only process 0 writes."""
+  """TensorBoard scalars + a metrics.jsonl beside them; only process 0 writes.
+
+  On a remote workdir (gs://…) TensorFlow's own GCS filesystem would bypass the URI layer
+  (paths.py: emulator, credentials), so the event file is written to a local folder and copied
+  to WORKDIR/tensorboard after each flush, and metrics.jsonl is rewritten whole (object stores
+  cannot append).
+  """
 
   def __init__(self, workdir: str):
     self.enabled = _is_main()
-    self.jsonl = os.path.join(workdir, "metrics.jsonl")
+    self.jsonl = paths.join(workdir, "metrics.jsonl")
+    self._tb_dir = paths.join(workdir, "tensorboard")
+    self._remote = paths.is_uri(workdir)
+    self._lines: list[str] = []
     self._tb = None
     if self.enabled:
       import tensorflow as tf
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      local = self._tb_dir
+      if self._remote:
+        local = self._local_tb = tempfile.mkdtemp(prefix="miles_jax_tb_")
+        if paths.exists(self.jsonl):
+          self._lines = [paths.read_text(self.jsonl)]
+      self._tb = tf.summary.create_file_writer(local)
 
   def write(self, step: int, scalars: dict, kind: str = "train"):
     if not self.enabled:
@@ -81,8 +97,14 @@ class MetricWriter:
       for k, v in scalars.items():
         tf.summary.scalar(f"{kind}/{k}", v, step=step)
     self._tb.flush()
-    with open(self.jsonl, "a") as f:
-      f.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
+    line = json.dumps({"step": step, "kind": kind, **scalars}) + "\n"
+    if not self._remote:
+      with open(self.jsonl, "a") as f:
+        f.write(line)
+      return
+    self._lines.append(line)
+    paths.write_text(self.jsonl, "".join(self._lines))
+    paths.copy_tree(self._local_tb, self._tb_dir)
 
 
 def _data_state_all_hosts(it) -> list:
@@ -129,19 +151,18 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
   mesh = parallel.mesh_from_config(config)
   rules = parallel.logical_rules(config.sharding.rules, mesh)
   _check_batch(config, mesh, rules)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   model = dual_encoder.build(config.model)
   tx, lr_schedule = optim.make_optimizer(config)
   del lr_schedule
   best = config.train.get("best_metric", "") or None
   # Keep-N by step only: a best-by-metric manager may delete the newest checkpoint, which a
   # resume needs. The best model by `train.best_metric` is exported to WORKDIR/best instead.
-  ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
+  ckpt = checkpoints.TrainCheckpointer(paths.join(workdir, "checkpoints"), keep=config.train.keep)
   if ckpt.latest_step() is not None:
-    _check_same_model(os.path.join(workdir, "config.json"), config)
+    _check_same_model(paths.join(workdir, "config.json"), config)
   if _is_main():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   data = pipeline.make_train_iterator(config, seed=config.seed)
   shardings = train_state_shardings(config, mesh, model, tx)
@@ -224,7 +245,7 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
   if evaluators and not eval_metrics:
     eval_metrics = _evaluate(evaluators, state.params, writer, max(start, total))
   ckpt.close()
-  export(config, state.params, os.path.join(workdir, "export"))
+  export(config, state.params, paths.join(workdir, "export"))
   _print(f"done: {total} steps in {_hms(time.time() - t0)}")
   return {"train": last, "eval": eval_metrics, "preempted": False, "step": max(start, total),
           "params": state.params, "evaluators": evaluators}
@@ -233,13 +254,11 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
 def export(config, params, path: str):
   """The inference model (online params + model config) for evaluate / pretrained / init_from.
 
-  Single-process runs only: on several hosts, evaluate the workdir directly instead.
+  Every process takes part: orbax writes each host's shards of the (FSDP-sharded) params.
   """
-  if jax.process_count() > 1:
-    _print(f"multi-host run: no {path} written; use `python -m miles_jax.evaluate --workdir`")
-    return
-  checkpoints.save_params(path, jax.device_get(params), config.model, overwrite=True)
-  checkpoints.save_assets(path, config)  # tokenizer + preprocessing.json beside the params
+  checkpoints.save_params(path, params, config.model, overwrite=True)
+  if _is_main():
+    checkpoints.save_assets(path, config)  # tokenizer + preprocessing.json beside the params
   _print(f"exported the model to {path}")
 
 
@@ -257,57 +276,111 @@ def _evaluate(evaluators, params, writer, step) -> dict:
 
 
 def _keep_best(config, params, eval_metrics: dict, best: str | None, workdir: str, step: int):
-  """Exports the model to WORKDIR/best when `best` (e.g. retrieval/t2v_R1) reaches a new high."""
-  if not best or best not in eval_metrics or jax.process_count() > 1:
+  """Exports the model to WORKDIR/best when `best` (e.g. retrieval/t2v_R1) reaches a new high.
+
+  Every process reads best.json and takes the same decision (the metrics are global), so all
+  of them join the collective export; process 0 writes the record.
+  """
+  if not best or best not in eval_metrics:
     return
-  record = os.path.join(workdir, "best.json")
-  previous = None
-  if os.path.exists(record):
-    with open(record) as f:
-      previous = json.load(f)
+  record = paths.join(workdir, "best.json")
+  previous = json.loads(paths.read_text(record)) if paths.exists(record) else None
   if previous is None or eval_metrics[best] > previous["value"]:
-    export(config, params, os.path.join(workdir, "best"))
-    with open(record, "w") as f:
-      json.dump({"metric": best, "value": eval_metrics[best], "step": step,
-                 "selected_on": (f"val ({config.data.val})" if config.data.get("val")
-                                 else f"test ({config.data.eval}): no data.val given")}, f)
+    export(config, params, paths.join(workdir, "best"))
+    if _is_main():
+      paths.write_text(record, json.dumps({
+          "metric": best, "value": eval_metrics[best], "step": step,
+          "selected_on": (f"val ({config.data.val})" if config.data.get("val")
+                          else f"test ({config.data.eval}): no data.val given")}))
+    checkpoints.sync("best_json")
 
 
 def _maybe_init_from(config, state: TrainState, shardings) -> TrainState:
-  """A new run's starting weights: `train.init_from` (an exported model or a released .pth) or
-  `init.video` / `init.text` (timm ViT / CLIP, HF DistilBERT; see init_weights.py)."""
+  """A new run's starting weights: `train.init_from` (an exported model, a training workdir or
+  checkpoint — its online params only — or a released .pth) or `init.video` / `init.text`
+  (timm ViT / CLIP, HF DistilBERT; see init_weights.py).
+
+  Works on any number of hosts: the current params are gathered to every host, each host reads
+  the whole source, and the merged params are placed onto the current shardings.
+  """
   path = config.train.get("init_from", "")
   init = config.get("init")
   public = init is not None and (init.video or init.text)
   if (not path and not public) or int(jax.device_get(state.step)) > 0:
     return state
   from miles_jax import convert, init_weights
-  merged = dict(jax.device_get(state.params))
+  merged = dict(_host_params(state.params))
   if path:
-    if os.path.isdir(path):
-      params, _ = checkpoints.load_params(path, config.model)
+    if paths.isdir(path):
+      merged = _orbax_init_params(path, config, merged)
     else:
-      params, _ = convert.convert_state_dict(convert.read_state_dict(path), config.model)
-    merged.update(params)
+      with paths.local_file(path) as local:
+        merged.update(convert.convert_state_dict(convert.read_state_dict(local),
+                                                 config.model)[0])
     _print(f"initialised params from {path}")
   if public:
     merged, report = init_weights.apply_init(merged, config.model, init)
     _print(init_weights.format_report(report))
-  params = jax.device_put(merged, shardings.params)
+  params = jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+      merged, shardings.params)
   snapshot = {k: jax.tree.map(lambda x: x + 0, params[k]) for k in state.snapshot_params}
   return state.replace(params=params, snapshot_params=snapshot)
 
 
+def _host_params(params):
+  """Every param as a full numpy array on this host (FSDP spreads them over hosts)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(params, tiled=True)
+  return jax.device_get(params)
+
+
+def _orbax_init_params(path: str, config, current: dict) -> dict:
+  """`current` with every param an orbax source holds: same architecture except the frame
+  count; a shorter temporal table gets zero rows appended (as `convert --temporal_fill=zeros`)."""
+  from miles_jax import convert
+  source, saved_model = checkpoints.read_params_host(path)
+  if saved_model is not None:
+    wanted = json.loads(config.model.to_json_best_effort())
+    diffs = [d for d in checkpoints.diff_configs(saved_model, wanted)
+             if not d.startswith("model.video.num_frames:")]
+    if diffs:
+      raise checkpoints.ArchitectureMismatch(
+          f"config.train.init_from={path} was written for another architecture:\n  "
+          + "\n  ".join(diffs))
+  flat_src = convert._flatten(source)
+  flat_cur = convert._flatten(current)
+  out, bad = dict(flat_cur), []
+  for key, ref in flat_cur.items():
+    if key not in flat_src:
+      continue
+    val = np.asarray(flat_src[key], np.float32).astype(np.asarray(ref).dtype)
+    if key == "video/temporal_embed" and val.shape[0] < ref.shape[0]:
+      val = np.concatenate([val, np.zeros((ref.shape[0] - val.shape[0],) + val.shape[1:],
+                                          val.dtype)])
+    if val.shape != ref.shape:
+      bad.append(f"{key}: {val.shape} in the source, {ref.shape} in the model")
+    out[key] = val
+  if bad:
+    raise checkpoints.ArchitectureMismatch(
+        f"config.train.init_from={path}: shapes differ: " + "; ".join(bad))
+  missing = sorted(set(flat_cur) - set(flat_src))
+  if missing:
+    _print(f"init_from: {len(missing)} params not in {path} keep their fresh values: "
+           + ", ".join(missing[:8]))
+  return convert._unflatten(out)
+
+
 def _check_same_model(saved_path: str, config):
   """Refuses to resume a workdir whose checkpoints were written for another architecture."""
-  if not os.path.exists(saved_path):
+  if not paths.exists(saved_path):
     return
-  with open(saved_path) as f:
-    saved = json.load(f).get("model", {})
+  saved = json.loads(paths.read_text(saved_path)).get("model", {})
   diffs = checkpoints.diff_configs(saved, json.loads(config.model.to_json_best_effort()))
   if diffs:
     raise checkpoints.ArchitectureMismatch(
-        f"--workdir={os.path.dirname(saved_path)} holds checkpoints of another architecture:\n  "
+        f"--workdir={paths.dirname(saved_path)} holds checkpoints of another architecture:\n  "
         + "\n  ".join(diffs) + "\nuse a new --workdir, or the workdir's model settings")
 
 
@@ -330,11 +403,10 @@ def _hms(seconds: float) -> str:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def plot_curves(workdir: str, chance: dict | None = None) -> list[str]:
@@ -353,9 +425,11 @@ def plot_curves(workdir: str, chance: dict | None = None) -> list[str]:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    written.append(os.path.join(workdir, name))
-    fig.savefig(written[-1], dpi=100)
+    written.append(paths.join(workdir, name))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    paths.write_bytes(written[-1], buf.getvalue())
 
   def losses(ax):
     for k in ("loss", "contrastive_loss", "mvm_loss", "mac_loss"):

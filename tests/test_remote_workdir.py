@@ -1,0 +1,224 @@
+"""Runs entirely on gs://: a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) and demo-sized runs
+trained, killed (SIGKILL), resumed, evaluated and exported on gs://bucket/…, with 1 process and
+with 2 processes under FSDP; then the stage-1 -> stage-2 hand-off (`train.init_from` = the
+stage-1 workdir on gs://, another frame count, 2 processes). The CLIs get only
+STORAGE_EMULATOR_HOST; nothing may appear on the local disk (today's bug: ./gs:/bucket/…)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from miles_jax import paths
+from miles_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """The emulator on 127.0.0.1 with bucket `bucket`; this process reads it through paths.py."""
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"),
+                           str(port), "bucket"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 60
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      break
+    except OSError:
+      if time.time() > deadline or proc.poll() is not None:
+        proc.kill()
+        raise RuntimeError("the GCS emulator did not start")
+      time.sleep(0.2)
+  url = f"http://127.0.0.1:{port}"
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+  os.environ["STORAGE_EMULATOR_HOST"] = url
+  os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
+  paths.configure()
+  try:
+    yield url
+  finally:
+    proc.kill()
+    proc.wait()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("synthetic"))
+  synthetic.generate(d, num_train=96, num_eval=16, resolution=32, frames=4, verbose=False)
+  return d
+
+
+def _env(gcs_url, devices=8):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+                      "EPATH_USE_TF", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+  env.update(STORAGE_EMULATOR_HOST=gcs_url, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             CUDA_VISIBLE_DEVICES="", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def _overrides(steps, **extra):
+  o = {"train.steps": steps, "train.checkpoint_every": 2, "train.log_every": 1,
+       "train.eval_every": 2, "data.batch_size": 8, "optim.warmup_steps": 2,
+       "data.shuffle_buffer": 16}
+  o.update(extra)
+  return [f"--config.{k}={v}" for k, v in o.items()]
+
+
+def _train_cmds(data_dir, workdir, nproc, overrides):
+  base = [sys.executable, "-m", "miles_jax.train", f"--config=configs/demo.py:{data_dir}",
+          f"--workdir={workdir}", *overrides]
+  if nproc == 1:
+    return [base]
+  port = _free_port()
+  return [base + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                  f"--process_id={i}", "--cpu_devices=4"] for i in range(nproc)]
+
+
+def _start(cmds, env):
+  if len(cmds) > 1:
+    env = dict(env, XLA_FLAGS="")
+  return [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True) for c in cmds]
+
+
+def _finish(procs, timeout=600):
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, out[-2000:] + err[-4000:]
+  return outs
+
+
+def _kill_after_checkpoint(procs, workdir, step=2, timeout=600):
+  """SIGKILL every process once checkpoint `step` is committed on the bucket."""
+  marker = f"{workdir}/checkpoints/{step}/commit_success.txt"
+  deadline = time.time() + timeout
+  while not paths.exists(marker):
+    assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.5)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  for p in procs:
+    p.communicate(timeout=60)
+
+
+def _assert_nothing_local():
+  assert not os.path.exists(os.path.join(ROOT, "gs:")), "a gs:// path became a local folder"
+
+
+def _train_kill_resume(gcs, data_dir, workdir, nproc, extra):
+  env = _env(gcs)
+  _kill_after_checkpoint(_start(_train_cmds(data_dir, workdir, nproc,
+                                            _overrides(60, **extra)), env), workdir)
+  outs = _finish(_start(_train_cmds(data_dir, workdir, nproc, _overrides(4, **extra)), env))
+  out0 = outs[0][0]
+  assert f"resumed {workdir} from step" in out0, out0[-2000:]
+  assert "step 4/4" in out0 and f"exported the model to {workdir}/export" in out0
+  for name in ("config.json", "metrics.jsonl", "results.json", "best.json", "loss.png",
+               "export/model_config.json", "best/model_config.json"):
+    assert paths.exists(f"{workdir}/{name}"), name
+  events = [p for p in paths.Path(f"{workdir}/tensorboard").iterdir()
+            if "tfevents" in p.name]
+  assert events, "no TensorBoard event file on the bucket"
+  rows = [json.loads(r) for r in paths.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+  assert max(r["step"] for r in rows if r["kind"] == "train") == 4
+  _assert_nothing_local()
+  return outs
+
+
+def _tb_steps(workdir):
+  """Steps of train/loss in the bucket's TensorBoard event files (read back through gcsfs)."""
+  import tensorflow as tf
+  steps = set()
+  for p in paths.Path(f"{workdir}/tensorboard").iterdir():
+    with paths.local_file(os.fspath(p)) as local:
+      for e in tf.compat.v1.train.summary_iterator(local):
+        for v in e.summary.value:
+          if v.tag == "train/loss":
+            steps.add(e.step)
+  return steps
+
+
+def test_one_process_train_kill_resume_evaluate_export_on_gcs(gcs, data_dir, tmp_path):
+  wd = "gs://bucket/one"
+  _train_kill_resume(gcs, data_dir, wd, 1, {})
+  assert {3, 4} <= _tb_steps(wd)
+  env = _env(gcs)
+  ev = [sys.executable, "-m", "miles_jax.evaluate", f"--config=configs/demo.py:{data_dir}"]
+  r1 = subprocess.run(ev + [f"--workdir={wd}"], cwd=ROOT, env=env, capture_output=True,
+                      text=True, timeout=600)
+  assert r1.returncode == 0, r1.stderr[-3000:]
+  r2 = subprocess.run(ev + [f"--checkpoint={wd}/export", f"--out={wd}/export_eval.json"],
+                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  by_workdir = json.loads(paths.read_text(f"{wd}/eval/results.json"))
+  by_export = json.loads(paths.read_text(f"{wd}/export_eval.json"))
+  assert by_workdir["step"] == 4
+  for k in ("t2v_R1", "t2v_R5", "v2t_R1", "t2v_MnR"):  # the export is the step-4 model
+    assert by_workdir["retrieval"][k] == by_export["retrieval"][k], k
+  caches = [p.name for p in paths.Path(f"{wd}/eval").iterdir() if p.name.endswith(".npz")]
+  assert caches, "the embedding cache was not written beside the results"
+  _assert_nothing_local()
+
+
+def test_two_processes_fsdp_on_gcs_and_stage_two_init_from_the_workdir(gcs, data_dir):
+  """2 processes x 4 devices, mesh (data 2, fsdp 4): killed, resumed, export/ and best/ written
+  by both; stage 2 (8 frames) starts from the stage-1 workdir's newest checkpoint params."""
+  from miles_jax import checkpoints
+  mesh = {"mesh.shape": "(2,4)", "mesh.axes": "('data','fsdp')"}
+  wd = "gs://bucket/two"
+  _train_kill_resume(gcs, data_dir, wd, 2, mesh)
+  stage1, _ = checkpoints.read_params_host(f"{wd}/export")
+  newest, _ = checkpoints.read_params_host(wd)  # the workdir: its newest checkpoint's params
+  flat1, flat_newest = _flatten(stage1), _flatten(newest)
+  assert flat1.keys() == flat_newest.keys()
+  for k in flat1:
+    np.testing.assert_array_equal(flat1[k], flat_newest[k], err_msg=k)
+
+  # Stage 2: 8 frames, lr 0 for one step, so its step-1 params are exactly its initial params.
+  wd2 = "gs://bucket/two_stage2"
+  extra = dict(mesh, **{"train.init_from": wd, "model.video.num_frames": 8, "optim.lr": 0.0,
+                        "train.eval_every": 0})
+  outs = _finish(_start(_train_cmds(data_dir, wd2, 2, _overrides(1, **extra)), _env(gcs)))
+  assert f"initialised params from {wd}" in outs[0][0]
+  stage2, _ = checkpoints.read_params_host(wd2)
+  flat2 = _flatten(stage2)
+  assert flat2.keys() == flat1.keys()
+  for k in flat1:
+    if k == "video/temporal_embed":
+      assert flat1[k].shape[0] == 4 and flat2[k].shape[0] == 8
+      np.testing.assert_array_equal(flat2[k][:4], flat1[k])
+      np.testing.assert_array_equal(flat2[k][4:], 0.0)  # as convert --temporal_fill=zeros
+    else:
+      np.testing.assert_array_equal(flat2[k], flat1[k], err_msg=k)
+  _assert_nothing_local()
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = np.asarray(v)
+  return out
