@@ -267,7 +267,8 @@ def test_step_feeds_mask_to_online_intact_clip_to_snapshot(unmasked_contrastive,
 
   model = dual_encoder.build(c.model)
   loss_fn = _reference_loss(c, model, state.params, snapshot, jnp.asarray(frames), batch)
-  (loss, terms), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
+  (loss, terms), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                                compiler_options=FAST_COMPILE)(state.params)
   np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
   for k in ("contrastive_loss", "mvm_loss"):
     np.testing.assert_allclose(float(metrics[k]), float(terms[k]), rtol=1e-5, err_msg=k)
@@ -287,3 +288,52 @@ def test_step_feeds_mask_to_online_intact_clip_to_snapshot(unmasked_contrastive,
   unperturbed = _reference_loss(c, model, state.params, jax.device_get(
       state_lib.snapshot_of(c, state.params)), jnp.asarray(frames), batch)(state.params)[1]
   assert abs(float(unperturbed["mvm_loss"]) / float(terms["mvm_loss"]) - 1) > 1e-3  # 100x the rtol above
+
+
+def test_grad_accumulation_equals_full_batch_with_dropout():
+  """With dropout and drop-path on, GradCache's update equals the plain gradient of the
+  full-batch loss in which micro-batch j is forwarded with dropout key j: both passes of
+  GradCache must draw the same dropout, or the cached embeddings do not match the backward."""
+  c = _config(accum=2)
+  c.objectives = "contrastive,miles"
+  c.model.video.drop_path_rate, c.model.text.dropout_rate = 0.5, 0.3
+  mesh = _one_device_mesh()
+  tx = optax.sgd(1.0)  # params1 = params0 - grads
+  state = jax.device_get(state_lib.create_train_state(c, jax.random.PRNGKey(0), mesh, tx=tx))
+  batch = _batch(c, seed=5)
+  new, metrics = jax.device_get(step_lib.make_train_step(c, mesh, tx=tx,
+                                                         compiler_options=FAST_COMPILE)(
+      jax.device_put(state, state_lib.train_state_shardings(c, mesh, tx=tx)), batch))
+
+  # The documented randomness: key = fold_in(state.rng, step) -> (mac, text, dropout); the
+  # dropout key split into one key per micro-batch; micro-batch j = rows j, j+k, ...
+  model = dual_encoder.build(c.model)
+  losses = step_lib._Losses(c, model)  # pylint: disable=protected-access
+  dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)[2]
+  keys = jax.random.split(dropout_key, 2)
+  b = {k: jnp.asarray(batch[k]) for k in step_lib._BATCH_KEYS}  # pylint: disable=protected-access
+  b["frames"] = step_lib.normalize_frames(b["frames"])
+  micro = [jax.tree.map(lambda x, j=j: x[j::2], b) for j in range(2)]
+  count = jnp.sum(b["mvm_mask"].astype(jnp.float32))
+
+  def full_loss(p, keys):
+    outs = [losses.forward(p, mb, losses.targets(state.snapshot_params, mb["frames"]), key)
+            for mb, key in zip(micro, keys)]
+    # back to the original row order: row 2i from micro-batch 0, row 2i+1 from micro-batch 1
+    embeds = jax.tree.map(lambda a, z: jnp.stack([a, z], 1).reshape(-1, a.shape[-1]),
+                          outs[0][0], outs[1][0])
+    return losses.combine(embeds, outs[0][1] + outs[1][1], count)
+
+  value_and_grad = jax.jit(jax.value_and_grad(full_loss, has_aux=True),
+                           compiler_options=FAST_COMPILE)
+  (loss, terms), grads = value_and_grad(state.params, keys)
+  other = value_and_grad(state.params, keys[::-1])[0][0]
+  assert abs(float(other) / float(loss) - 1) > 1e-3  # dropout really changes the loss
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  for k in ("contrastive_loss", "mvm_loss"):
+    np.testing.assert_allclose(float(metrics[k]), float(terms[k]), rtol=1e-5, err_msg=k)
+  got = jax.tree.map(lambda a, z: a - z, state.params, new.params)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale,
+                               err_msg=jax.tree_util.keystr(path))
