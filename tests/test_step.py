@@ -337,3 +337,30 @@ def test_grad_accumulation_equals_full_batch_with_dropout():
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(grads)):
     np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_mac_step_encodes_text_with_tokens_dropped():
+  """On the jitted step, the MAC text view's attention mask is the batch's with exactly
+  floor(text_ratio * (valid - 1)) real tokens dropped per caption, never [CLS]."""
+  from miles_jax.models.text import TextEncoder  # pylint: disable=g-import-not-at-top
+  c = _config()
+  c.objectives, c.mac.text_ratio = "mac", 0.4
+  mesh = _one_device_mesh()
+  records = []
+
+  def spy(next_fun, args, kwargs, context):
+    if isinstance(context.module, TextEncoder) and context.method_name == "__call__":
+      jax.debug.callback(lambda m: records.append(np.asarray(m)), args[1])
+    return next_fun(*args, **kwargs)
+
+  state = state_lib.create_train_state(c, jax.random.PRNGKey(0), mesh)
+  batch = _batch(c, seed=2)
+  with nn.intercept_methods(spy):
+    jax.block_until_ready(step_lib.make_train_step(c, mesh, compiler_options=FAST_COMPILE)(
+        state, batch))
+  jax.effects_barrier()
+  am = batch["attention_mask"]
+  assert len(records) == 1
+  got = records[0]
+  assert ((got == 1) <= (am == 1)).all() and (got[:, 0] == 1).all()
+  np.testing.assert_array_equal(am.sum(1) - got.sum(1), np.floor(0.4 * (am.sum(1) - 1)))
