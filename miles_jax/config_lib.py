@@ -231,8 +231,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     while probe and not os.path.exists(probe):
       probe = os.path.dirname(probe)
     probe = probe or "."
-    if not os.access(probe, os.W_OK | os.X_OK):
-      raise PermissionError(f"--workdir={workdir}: {probe} is not writable")
+    # isdir: root passes os.access on any path, and on a file with an x bit set.
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+      raise PermissionError(f"--workdir={workdir}: {probe} is not writable (a directory "
+                            "you can write to must hold the workdir)")
 
 
 def sibling(config_file: str, name: str):
