@@ -123,6 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_len = 32
   c.data.batch_size = 2  # global batch
   c.data.eval_batch_size = 8
+  # A truncated or unparseable eval shard is an error (the gallery would shrink and recall rise);
+  # True evaluates the readable records and lists the damage in the eval set's `skipped`.
+  c.data.allow_damaged_eval = False
   c.data.shuffle_buffer = 1000
   c.data.crop_scale = (0.5, 1.0)
 
