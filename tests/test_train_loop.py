@@ -170,7 +170,9 @@ def test_two_processes_match_one(data_dir, tmp_path):
       np.testing.assert_allclose(g[k], float(w[k]), rtol=1e-4, err_msg=f"step {i + 1} {k}")
   # The parameters, each tensor against its own total update over the run: the 2-process
   # result must sit within 2% of the distance training moved it (a sign or scale error in
-  # the update, or a missed all-reduce, moves it by ~100%).
+  # the update, or a missed all-reduce, moves it by ~100%). The 1e-6 floor (0.1% of one Adam
+  # step at this lr) is for tensors whose gradient is zero by construction (attention key
+  # biases: softmax ignores them), whose tiny moves are rounding noise amplified by Adam.
   ref = jax.device_get(state)
   for name, g_tree, r_tree, i_tree in (("params", got.params, ref.params, init.params),
                                        ("snapshot", got.snapshot_params, ref.snapshot_params,
@@ -179,6 +181,8 @@ def test_two_processes_match_one(data_dir, tmp_path):
                                 jax.tree_util.tree_leaves(r_tree), jax.tree_util.tree_leaves(i_tree)):
       g, r, i0 = np.asarray(g), np.asarray(r), np.asarray(i0)
       update = float(np.abs(r - i0).max())
-      assert update > 0, f"{name}{jax.tree_util.keystr(path)} did not move"
       err = float(np.abs(g - r).max())
-      assert err <= 0.02 * update, (name, jax.tree_util.keystr(path), err, update)
+      assert err <= 0.02 * update + 1e-6, (name, jax.tree_util.keystr(path), err, update)
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(ref.params), jax.tree_util.tree_leaves(init.params)))
+  assert moved > 1e-3  # the floor is small against what training changed
