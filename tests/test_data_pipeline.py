@@ -167,10 +167,21 @@ def test_corrupt_records_skipped_and_counted(tmp_path):
   want = {int(tf.strings.to_hash_bucket_fast(f"vid{i:03d}", 2**31 - 1)) for i in
           (0, 2, 4, 6, 1, 3)}
   assert ids == want
+  # The 3 invalid records arrive and are counted; the 2 records after the truncation point are
+  # not in the file any more: the header walk shows shard 1 ends inside its third record.
   assert it.skipped == 3
+  assert pipeline.complete_records(path) == (2, True)
+  assert pipeline.complete_records(os.path.join(tmp, prepare.shard_name("train", 0, 2))) == (7, False)
 
+  # Evaluation refuses the damaged split (naming the shard and the flag) unless told otherwise.
+  with pytest.raises(ValueError, match=r"train-00001-of-00002.tfrecord ends inside a record "
+                     r"after 2 complete records.*allow_damaged_eval"):
+    pipeline.load_eval_set(pattern, c)
+  c.data.allow_damaged_eval = True
   ev = pipeline.load_eval_set(pattern, c)
-  assert sorted(s["video_id"] for s in ev.skipped) == ["no_caption", "no_frames"]
+  assert [s["reason"] for s in ev.skipped if s["video_id"] is None] == [
+      f"truncated shard {path} after 2 records"]
+  assert sorted(s["video_id"] for s in ev.skipped if s["video_id"]) == ["no_caption", "no_frames"]
   assert {s["video_id"]: s["reason"] for s in ev.skipped}["no_frames"] == "no frames"
   assert ev.failed == ["bad_jpeg"]
   assert len(ev.video_ids) == 7 and "bad_jpeg" in ev.video_ids

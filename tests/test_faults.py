@@ -335,17 +335,26 @@ def test_workdir_not_writable(data_dir, cache_dir, tmp_path):
   assert "Traceback" not in r.stderr
   assert _snapshot(str(tmp_path)) == before
 
-  # a read-only parent directory (root ignores permissions: then skip this half)
+  # The Python API, under a regular file with its x bit set (root, as on CI, passes
+  # os.access on it: the check must see it is not a directory).
+  from miles_jax.train import loop
+  exe = tmp_path / "an_executable_file"
+  exe.write_text("#!/bin/sh\n")
+  exe.chmod(0o755)
+  before = _snapshot(str(tmp_path))
+  with pytest.raises(PermissionError, match="an_executable_file is not writable"):
+    loop.train(_demo_config(data_dir), str(exe / "wd"))
+  assert _snapshot(str(tmp_path)) == before
+
+  # A read-only parent directory; root ignores the mode bits, so this half runs for other users.
   ro = tmp_path / "read_only"
   ro.mkdir()
   ro.chmod(0o555)
   try:
-    if os.access(str(ro), os.W_OK):
-      pytest.skip("running as root: chmod does not make a directory read-only")
-    from miles_jax.train import loop
-    with pytest.raises(PermissionError, match="read_only is not writable"):
-      loop.train(_demo_config(data_dir), str(ro / "wd"))
-    assert os.listdir(str(ro)) == []
+    if not os.access(str(ro), os.W_OK):
+      with pytest.raises(PermissionError, match="read_only is not writable"):
+        loop.train(_demo_config(data_dir), str(ro / "wd"))
+      assert os.listdir(str(ro)) == []
   finally:
     ro.chmod(0o755)
 

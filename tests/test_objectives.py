@@ -1,6 +1,7 @@
 """Losses against independent numpy computations; masking of gradients; MAC masks."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +116,44 @@ def test_parse_objectives():
   assert objectives.parse_objectives("contrastive, miles") == {"contrastive", "miles"}
   with pytest.raises(ValueError, match="config.objectives"):
     objectives.parse_objectives("contrastive,mvm")
+
+
+def test_mac_text_masking_equals_removing_the_tokens():
+  """A caption with MAC's dropped tokens masked out encodes exactly as the caption with those
+  tokens removed: (a) with position embeddings zeroed, as the compacted caption of only the kept
+  tokens; (b) with real positions, whatever the dropped tokens' ids are."""
+  from miles_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from miles_jax.models.text import TextEncoder  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.text_config("tiny")
+  enc = TextEncoder(cfg)
+  rng = np.random.default_rng(0)
+  b, length = 6, 16
+  lengths = np.array([16, 12, 9, 5, 3, 2])
+  am = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+  ids = rng.integers(1000 // 2, 1000, (b, length)).astype(np.int32) * am
+  params = nn.unbox(enc.init(jax.random.PRNGKey(0), jnp.asarray(ids), jnp.asarray(am))["params"])
+  mac = np.asarray(objectives.drop_text_tokens(jax.random.PRNGKey(1), jnp.asarray(am), 0.3))
+  dropped = (am == 1) & (mac == 0)
+  np.testing.assert_array_equal(dropped.sum(1), np.floor(0.3 * (lengths - 1)))
+  assert dropped.sum() >= 8 and not dropped[:, 0].any()
+  encode = jax.jit(lambda p, i, m: enc.apply({"params": p}, i, m))
+
+  # (a) positions neutral: masked == compacted (kept tokens only, in order, then padding).
+  flat = dict(params)
+  flat["position_embeddings"] = {"embedding": jnp.zeros_like(
+      params["position_embeddings"]["embedding"])}
+  got = np.asarray(encode(flat, ids, mac))
+  for i in range(b):
+    keep = np.flatnonzero(mac[i])
+    cid = np.zeros((1, length), np.int32)
+    cam = np.zeros((1, length), np.int32)
+    cid[0, :len(keep)], cam[0, :len(keep)] = ids[i, keep], 1
+    want = np.asarray(encode(flat, cid, cam))[0, :len(keep)]
+    np.testing.assert_allclose(got[i, keep], want, rtol=1e-5, atol=1e-5, err_msg=f"caption {i}")
+
+  # (b) real positions: the dropped tokens' content never reaches a kept token.
+  other = np.where(dropped, rng.integers(1, 1000 // 2, (b, length)), ids).astype(np.int32)
+  a, z = np.asarray(encode(params, ids, mac)), np.asarray(encode(params, other, mac))
+  np.testing.assert_allclose(a[mac == 1], z[mac == 1], rtol=1e-5, atol=1e-5)
+  full = np.asarray(encode(params, other, am))  # ... which without the MAC mask it does
+  assert np.abs(full[:, 0] - z[:, 0]).max() > 1e-2

@@ -82,9 +82,13 @@ def test_fallback_loss_gradient_count():
   c.model = config_lib.model_config("tiny")
   c.model.video.depth = c.model.text.depth = 1
   a = profile.analytic(c, 4, 32)
-  for obj in ("miles", "mac"):
+  # XLA counts the matmuls the formula counts plus the elementwise work (softmax, LayerNorm,
+  # GELU, loss): measured 1.06 (miles), 0.98 (mac: XLA skips the gather's multiply-adds), 1.04
+  # (contrastive). A step without the backward (x2 instead of x3) or without the snapshot's
+  # forward falls outside [0.95, 1.1].
+  for obj in ("contrastive", "miles", "mac"):
     ratio = profile.loss_grad_flops(c, obj, batch=2) / (2 * a["train"][obj])
-    assert 0.8 <= ratio <= 1.4, (obj, ratio)
+    assert 0.95 <= ratio <= 1.1, (obj, ratio)
 
 
 def test_cli_table_and_json():
@@ -106,5 +110,12 @@ def test_cli_table_and_json():
   assert 1.0 <= data["flops_inference"] / (2 * a["inference"]) <= 1.3
   for obj in ("contrastive", "miles", "mac"):
     assert 0.9 <= fl[obj] / (2 * a["train"][obj]) <= 1.4, obj
-  assert data["params"]["train"] > data["params"]["inference"] > 0
+  mc = config_lib.model_config("tiny")
+  mc.video.depth = mc.text.depth = 1
+  video = _video_params_by_hand(mc.video, mc.proj_dim)
+  text = _text_params_by_hand(mc.text)
+  proj = 2 * (mc.video.width * mc.proj_dim + mc.proj_dim)
+  head = mc.video.width ** 2 + mc.video.width
+  assert data["params"]["inference"] == video - mc.video.width + text + proj
+  assert data["params"]["train"] == video + text + proj + head + video
   np.testing.assert_equal(data["frames"], 4)

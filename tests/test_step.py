@@ -1,5 +1,6 @@
-"""The train step: sharded == single-device, EMA snapshot, no snapshot gradient, GradCache
-accumulation == full batch, weight-decay mask and schedules. Tiny model, 8 simulated devices.
+"""The train step: sharded == single-device, EMA snapshot, what each forward sees and where the
+gradient goes (on the jitted step), GradCache accumulation == full batch (dropout off and on),
+weight-decay mask and schedules. Tiny model, 8 simulated devices.
 
 Tolerances: sharded vs 1-device and 2 micro-batches vs full batch agree to rtol 1e-5 on losses
 and rtol 1e-5 / atol 1e-6 on the updated parameters (lr 1e-3, so atol is 0.1% of an update);
@@ -111,27 +112,6 @@ def test_snapshot_is_the_ema_of_the_updated_params(reference):
   assert int(host1.step) == 1 and float(metrics["mvm_loss"]) > 0 and float(metrics["mac_loss"]) > 0
 
 
-def test_snapshot_gets_no_gradient(reference):
-  """d loss / d snapshot params is exactly zero, also with targets in the projected space."""
-  c, batch, host0, _, _ = reference
-  c = _config()
-  c.objectives, c.mvm.target_space = "miles", "projected"
-  model = state_lib.dual_encoder.build(c.model)
-  losses = step_lib._Losses(c, model)  # pylint: disable=protected-access
-  params = host0.params
-  snapshot = state_lib.snapshot_of(c, params)
-  assert set(snapshot) == {"video", "video_proj"}
-  b = dict(batch, frames=step_lib.normalize_frames(jnp.asarray(batch["frames"])))
-
-  def loss(snap):
-    embeds, mvm_sum = losses.forward(params, b, losses.targets(snap, b["frames"]), None)
-    return losses.combine(embeds, mvm_sum, jnp.sum(b["mvm_mask"]))[0]
-
-  value, grads = jax.jit(jax.value_and_grad(loss))(snapshot)
-  assert np.isfinite(float(value))
-  assert all((np.asarray(g) == 0).all() for g in jax.tree.leaves(grads))
-
-
 def test_grad_accumulation_equals_full_batch(reference):
   _, batch, host0, host1, metrics1 = reference
   c = _config(accum=2)
@@ -170,3 +150,217 @@ def test_schedules():
   c.snapshot.schedule, c.snapshot.momentum = "cosine", 0.996
   m = [float(optim.snapshot_momentum(c, s)) for s in (0, 55, 110)]
   np.testing.assert_allclose(m, [0.996, 0.998, 1.0], rtol=1e-6)
+
+
+# --- What each forward of the real (jitted) step sees, and where its gradient goes -------------
+# A spy on every video encoder's first block records its input from inside the jitted step
+# (flax method interception at trace time + jax.debug.callback at run time). The expected inputs
+# are computed here in numpy from the params: patch embedding (a strided conv = a matmul over
+# each patch's pixels) + position tables, with the mask token where the mask says.
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
+
+from miles_jax import objectives  # pylint: disable=g-import-not-at-top
+from miles_jax.models import dual_encoder  # pylint: disable=g-import-not-at-top
+from miles_jax.models.video import SpaceTimeBlock, VideoEncoder  # pylint: disable=g-import-not-at-top
+
+
+def _spy_block0(records):
+  """Interceptor: appends (role, first-block input) for each video encoder forward."""
+  def spy(next_fun, args, kwargs, context):
+    m = context.module
+    if (context.method_name == "__call__" and isinstance(m, SpaceTimeBlock)
+        and m.name == "block_0" and isinstance(m.parent, VideoEncoder)):
+      role = "online" if isinstance(m.parent.parent, nn.Module) else "snapshot"
+      jax.debug.callback(lambda x, role=role: records.append((role, np.asarray(x))), args[0])
+    return next_fun(*args, **kwargs)
+  return spy
+
+
+def _first_block_input(video_params, frames, mask):
+  """numpy: tokens entering block 0 (cls first), mask token at masked patches."""
+  v = np.asarray
+  b, t, h, w, _ = frames.shape
+  kernel = v(video_params["patch_embed"]["kernel"])  # [p, p, 3, D]
+  p, d = kernel.shape[0], kernel.shape[-1]
+  gh, gw = h // p, w // p
+  patches = frames.reshape(b, t, gh, p, gw, p, 3).transpose(0, 1, 2, 4, 3, 5, 6)
+  x = patches.reshape(b, t * gh * gw, p * p * 3) @ kernel.reshape(p * p * 3, d)
+  x = x + v(video_params["patch_embed"]["bias"])
+  if mask is not None:
+    x = np.where(mask[..., None], v(video_params["mask_token"]), x)
+  pos = (v(video_params["temporal_embed"])[:t, None] + v(video_params["pos_embed"])[None, 1:])
+  x = x + pos.reshape(t * gh * gw, d)
+  cls = v(video_params["cls_token"]) + v(video_params["pos_embed"])[:1]
+  return np.concatenate([np.broadcast_to(cls[None], (b, 1, d)), x], axis=1)
+
+
+def _reference_loss(c, model, params, snapshot, frames, batch):
+  """The MILES loss written out from the SPEC with the targets as constants: (loss, terms)."""
+  mask = jnp.asarray(batch["mvm_mask"])
+  snap = VideoEncoder(c.model.video).apply({"params": snapshot["video"]}, frames)["patches"]
+  if c.mvm.target_space == "projected":
+    snap = snap @ snapshot["video_proj"]["kernel"] + snapshot["video_proj"]["bias"]
+  targets = np.asarray(snap)  # a constant: no path back to any parameter
+
+  def loss_fn(p):
+    apply = lambda method, *a, **k: model.apply({"params": p}, *a, method=method, **k)
+    text = apply("encode_text", batch["input_ids"], batch["attention_mask"])["embed"]
+    masked = apply("encode_video", frames, mask)
+    video = (apply("encode_video", frames)["embed"] if c.mvm.unmasked_contrastive
+             else masked["embed"])
+    pred = apply("predict_mvm", masked["patches"])
+    if c.mvm.target_space == "projected":
+      pred = apply("project_video", pred)
+    mvm = objectives.mvm_loss(pred, targets, mask, c.mvm.loss, c.mvm.normalize_target)
+    con = objectives.contrastive_loss(video, text, c.temperature)
+    return con + c.mvm.weight * mvm, {"contrastive_loss": con, "mvm_loss": mvm}
+  return loss_fn
+
+
+@pytest.mark.parametrize("unmasked_contrastive,target_space",
+                         [(False, "features"), (True, "features"), (False, "projected")])
+def test_step_feeds_mask_to_online_intact_clip_to_snapshot(unmasked_contrastive, target_space):
+  """On the jitted step: the online encoder sees mask tokens exactly at the masked positions,
+  the snapshot the intact clip, the contrastive term the clip `unmasked_contrastive` names; the
+  loss and the gradient equal the SPEC's loss with the (perturbed) snapshot's targets as
+  constants; the snapshot moves only by the EMA."""
+  c = _config()
+  c.objectives = "contrastive,miles"
+  c.mvm.unmasked_contrastive, c.mvm.target_space = unmasked_contrastive, target_space
+  c.snapshot.momentum = 0.9
+  mesh = _one_device_mesh()
+  tx = optax.sgd(1.0)  # params1 = params0 - grads: the step's gradient, read back exactly
+  state = jax.device_get(state_lib.create_train_state(c, jax.random.PRNGKey(0), mesh, tx=tx))
+  # A snapshot that differs from the online encoder (as after some training), so that using the
+  # wrong one shows.
+  rng = np.random.default_rng(1)
+  snapshot = jax.tree.map(lambda x: x + np.float32(0.1) * rng.standard_normal(x.shape, np.float32),
+                          state.snapshot_params)
+  state = state.replace(snapshot_params=snapshot)
+  batch = _batch(c, seed=3)
+  frames = np.asarray(step_lib.normalize_frames(jnp.asarray(batch["frames"])))
+
+  records = []
+  step = step_lib.make_train_step(c, mesh, tx=tx, compiler_options=FAST_COMPILE)
+  with nn.intercept_methods(_spy_block0(records)):
+    new, metrics = step(jax.device_put(state, state_lib.train_state_shardings(c, mesh, tx=tx)),
+                        batch)
+    new, metrics = jax.device_get((new, metrics))
+  jax.effects_barrier()
+
+  masked = _first_block_input(state.params["video"], frames, batch["mvm_mask"])
+  intact = _first_block_input(state.params["video"], frames, None)
+  snap_intact = _first_block_input(snapshot["video"], frames, None)
+  assert batch["mvm_mask"].any() and not batch["mvm_mask"].all()
+  online = [x for role, x in records if role == "online"]
+  snap = [x for role, x in records if role == "snapshot"]
+  assert len(snap) == 1
+  np.testing.assert_allclose(snap[0], snap_intact, rtol=1e-5, atol=1e-5)
+  want = [masked, intact] if unmasked_contrastive else [masked]
+  assert len(online) == len(want)
+  for x in online:  # each online forward is one of the expected ones, and each expected is seen
+    assert any(np.allclose(x, w, rtol=1e-5, atol=1e-5) for w in want)
+  for w in want:
+    assert any(np.allclose(x, w, rtol=1e-5, atol=1e-5) for x in online)
+
+  model = dual_encoder.build(c.model)
+  loss_fn = _reference_loss(c, model, state.params, snapshot, jnp.asarray(frames), batch)
+  (loss, terms), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                                compiler_options=FAST_COMPILE)(state.params)
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  for k in ("contrastive_loss", "mvm_loss"):
+    np.testing.assert_allclose(float(metrics[k]), float(terms[k]), rtol=1e-5, err_msg=k)
+  # The step's gradient is the gradient with constant targets: none flows through the snapshot
+  # branch (the projected option's video_proj included) into the online params.
+  got = jax.tree.map(lambda a, b: a - b, state.params, new.params)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+  # The snapshot gets no optimiser update: exactly the EMA of its old value and the new params.
+  m = np.float32(0.9)
+  want_snap = {k: jax.tree.map(lambda s, o: m * s + (np.float32(1) - m) * o, snapshot[k],
+                               new.params[k]) for k in snapshot}
+  _assert_trees_close(new.snapshot_params, want_snap, rtol=1e-6, atol=1e-7)
+  # ... and the perturbed snapshot did change the loss (the targets come from it).
+  unperturbed = _reference_loss(c, model, state.params, jax.device_get(
+      state_lib.snapshot_of(c, state.params)), jnp.asarray(frames), batch)(state.params)[1]
+  assert abs(float(unperturbed["mvm_loss"]) / float(terms["mvm_loss"]) - 1) > 1e-3  # 100x the rtol above
+
+
+def test_grad_accumulation_equals_full_batch_with_dropout():
+  """With dropout and drop-path on, GradCache's update equals the plain gradient of the
+  full-batch loss in which micro-batch j is forwarded with dropout key j: both passes of
+  GradCache must draw the same dropout, or the cached embeddings do not match the backward."""
+  c = _config(accum=2)
+  c.objectives = "contrastive,miles"
+  c.model.video.drop_path_rate, c.model.text.dropout_rate = 0.5, 0.3
+  mesh = _one_device_mesh()
+  tx = optax.sgd(1.0)  # params1 = params0 - grads
+  state = jax.device_get(state_lib.create_train_state(c, jax.random.PRNGKey(0), mesh, tx=tx))
+  batch = _batch(c, seed=5)
+  new, metrics = jax.device_get(step_lib.make_train_step(c, mesh, tx=tx,
+                                                         compiler_options=FAST_COMPILE)(
+      jax.device_put(state, state_lib.train_state_shardings(c, mesh, tx=tx)), batch))
+
+  # The documented randomness: key = fold_in(state.rng, step) -> (mac, text, dropout); the
+  # dropout key split into one key per micro-batch; micro-batch j = rows j, j+k, ...
+  model = dual_encoder.build(c.model)
+  losses = step_lib._Losses(c, model)  # pylint: disable=protected-access
+  dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)[2]
+  keys = jax.random.split(dropout_key, 2)
+  b = {k: jnp.asarray(batch[k]) for k in step_lib._BATCH_KEYS}  # pylint: disable=protected-access
+  b["frames"] = step_lib.normalize_frames(b["frames"])
+  micro = [jax.tree.map(lambda x, j=j: x[j::2], b) for j in range(2)]
+  count = jnp.sum(b["mvm_mask"].astype(jnp.float32))
+
+  def full_loss(p, keys):
+    outs = [losses.forward(p, mb, losses.targets(state.snapshot_params, mb["frames"]), key)
+            for mb, key in zip(micro, keys)]
+    # back to the original row order: row 2i from micro-batch 0, row 2i+1 from micro-batch 1
+    embeds = jax.tree.map(lambda a, z: jnp.stack([a, z], 1).reshape(-1, a.shape[-1]),
+                          outs[0][0], outs[1][0])
+    return losses.combine(embeds, outs[0][1] + outs[1][1], count)
+
+  value_and_grad = jax.jit(jax.value_and_grad(full_loss, has_aux=True),
+                           compiler_options=FAST_COMPILE)
+  (loss, terms), grads = value_and_grad(state.params, keys)
+  other = value_and_grad(state.params, keys[::-1])[0][0]
+  assert abs(float(other) / float(loss) - 1) > 1e-3  # dropout really changes the loss
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  for k in ("contrastive_loss", "mvm_loss"):
+    np.testing.assert_allclose(float(metrics[k]), float(terms[k]), rtol=1e-5, err_msg=k)
+  got = jax.tree.map(lambda a, z: a - z, state.params, new.params)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_mac_step_encodes_text_with_tokens_dropped():
+  """On the jitted step, the MAC text view's attention mask is the batch's with exactly
+  floor(text_ratio * (valid - 1)) real tokens dropped per caption, never [CLS]."""
+  from miles_jax.models.text import TextEncoder  # pylint: disable=g-import-not-at-top
+  c = _config()
+  c.objectives, c.mac.text_ratio = "mac", 0.4
+  mesh = _one_device_mesh()
+  records = []
+
+  def spy(next_fun, args, kwargs, context):
+    if isinstance(context.module, TextEncoder) and context.method_name == "__call__":
+      jax.debug.callback(lambda m: records.append(np.asarray(m)), args[1])
+    return next_fun(*args, **kwargs)
+
+  state = state_lib.create_train_state(c, jax.random.PRNGKey(0), mesh)
+  batch = _batch(c, seed=2)
+  with nn.intercept_methods(spy):
+    jax.block_until_ready(step_lib.make_train_step(c, mesh, compiler_options=FAST_COMPILE)(
+        state, batch))
+  jax.effects_barrier()
+  am = batch["attention_mask"]
+  assert len(records) == 1
+  got = records[0]
+  assert ((got == 1) <= (am == 1)).all() and (got[:, 0] == 1).all()
+  np.testing.assert_array_equal(am.sum(1) - got.sum(1), np.floor(0.4 * (am.sum(1) - 1)))

@@ -154,17 +154,35 @@ def test_two_processes_match_one(data_dir, tmp_path):
   step = make_train_step(config, mesh, model, tx)
   hosts = [pipeline.make_train_iterator(config, seed=config.seed, process_index=i,
                                         process_count=2) for i in range(2)]
+  init = jax.device_get(state)
+  ref_metrics = []
   for _ in range(steps):
     parts = [next(h) for h in hosts]
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    state, _ = step(state, parallel.global_batch(batch, mesh, rules))
-  # gloo's all-reduce sums in another order than one process does; Adam turns those ~1e-7
-  # gradient differences into update differences far below one update (lr ~ 1e-3 here).
-  ref = jax.device_get(state.params)
-  assert_trees_equal(got.params, ref, atol=2e-4)
-  assert_trees_equal(got.snapshot_params, jax.device_get(state.snapshot_params), atol=2e-4)
-  init = jax.device_get(create_train_state(config, jax.random.PRNGKey(config.seed), mesh, model,
-                                           tx).params)
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-              for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(init)))
-  assert moved > 1e-3  # the tolerance is small against what training changed
+    state, m = step(state, parallel.global_batch(batch, mesh, rules))
+    ref_metrics.append(jax.device_get(m))
+  # The loss trajectory, step by step: only the order of gloo's sums differs (~1e-7).
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    logged = [json.loads(l) for l in f if json.loads(l).get("kind") == "train"]
+  assert len(logged) == steps
+  for i, (g, w) in enumerate(zip(logged, ref_metrics)):
+    for k in ("loss", "contrastive_loss", "mvm_loss", "grad_norm"):
+      np.testing.assert_allclose(g[k], float(w[k]), rtol=1e-4, err_msg=f"step {i + 1} {k}")
+  # The parameters, each tensor against its own total update over the run: the 2-process
+  # result must sit within 2% of the distance training moved it (a sign or scale error in
+  # the update, or a missed all-reduce, moves it by ~100%). The 1e-6 floor (0.1% of one Adam
+  # step at this lr) is for tensors whose gradient is zero by construction (attention key
+  # biases: softmax ignores them), whose tiny moves are rounding noise amplified by Adam.
+  ref = jax.device_get(state)
+  for name, g_tree, r_tree, i_tree in (("params", got.params, ref.params, init.params),
+                                       ("snapshot", got.snapshot_params, ref.snapshot_params,
+                                        init.snapshot_params)):
+    for (path, g), r, i0 in zip(jax.tree_util.tree_leaves_with_path(g_tree),
+                                jax.tree_util.tree_leaves(r_tree), jax.tree_util.tree_leaves(i_tree)):
+      g, r, i0 = np.asarray(g), np.asarray(r), np.asarray(i0)
+      update = float(np.abs(r - i0).max())
+      err = float(np.abs(g - r).max())
+      assert err <= 0.02 * update + 1e-6, (name, jax.tree_util.keystr(path), err, update)
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(ref.params), jax.tree_util.tree_leaves(init.params)))
+  assert moved > 1e-3  # the floor is small against what training changed

@@ -175,6 +175,57 @@ def test_cli(tiny, vocab, tmp_path):
                       f"--out={out}"], cwd=ROOT, capture_output=True, text=True, env=env,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
-  for name in ("attention.png", "alignment.png", "maps.npz"):
-    assert os.path.getsize(os.path.join(out, name)) > 1000
-  assert np.load(os.path.join(out, "maps.npz"))["attention"].shape == (4, 4, 4)
+  import matplotlib.image as mpimg
+  maps = np.load(os.path.join(out, "maps.npz"))
+  assert maps["attention"].shape == (4, 4, 4)  # [T, h, w] of the 32 px, patch 8 model
+  # each figure reads back as an image with a column per frame (wider than tall) and, for the
+  # alignment figure, a row per word under the frames
+  att = mpimg.imread(os.path.join(out, "attention.png"))
+  ali = mpimg.imread(os.path.join(out, "alignment.png"))
+  assert att.shape[1] > att.shape[0] and ali.shape[1] == att.shape[1]
+  assert ali.shape[0] > att.shape[0] * (1 + len(maps["words"])) / 2 * 0.8
+
+
+def _panels(img, colour, tol=2):
+  """Bounding boxes (y0, y1, x0, x1) of the connected-in-x runs of pixels of exactly `colour`."""
+  hit = (np.abs(img.astype(int) - np.asarray(colour)).max(-1) <= tol)
+  ys, xs = np.nonzero(hit)
+  return hit, (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) if len(ys) else None
+
+
+def test_attention_png_shows_the_frames_and_the_heat_map(tmp_path):
+  """Read back: the top row shows each frame (its colour, left to right in order); below each,
+  the heat map's hottest cell is where the attention puts it, on a grid of the map's shape."""
+  import matplotlib.image as mpimg
+  import matplotlib.pyplot as plt
+  colours = [(255, 0, 255), (0, 120, 90), (150, 75, 0), (90, 40, 160)]  # not in jet, not grey
+  frames = np.stack([np.broadcast_to(np.uint8(c), (64, 64, 3)) for c in colours])
+  hot = [(0, 1), (2, 3), (3, 0), (1, 2)]  # (row, col) of each frame's hottest cell on a 4x4 grid
+  attention = np.full((4, 4, 4), 0.01, np.float32)
+  for t, (r, c) in enumerate(hot):
+    attention[t, r, c] = 0.5
+  path = viz.plot_attention(frames, attention, "a test clip", str(tmp_path / "attention.png"))
+  img = np.round(mpimg.imread(path)[..., :3] * 255).astype(np.uint8)
+  cold = np.asarray(plt.get_cmap("jet")(0.0)[:3]) * 255
+  for t, (colour, (r, c)) in enumerate(zip(colours, hot)):
+    _, box = _panels(img, colour)
+    assert box is not None, f"frame {t}'s colour is not in the figure"
+    y0, y1, x0, x1 = box
+    assert (y1 - y0) > 50 and abs((y1 - y0) - (x1 - x0)) <= 2  # a square frame, drawn whole
+    if t:
+      assert x0 > prev_x1  # frames left to right in clip order
+    prev_x1 = x1
+    # The overlay panel below: the frame blended with the colour map's coldest colour.
+    blend = 0.6 * cold + 0.4 * np.asarray(colour)
+    below = img[y1:, x0:x1]
+    hit, b = _panels(below, blend, tol=4)
+    assert b is not None, f"no heat map under frame {t}"
+    by0, by1, bx0, bx1 = b
+    side = by1 - by0
+    assert abs(side - (y1 - y0)) <= 2 and abs((bx1 - bx0) - (x1 - x0)) <= 2
+    panel = below[by0:by1, bx0:bx1].astype(float)
+    dist = np.abs(panel - blend).sum(-1)  # how far from cold, per pixel
+    cell = dist.reshape(4, side // 4, 4, side // 4).mean((1, 3)) if side % 4 == 0 else \
+        np.array([[dist[i * side // 4:(i + 1) * side // 4, j * side // 4:(j + 1) * side // 4].mean()
+                   for j in range(4)] for i in range(4)])
+    assert np.unravel_index(cell.argmax(), cell.shape) == (r, c), (t, cell.round(1))

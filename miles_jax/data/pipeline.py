@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 from typing import Optional
 
 import numpy as np
@@ -196,6 +197,27 @@ def _records(files: list, cycle_length: int = 16):
       lambda f: tf.data.TFRecordDataset(f).ignore_errors(log_warning=True),
       cycle_length=max(1, min(cycle_length, len(files))), block_length=1,
       **({"num_parallel_calls": AUTOTUNE, "deterministic": True} if len(files) > 1 else {}))
+
+
+def complete_records(path: str) -> tuple[int, bool]:
+  """(complete records, truncated?) of a TFRecord file, from its 12-byte record headers only.
+
+  A truncated file ends inside a record; what was written after that point is gone and cannot
+  be counted from the file itself.
+  """
+  size = tf.io.gfile.stat(path).length
+  count, offset = 0, 0
+  with tf.io.gfile.GFile(path, "rb") as f:
+    while offset < size:
+      if size - offset < 12:
+        return count, True
+      f.seek(offset)
+      (length,) = struct.unpack("<Q", f.read(8))
+      offset += 12 + length + 4  # header (length, its crc), data, data crc
+      if offset > size:
+        return count, True
+      count += 1
+  return count, False
 
 
 def _epoch_key(seed: int, epoch: int, process_index: int) -> int:
@@ -398,6 +420,21 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
     labels.append(int(m["label"]))
     valid_pos.append(int(m["position"]))
     video_ids.append(vid)
+  # A damaged shard (truncated, or records that do not parse) shrinks the gallery and inflates
+  # recall without a sign in the metrics: refuse it unless the config says otherwise.
+  truncated = [(f, n) for f in files for n, cut in [complete_records(f)] if cut]
+  unparseable = [s["position"] for s in skipped if s["reason"] == "unparseable record"]
+  if truncated or unparseable:
+    what = [f"{f} ends inside a record after {n} complete records (later records lost)"
+            for f, n in truncated]
+    if unparseable:
+      what.append(f"{len(unparseable)} unparseable records at positions {unparseable[:10]}")
+    if not config.data.get("allow_damaged_eval", False):
+      raise ValueError(f"data.eval={pattern} is damaged: {'; '.join(what)}. Recall on the rest "
+                       "would not compare with the full split: re-create the shards, or set "
+                       "--config.data.allow_damaged_eval=True to evaluate what is readable")
+    skipped.extend({"position": None, "video_id": None, "reason": f"truncated shard {f} "
+                    f"after {n} records"} for f, n in truncated)
   if skipped:
     logging.warning("eval %s: %d records left out: %s", pattern, len(skipped), skipped[:10])
   if not video_ids:

@@ -60,11 +60,26 @@ class WordPieceTokenizer(_Tokenizer):
     table = tf.lookup.StaticVocabularyTable(
         tf.lookup.KeyValueTensorInitializer(
             tf.constant(vocab), tf.range(len(vocab), dtype=tf.int64)), num_oov_buckets=1)
-    self._bert = tf_text.BertTokenizer(table, lower_case=lower_case, unknown_token="[UNK]",
+    # Normalisation is ours (below), as Hugging Face's BertTokenizer does it; tf_text's own
+    # lower_case=True applies NFKC case folding, which rewrites `…` -> `...`, `ß` -> `ss`, `²` -> `2`.
+    self._lower_case = lower_case
+    self._bert = tf_text.BertTokenizer(table, lower_case=False, unknown_token="[UNK]",
                                        token_out_type=tf.int64)
 
+  def _normalize(self, strings):
+    """BERT's text cleaning: control and format characters (and NUL, U+FFFD) removed, tab /
+    newline / line and paragraph separators made spaces; uncased: lower-case, NFD, marks
+    (Mn) removed."""
+    s = tf.strings.regex_replace(strings, r"[\t\n\r\p{Zs}\x{2028}\x{2029}]", " ")
+    s = tf.strings.regex_replace(s, r"[\p{Cc}\p{Cf}\x{FFFD}]", "")
+    if self._lower_case:
+      s = tf_text.normalize_utf8(tf.strings.lower(s, encoding="utf-8"), "NFD")
+      s = tf.strings.regex_replace(s, r"\p{Mn}", "")
+    return s
+
   def _pieces(self, strings):
-    return self._bert.tokenize(strings).merge_dims(-2, -1)  # [B, words, pieces] -> [B, pieces]
+    pieces = self._bert.tokenize(self._normalize(strings))
+    return pieces.merge_dims(-2, -1)  # [B, words, pieces] -> [B, pieces]
 
 
 class SentencePieceTokenizer(_Tokenizer):
