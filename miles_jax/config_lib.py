@@ -136,6 +136,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.best_metric = ""  # e.g. "retrieval/t2v_R1": also keep the best checkpoint by it
   c.train.init_from = ""  # exported model dir or .pth/.safetensors to start a new run from
   c.train.inject_nan_at_step = -1  # fault-injection for tests: NaN loss at this step
+  # Global batches built and put on the devices ahead of the step by a background thread
+  # (0: built on demand between steps, the device idles meanwhile).
+  c.train.prefetch = 2
+  # Read the step's metrics (and the non-finite check) after every step instead of only at
+  # log steps and before saves: a host<->device sync per step (debugging; the pre-prefetch loop).
+  c.train.sync_every_step = False
+  # Persistent XLA compilation cache: 'auto' = WORKDIR/compilation_cache (unless
+  # JAX_COMPILATION_CACHE_DIR is set), '' = off, or any directory / gs:// path.
+  c.train.compilation_cache = "auto"
+  # (first, last): a jax.profiler trace of steps first+1..last in WORKDIR/profile; () = none.
+  c.train.profile_steps = ()
   c.evaluators = "retrieval"  # comma list run on data.eval: retrieval, zeroshot
 
   c.mesh = ml_collections.ConfigDict()

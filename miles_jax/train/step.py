@@ -264,3 +264,9 @@ def make_train_step(config, mesh: Mesh, model=None, tx=None,
 
 
 _BATCH_KEYS = ("frames", "input_ids", "attention_mask", "mvm_mask")
+
+
+def batch_keys(config) -> tuple:
+  """The batch entries the step reads for the config's objectives: only these go to the devices."""
+  objs = objectives.parse_objectives(config.objectives)
+  return tuple(k for k in _BATCH_KEYS if k != "mvm_mask" or "miles" in objs)
