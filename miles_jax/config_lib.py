@@ -116,14 +116,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.grad_accum_steps = 1
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = ""  # glob of TFRecord shards
+  # Glob of TFRecord shards (comma-separated globs allowed), or several weighted sources as a
+  # list of {glob, weight, frames} (set with `set_train_sources`): each global batch comes from
+  # one source picked by weight, e.g. WebVid clips with 4 frames and CC3M images as 1-frame clips.
+  c.data.train = ""
   c.data.eval = ""
   c.data.tokenizer = ""  # vocab.txt (WordPiece) or *.model (sentencepiece)
   c.data.num_frames = 4
   c.data.max_len = 32
   c.data.batch_size = 2  # global batch
   c.data.eval_batch_size = 8
-  c.data.shuffle_buffer = 1000
+  # Records (serialised JPEG frames, ~50-200 KB each) shuffled per host after the 16-way shard
+  # interleave: 10k is ~1-2 GB of host RAM, far above the few hundred a batch spans.
+  c.data.shuffle_buffer = 10_000
   c.data.crop_scale = (0.5, 1.0)
 
   c.train = ml_collections.ConfigDict()
@@ -172,6 +177,35 @@ def default_config() -> ml_collections.ConfigDict:
       ("width", None),
   )
   return c
+
+
+def set_train_sources(config, sources: list) -> None:
+  """Sets `data.train` to weighted sources [{glob, weight, frames}, ...] (the field's default is
+  a string, which ml_collections would not let a list replace)."""
+  with config.data.ignore_type():
+    config.data.train = [dict(s) for s in sources]
+
+
+def train_sources(config) -> list[dict]:
+  """`data.train` as [{glob, weight, frames}]: a string is one source of weight 1 with
+  `data.num_frames` frames. Raises ValueError naming the field for a malformed entry."""
+  train = config.data.train
+  if isinstance(train, str):
+    return [{"glob": train, "weight": 1.0, "frames": int(config.data.num_frames)}] if train else []
+  out = []
+  for i, s in enumerate(train):
+    s = dict(s)
+    unknown = set(s) - {"glob", "weight", "frames"}
+    if unknown or not s.get("glob"):
+      raise ValueError(f"config.data.train[{i}]: {s!r}: each source is {{glob, weight, frames}} "
+                       f"with a non-empty glob{f' (unknown keys {sorted(unknown)})' if unknown else ''}")
+    weight, frames = float(s.get("weight", 1.0)), int(s.get("frames", config.data.num_frames))
+    if weight <= 0:
+      raise ValueError(f"config.data.train[{i}].weight={weight} must be > 0")
+    if frames < 1:
+      raise ValueError(f"config.data.train[{i}].frames={frames} must be >= 1")
+    out.append({"glob": str(s["glob"]), "weight": weight, "frames": frames})
+  return out
 
 
 def default_config_path() -> str:
@@ -225,11 +259,16 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
   if config.data.max_len > config.model.text.max_len:
     fail("data.max_len", f"{config.data.max_len} > model.text.max_len={config.model.text.max_len}")
   if needs_train_data:
-    if not config.data.train:
+    sources = train_sources(config)
+    if not sources:
       fail("data.train", "is empty: set it to a glob of TFRecord shards "
            "(python -m miles_jax.data.prepare / miles_jax.data.synthetic write them)")
-    if not matches(config.data.train):
-      fail("data.train", f"{config.data.train!r} matches no files")
+    for i, src in enumerate(sources):
+      field = "data.train" if isinstance(config.data.train, str) else f"data.train[{i}]"
+      if not matches(src["glob"]):
+        fail(field, f"{src['glob']!r} matches no files")
+      if src["frames"] > v.num_frames:
+        fail(field, f"frames={src['frames']} > model.video.num_frames={v.num_frames}")
   if config.data.eval and not matches(config.data.eval):
     fail("data.eval", f"{config.data.eval!r} matches no files")
   if not config.data.tokenizer or not matches(config.data.tokenizer):

@@ -204,13 +204,13 @@ class MetricWriter:
 
 def _data_state_all_hosts(s: dict) -> list:
   """Every host's data-iterator position (hosts read different files)."""
-  local = np.asarray([s["epoch"], s["position"], s["skipped"]], np.int64)
+  local = np.asarray(pipeline.state_to_ints(s), np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    allv = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
+    allv = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(local))
   else:
     allv = local[None]
-  return [{"epoch": int(e), "position": int(p), "skipped": int(k)} for e, p, k in allv]
+  return [pipeline.ints_to_state(v) for v in allv]
 
 
 def build_evaluators(config, mesh, rules) -> list:
@@ -269,9 +269,9 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
     state, meta = ckpt.restore(checkpoints.abstract_with_shardings(abstract, shardings), latest)
     hosts = meta.get("data", [])
     if len(hosts) != jax.process_count():
-      raise ValueError(f"checkpoint step {latest} was written by {len(hosts)} processes but "
-                       f"this run has {jax.process_count()}: the data positions do not map")
-    data.restore(hosts[jax.process_index()])
+      _print(f"checkpoint step {latest} was written by {len(hosts)} processes, this run has "
+             f"{jax.process_count()}: every host starts the next data epoch")
+    data.restore(pipeline.resume_state(hosts, jax.process_index(), jax.process_count()))
     _print(f"resumed {workdir} from step {latest}")
   state = _maybe_init_from(config, state, shardings)
 
@@ -361,7 +361,9 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
       if preempt.reached(done):
         save(done, force=True)
         ckpt.close()
-        _print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
+        # every host says it: on a pod, each worker's log shows the step it saved
+        print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting (process "
+              f"{jax.process_index()} of {jax.process_count()})", flush=True)
         return {"train": last, "eval": eval_metrics, "preempted": True, "step": done}
       if done % config.train.checkpoint_every == 0 or done == total:
         save(done, force=True)
