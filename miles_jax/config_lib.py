@@ -65,7 +65,14 @@ def model_config(size: str = "base") -> ml_collections.ConfigDict:
   c.mvm_head = "linear"
   # Compute dtype for activations; params stay float32.
   c.dtype = "float32"
-  c.remat = False  # rematerialise each transformer block in the backward pass
+  # Rematerialisation of each transformer block in the backward pass: none (keep activations),
+  # full (keep block inputs only: least memory), dots_saveable (keep matmul outputs, recompute
+  # the elementwise ops). Older configs' True / False mean full / none.
+  c.remat = "none"
+  # One nn.scan over the blocks (compiled once, not depth times). Changes the param tree to a
+  # stacked `blocks` / `layers`: dual_encoder.scan_params / unscan_params convert; exports and
+  # convert.py use the unrolled layout, so this stays off unless compile time matters.
+  c.scan_layers = False
   return c
 
 

@@ -61,7 +61,8 @@ class _Losses:
     if config.mvm.loss not in objectives.MVM_LOSSES:
       raise ValueError(f"config.mvm.loss={config.mvm.loss!r}: use one of "
                        f"{', '.join(objectives.MVM_LOSSES)}")
-    self.snapshot = VideoEncoder(config.model.video, model.dtype)
+    self.snapshot = VideoEncoder(config.model.video, model.dtype,
+                                 scan_layers=bool(config.model.get("scan_layers", False)))
 
   def _apply(self, params, method, *args, rng=None, **kwargs):
     rngs = {"dropout": rng} if rng is not None else {}
