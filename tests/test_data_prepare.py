@@ -241,3 +241,14 @@ def test_image_items(tmp_path):
   assert rep["written"] == 1 and rep["skipped"][0]["video_id"] == "000000001"
   rec = schema.read_records(str(tmp_path / "out" / prepare.shard_name("train", 0, 1)))[0]
   assert rec["num_frames"] == 1 and (rec["height"], rec["width"]) == (20, 30)
+
+
+def test_train_items_are_spread_over_shards_in_a_seeded_random_order():
+  order = prepare.shard_order(100, "train")
+  assert sorted(order.tolist()) == list(range(100))
+  assert order.tolist() != list(range(100))  # not annotation order
+  np.testing.assert_array_equal(order, prepare.shard_order(100, "train"))  # seeded
+  # shard 0 of 8 gets items from all over the file, not the first stretch / every 8th
+  first = sorted(order[0::8].tolist())
+  assert first != list(range(0, 100, 8)) and max(first) - min(first) > 50
+  np.testing.assert_array_equal(prepare.shard_order(10, "test"), np.arange(10))
