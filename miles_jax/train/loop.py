@@ -170,6 +170,14 @@ def _compilation_cache(config, workdir: str):
     jax.config.update("jax_compilation_cache_dir", path)
 
 
+def _barrier(name: str, timeout_s: int = 1800):
+  """All processes meet here (distributed runtime client; no device collective)."""
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if client is not None and jax.process_count() > 1:
+    client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def _is_main() -> bool:
   return jax.process_index() == 0
 
@@ -315,6 +323,10 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
     ckpt.save(step, state, {"data": _data_state_all_hosts(data_state), "step": step},
               metrics=metrics, force=force)
 
+  # Hosts arrive here after unequal host work (process 0 writes config.json and starts the
+  # TensorBoard writer); gloo gives a peer only 30 s to join the first step's collectives, the
+  # coordination service's barrier waits as long as start-up may take.
+  _barrier(f"miles_jax_train_start_{start}")
   if preempt.reached(start):
     ckpt.close()
     _print(f"SIGTERM before the first step: nothing new to save (step {start}); exiting")
