@@ -32,6 +32,8 @@ def diff_configs(saved: dict, wanted: dict, prefix: str = "model") -> list[str]:
   out = []
   for k in sorted(set(saved) | set(wanted)):
     a, b = saved.get(k), wanted.get(k)
+    if k == "scan_layers":  # absent from configs written before the field existed
+      a, b = bool(a), bool(b)
     if isinstance(a, dict) and isinstance(b, dict):
       out += diff_configs(a, b, f"{prefix}.{k}")
     elif a != b and k not in ("dtype", "remat", "drop_path_rate", "dropout_rate"):

@@ -65,7 +65,14 @@ def model_config(size: str = "base") -> ml_collections.ConfigDict:
   c.mvm_head = "linear"
   # Compute dtype for activations; params stay float32.
   c.dtype = "float32"
-  c.remat = False  # rematerialise each transformer block in the backward pass
+  # Rematerialisation of each transformer block in the backward pass: none (keep activations),
+  # full (keep block inputs only: least memory), dots_saveable (keep matmul outputs, recompute
+  # the elementwise ops). Older configs' True / False mean full / none.
+  c.remat = "none"
+  # One nn.scan over the blocks (compiled once, not depth times). Changes the param tree to a
+  # stacked `blocks` / `layers`: dual_encoder.scan_params / unscan_params convert; exports and
+  # convert.py use the unrolled layout, so this stays off unless compile time matters.
+  c.scan_layers = False
   return c
 
 
@@ -116,7 +123,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.grad_accum_steps = 1
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = ""  # glob of TFRecord shards
+  # Glob of TFRecord shards (comma-separated globs allowed), or several weighted sources as a
+  # list of {glob, weight, frames} (set with `set_train_sources`): each global batch comes from
+  # one source picked by weight, e.g. WebVid clips with 4 frames and CC3M images as 1-frame clips.
+  c.data.train = ""
   c.data.eval = ""
   c.data.tokenizer = ""  # vocab.txt (WordPiece) or *.model (sentencepiece)
   c.data.num_frames = 4
@@ -126,7 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
   # A truncated or unparseable eval shard is an error (the gallery would shrink and recall rise);
   # True evaluates the readable records and lists the damage in the eval set's `skipped`.
   c.data.allow_damaged_eval = False
-  c.data.shuffle_buffer = 1000
+  # Records (serialised JPEG frames, ~50-200 KB each) shuffled per host after the 16-way shard
+  # interleave: 10k is ~1-2 GB of host RAM, far above the few hundred a batch spans.
+  c.data.shuffle_buffer = 10_000
   c.data.crop_scale = (0.5, 1.0)
   # Evaluation data (docs/evaluation.md "Protocol"):
   c.data.eval_name = ""  # dataset name in results/caches ("": the eval glob's folder name)
@@ -169,6 +181,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.best_metric = ""  # e.g. "retrieval/t2v_R1": also keep the best checkpoint by it
   c.train.init_from = ""  # exported model dir or .pth/.safetensors to start a new run from
   c.train.inject_nan_at_step = -1  # fault-injection for tests: NaN loss at this step
+  # Global batches built and put on the devices ahead of the step by a background thread
+  # (0: built on demand between steps, the device idles meanwhile).
+  c.train.prefetch = 2
+  # Read the step's metrics (and the non-finite check) after every step instead of only at
+  # log steps and before saves: a host<->device sync per step (debugging; the pre-prefetch loop).
+  c.train.sync_every_step = False
+  # Persistent XLA compilation cache: 'auto' = WORKDIR/compilation_cache (unless
+  # JAX_COMPILATION_CACHE_DIR is set), '' = off, or any directory / gs:// path.
+  c.train.compilation_cache = "auto"
+  # (first, last): a jax.profiler trace of steps first+1..last in WORKDIR/profile; () = none.
+  c.train.profile_steps = ()
   c.evaluators = "retrieval"  # comma list run on data.eval: retrieval, zeroshot
 
   c.mesh = ml_collections.ConfigDict()
@@ -194,6 +217,35 @@ def default_config() -> ml_collections.ConfigDict:
       ("width", None),
   )
   return c
+
+
+def set_train_sources(config, sources: list) -> None:
+  """Sets `data.train` to weighted sources [{glob, weight, frames}, ...] (the field's default is
+  a string, which ml_collections would not let a list replace)."""
+  with config.data.ignore_type():
+    config.data.train = [dict(s) for s in sources]
+
+
+def train_sources(config) -> list[dict]:
+  """`data.train` as [{glob, weight, frames}]: a string is one source of weight 1 with
+  `data.num_frames` frames. Raises ValueError naming the field for a malformed entry."""
+  train = config.data.train
+  if isinstance(train, str):
+    return [{"glob": train, "weight": 1.0, "frames": int(config.data.num_frames)}] if train else []
+  out = []
+  for i, s in enumerate(train):
+    s = dict(s)
+    unknown = set(s) - {"glob", "weight", "frames"}
+    if unknown or not s.get("glob"):
+      raise ValueError(f"config.data.train[{i}]: {s!r}: each source is {{glob, weight, frames}} "
+                       f"with a non-empty glob{f' (unknown keys {sorted(unknown)})' if unknown else ''}")
+    weight, frames = float(s.get("weight", 1.0)), int(s.get("frames", config.data.num_frames))
+    if weight <= 0:
+      raise ValueError(f"config.data.train[{i}].weight={weight} must be > 0")
+    if frames < 1:
+      raise ValueError(f"config.data.train[{i}].frames={frames} must be >= 1")
+    out.append({"glob": str(s["glob"]), "weight": weight, "frames": frames})
+  return out
 
 
 def default_config_path() -> str:
@@ -263,11 +315,16 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
       fail("eval.qbnorm_bank", f"{ev.qbnorm_bank!r} matches no files: QB-Norm needs a query "
            "bank, e.g. the training split's shards")
   if needs_train_data:
-    if not config.data.train:
+    sources = train_sources(config)
+    if not sources:
       fail("data.train", "is empty: set it to a glob of TFRecord shards "
            "(python -m miles_jax.data.prepare / miles_jax.data.synthetic write them)")
-    if not matches(config.data.train):
-      fail("data.train", f"{config.data.train!r} matches no files")
+    for i, src in enumerate(sources):
+      field = "data.train" if isinstance(config.data.train, str) else f"data.train[{i}]"
+      if not matches(src["glob"]):
+        fail(field, f"{src['glob']!r} matches no files")
+      if src["frames"] > v.num_frames:
+        fail(field, f"frames={src['frames']} > model.video.num_frames={v.num_frames}")
   for name, pattern in eval_patterns(config):
     if not matches(pattern):
       fail("data.eval", f"{pattern!r} (split {name}) matches no files")

@@ -281,3 +281,106 @@ def test_eval_frames_from_source_positions_and_clips(tmp_path):
   c.data.eval_clips, c.data.num_frames = 1, 3
   ev3 = pipeline.load_eval_set(c.data.eval, c)
   assert not ev3.positions["exact"] and ev3.positions["max_offset_frames"] >= 1
+
+
+# --- pod scale: fewer shards than hosts, another host count on resume, weighted sources ---
+
+def _epoch_ids(it, batches):
+  ids = []
+  for b in _take(it, batches):
+    ids += b["video_index"].tolist()
+  return ids
+
+
+def test_fewer_shards_than_hosts_falls_back_to_record_sharding(shards, caplog):
+  """4 shards, 6 hosts: a warning, and the hosts' records are disjoint and cover the set."""
+  tmp, pattern = shards
+  c = _config(tmp, pattern, batch=6)  # 1 clip per host per batch
+  seen = []
+  with caplog.at_level("WARNING"):
+    for i in range(6):
+      it = pipeline.make_train_iterator(c, seed=0, process_index=i, process_count=6)
+      assert it.record_shard == (i, 6) and len(it.files) == 4
+      seen.append(_epoch_ids(it, 4))  # 24 records / 6 hosts
+  assert "record-level sharding" in caplog.text
+  flat = [v for s in seen for v in s]
+  assert len(flat) == 24 and len(set(flat)) == 24
+
+
+def test_resume_on_another_host_count_reads_nothing_twice_in_an_epoch(shards):
+  """2 hosts save mid-epoch; 3 hosts resume: no error, each starts the next epoch, and within
+  that epoch no record is read twice (the hosts' shares are disjoint)."""
+  tmp, pattern = shards
+  c = _config(tmp, pattern, batch=6)
+  saved = []
+  for i in range(2):
+    it = pipeline.make_train_iterator(c, seed=0, process_index=i, process_count=2)
+    _take(it, 2)
+    saved.append(it.state())
+  assert all(s["epoch"] == 0 and s["position"] > 0 for s in saved)
+  seen = []
+  for i in range(3):
+    it = pipeline.make_train_iterator(c, seed=0, process_index=i, process_count=3)
+    it.restore(pipeline.resume_state(saved, i, 3))
+    assert it.state()["epoch"] == 1 and it.state()["position"] == 0
+    ids = []  # this host's whole epoch 1 (hosts hold 12, 6, 6 records of the 4 files)
+    for _ in range(20):
+      b = next(it)
+      if it.state()["epoch"] > 1:
+        break
+      ids += b["video_index"].tolist()
+    assert ids
+    seen.append(ids)
+  flat = [v for s in seen for v in s]
+  assert len(flat) == len(set(flat)), "a record was read twice within the epoch"
+  # same host count: the exact position comes back
+  assert pipeline.resume_state(saved, 1, 2) == saved[1]
+
+
+def test_weighted_sources_one_source_per_batch(tmp_path):
+  """Videos (4 frames) and images (1-frame records) as two sources, weights 3:1: every batch
+  is from one source, images stay 1-frame clips, the mix follows the weights, and the mix is
+  the same on every host and resumes exactly."""
+  tmp = str(tmp_path)
+  videos = _write(os.path.join(tmp, "v"), "train", 16, 2)
+  images = _write_images(os.path.join(tmp, "i"), 16)
+  c = _config(tmp, videos, batch=4)
+  with open(os.path.join(tmp, "vocab.txt"), "w") as f:
+    f.write("\n".join(VOCAB) + "\n")
+  config_lib.set_train_sources(c, [{"glob": videos, "weight": 3.0, "frames": 4},
+                                   {"glob": images, "weight": 1.0, "frames": 1}])
+  config_lib.validate(c)
+  mk = lambda i: pipeline.make_train_iterator(c, seed=0, process_index=i, process_count=2)
+  it = mk(0)
+  frames = [b["frames"].shape[1] for b in _take(it, 40)]
+  assert set(frames) == {1, 4}
+  share = frames.count(4) / len(frames)
+  assert 0.6 <= share <= 0.9, share  # weight 3:1 -> 0.75
+  b = next(mk(0))
+  assert b["mvm_mask"].shape[1] == b["frames"].shape[1] * 16
+  # the same source per batch on the other host
+  other = [b["frames"].shape[1] for b in _take(mk(1), 40)]
+  assert other == frames
+  # resume: state after 5 batches, the next 5 equal an uninterrupted iterator's
+  a = mk(0)
+  _take(a, 5)
+  state = a.state()
+  ref = _take(a, 5)
+  r = mk(0)
+  r.restore(state)
+  for x, y in zip(_take(r, 5), ref):
+    np.testing.assert_array_equal(x["frames"], y["frames"])
+  assert pipeline.ints_to_state(pipeline.state_to_ints(state)) == state
+  # a malformed source names the field
+  config_lib.set_train_sources(c, [{"glob": videos, "weight": 0}])
+  with pytest.raises(ValueError, match=r"data\.train\[0\]\.weight"):
+    config_lib.validate(c)
+
+
+def _write_images(dirname, num):
+  """`num` 1-frame records (images, as prepare writes CC3M) in one shard."""
+  os.makedirs(dirname, exist_ok=True)
+  recs = [schema.make_example(f"img{i:03d}", [_caption(i)], _frames(100 + i)[:1]).SerializeToString()
+          for i in range(num)]
+  prepare.write_records(os.path.join(dirname, prepare.shard_name("train", 0, 1)), recs)
+  return os.path.join(dirname, "train-*.tfrecord")

@@ -527,3 +527,14 @@ def test_action_recognition_three_official_splits(media, tmp_path):
   assert set(json.load(open(os.path.join(out, "report.json")))) == {"test1", "test2", "test3"}
   assert prepare.main(["--format", "ucf101", "--annotations", str(lists), "--media-dir", media,
                        "--out", out, "--split", "test", "--fold", "4"]) == 2
+
+
+def test_train_items_are_spread_over_shards_in_a_seeded_random_order():
+  order = prepare.shard_order(100, "train")
+  assert sorted(order.tolist()) == list(range(100))
+  assert order.tolist() != list(range(100))  # not annotation order
+  np.testing.assert_array_equal(order, prepare.shard_order(100, "train"))  # seeded
+  # shard 0 of 8 gets items from all over the file, not the first stretch / every 8th
+  first = sorted(order[0::8].tolist())
+  assert first != list(range(0, 100, 8)) and max(first) - min(first) > 50
+  np.testing.assert_array_equal(prepare.shard_order(10, "test"), np.arange(10))

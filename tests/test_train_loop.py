@@ -186,3 +186,52 @@ def test_two_processes_match_one(data_dir, tmp_path):
   moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
       jax.tree_util.tree_leaves(ref.params), jax.tree_util.tree_leaves(init.params)))
   assert moved > 1e-3  # the floor is small against what training changed
+
+
+def test_prefetcher_hands_out_batches_in_order_with_their_data_state():
+  """The background thread runs ahead, but each batch comes with the iterator state *after*
+  it (what a checkpoint must record), and an error in the thread reaches the consumer."""
+  from miles_jax.train.loop import _Prefetcher
+
+  class Data:
+    def __init__(self, fail_at=None):
+      self.n, self.fail_at = 0, fail_at
+
+    def __next__(self):
+      if self.n == self.fail_at:
+        raise ValueError("corrupt shard")
+      self.n += 1
+      return {"x": self.n}
+
+    def state(self):
+      return {"position": self.n}
+
+  for depth in (0, 2):
+    p = _Prefetcher(Data(), lambda b: b["x"] * 10, depth)
+    got = [next(p) for _ in range(5)]
+    p.close()
+    assert got == [(10 * i, {"position": i}) for i in range(1, 6)]
+  p = _Prefetcher(Data(fail_at=2), lambda b: b, 2)
+  next(p), next(p)
+  with pytest.raises(ValueError, match="corrupt shard"):
+    next(p)
+  p.close()
+
+
+def test_metrics_read_at_log_steps_profile_and_compile_cache(data_dir, tmp_path):
+  """log_every=4 over 4 steps: one metrics row; `train.profile_steps` writes a jax.profiler
+  trace; the persistent compilation cache lands under the workdir by default."""
+  wd = str(tmp_path / "prof")
+  env = _env(1)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  r = _run(_cmd(data_dir, wd, *_overrides(steps=4, **{"train.log_every": 4,
+                                                      "train.checkpoint_every": 4,
+                                                      "train.profile_steps": "(1, 3)"})),
+           env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [x["step"] for x in rows if x["kind"] == "train"] == [4]
+  traces = [f for _, _, fs in os.walk(os.path.join(wd, "profile")) for f in fs
+            if f.endswith(".xplane.pb")]
+  assert traces, os.listdir(wd)
+  assert os.listdir(os.path.join(wd, "compilation_cache"))

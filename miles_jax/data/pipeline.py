@@ -10,6 +10,13 @@ Train batch (per host, b = data.batch_size // process_count):
 Every random choice (file order, shuffle, frame, crop, flip, caption, mask) is a function of
 (seed, epoch, process_index, position of the record in the host's epoch stream), so a run is
 reproducible and `TrainIterator.state()` / `.restore()` resume it exactly.
+
+Hosts split the shards (every process_count-th file); with fewer shards than hosts every host
+reads all shards in the same order and keeps every process_count-th record (record-level
+sharding, with a warning: each host then reads all the bytes). Several weighted sources
+(`data.train` as a list, config_lib.train_sources) give one iterator each; every global batch
+comes from one source, picked by weight with a (seed, batch number) key that is the same on every
+host, so a batch has one frame count T and the step compiles once per T.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from miles_jax import masking
+from miles_jax import config_lib, masking
 from miles_jax.data import schema
 from miles_jax.data.tokenizers import build_tokenizer
 
@@ -57,6 +64,22 @@ def split_files(files: list, process_index: int, process_count: int) -> list:
   return files[process_index::process_count]
 
 
+def host_files(files: list, process_index: int, process_count: int) -> tuple:
+  """(files this host reads, record shard (index, count) or None).
+
+  Enough shards: file-level split_files. Fewer shards than hosts (e.g. 8 shards on a 64-host
+  v5e-256): every host reads every file and keeps every process_count-th record.
+  """
+  if len(files) >= process_count:
+    return split_files(files, process_index, process_count), None
+  if process_index == 0:
+    logging.warning("%d shards for %d processes: falling back to record-level sharding (every "
+                    "host reads all shards and keeps every %d-th record); write at least %d "
+                    "shards (prepare --num-shards) to give each host its own files",
+                    len(files), process_count, process_count, process_count)
+  return list(files), (process_index, process_count)
+
+
 def mask_spec(config) -> tuple:
   """(strategy, ratio) of the per-sample video mask: mac.video_ratio when MAC trains alone."""
   objectives = {o.strip() for o in str(config.get("objectives", "")).split(",")}
@@ -66,13 +89,13 @@ def mask_spec(config) -> tuple:
   return config.mask.strategy, ratio
 
 
-def _geometry(config) -> tuple:
+def _geometry(config, num_frames: Optional[int] = None) -> tuple:
   v = config.model.video
   if v.img_size % v.patch_size:
     raise ValueError(f"model.video.img_size={v.img_size} is not a multiple of "
                      f"model.video.patch_size={v.patch_size}")
   grid = v.img_size // v.patch_size
-  return config.data.num_frames, v.img_size, (grid, grid)
+  return num_frames or config.data.num_frames, v.img_size, (grid, grid)
 
 
 def frame_indices(n, num_frames: int, train: bool, seed=None):
@@ -225,19 +248,26 @@ def _epoch_key(seed: int, epoch: int, process_index: int) -> int:
 
 
 def build_train_dataset(config, files: list, tokenizer, *, seed: int, epoch: int = 0,
-                        position: int = 0, process_index: int = 0, process_count: int = 1
+                        position: int = 0, process_index: int = 0, process_count: int = 1,
+                        num_frames: Optional[int] = None, record_shard: Optional[tuple] = None
                         ) -> tf.data.Dataset:
   """One epoch of this host's batches, starting at record `position` of the epoch stream.
 
   Elements carry `_position` int64 [b] (record positions, for resuming) besides the batch.
+  `record_shard=(index, count)`: keep every count-th record of `files` (read in an order shared
+  by every host), starting at index. `num_frames` overrides data.num_frames (per source).
   """
-  num_frames, size, grid = _geometry(config)
+  num_frames, size, grid = _geometry(config, num_frames)
   batch = config.data.batch_size // process_count
   strategy, ratio = mask_spec(config)
   masking.num_masked(strategy, num_frames, grid, ratio)  # validates before any work
   key = _epoch_key(seed, epoch, process_index)
-  order = np.random.default_rng(key).permutation(len(files))
+  # record-level sharding needs one record stream for all hosts: the file order is host-free
+  order_key = key if record_shard is None else _epoch_key(seed, epoch, -1 % 2**31)
+  order = np.random.default_rng(order_key).permutation(len(files))
   ds = _records([files[i] for i in order])
+  if record_shard is not None:
+    ds = ds.shard(record_shard[1], record_shard[0])
   if config.data.shuffle_buffer > 1:
     ds = ds.shuffle(config.data.shuffle_buffer, seed=key % (2**31), reshuffle_each_iteration=False)
   ds = ds.enumerate().skip(position)  # positions count raw records, corrupt ones included
@@ -274,13 +304,18 @@ class TrainIterator:
   """Endless iterator of per-host train batches; `state()` is a small dict to checkpoint."""
 
   def __init__(self, config, *, seed: int, process_index: int, process_count: int,
-               tokenizer=None):
+               tokenizer=None, source: Optional[dict] = None):
     if config.data.batch_size % process_count:
       raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                        f"process_count={process_count}")
     self.config, self.seed = config, int(seed)
     self.process_index, self.process_count = process_index, process_count
-    self.files = split_files(list_files(config.data.train), process_index, process_count)
+    if source is None:
+      sources = config_lib.train_sources(config)
+      source = sources[0] if sources else {"glob": "", "frames": config.data.num_frames}
+    self.num_frames = int(source["frames"])
+    self.files, self.record_shard = host_files(list_files(source["glob"]), process_index,
+                                               process_count)
     self.tokenizer = tokenizer or build_tokenizer(config.data.tokenizer, config.data.max_len)
     self.epoch, self.position, self.skipped = 0, 0, 0
     self._it = None
@@ -299,7 +334,8 @@ class TrainIterator:
     return build_train_dataset(self.config, self.files, self.tokenizer, seed=self.seed,
                                epoch=self.epoch, position=self.position,
                                process_index=self.process_index,
-                               process_count=self.process_count)
+                               process_count=self.process_count, num_frames=self.num_frames,
+                               record_shard=self.record_shard)
 
   def __iter__(self):
     return self
@@ -326,15 +362,99 @@ class TrainIterator:
       return b
 
 
+class MixedTrainIterator:
+  """Batches from several sources: batch n comes from source `pick(n)`, drawn by weight with a
+  (seed, n) key, identical on every host. State: {"batches": n, "sources": [state, ...]}."""
+
+  def __init__(self, iterators: list, weights: list, seed: int):
+    self.iterators = iterators
+    w = np.asarray(weights, np.float64)
+    self.probs = w / w.sum()
+    self.seed, self.batches = int(seed), 0
+
+  def pick(self, n: int) -> int:
+    return int(np.random.default_rng([self.seed, 7919, n]).choice(len(self.probs), p=self.probs))
+
+  def state(self) -> dict:
+    return {"batches": self.batches, "sources": [it.state() for it in self.iterators]}
+
+  def restore(self, state: dict):
+    self.batches = int(state["batches"])
+    for it, s in zip(self.iterators, state["sources"]):
+      it.restore(s)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    b = next(self.iterators[self.pick(self.batches)])
+    self.batches += 1
+    return b
+
+
+def state_to_ints(state: dict) -> list:
+  """A data state as a flat int list (for a process_allgather); `ints_to_state` inverts it."""
+  if "sources" in state:
+    return [state["batches"]] + [int(s[k]) for s in state["sources"]
+                                 for k in ("epoch", "position", "skipped")]
+  return [int(state[k]) for k in ("epoch", "position", "skipped")]
+
+
+def ints_to_state(values) -> dict:
+  v = [int(x) for x in values]
+  if len(v) == 3:
+    return {"epoch": v[0], "position": v[1], "skipped": v[2]}
+  return {"batches": v[0], "sources": [ints_to_state(v[i:i + 3]) for i in range(1, len(v), 3)]}
+
+
+def resume_state(saved: list, process_index: int, process_count: int) -> dict:
+  """This host's data state from a checkpoint's per-host states.
+
+  Same host count: its own state, the run continues exactly. Another host count: the hosts'
+  streams do not map onto the new split, so every source starts its next epoch (the unread rest
+  of the interrupted epoch is skipped; no record is read twice within an epoch) with a warning.
+  """
+  if len(saved) == process_count:
+    return saved[process_index]
+  if not saved:
+    raise ValueError("the checkpoint holds no data position (meta['data'] is empty)")
+
+  def next_epoch(states):
+    return {"epoch": max(int(s["epoch"]) for s in states) + 1, "position": 0,
+            "skipped": sum(int(s.get("skipped", 0)) for s in states)}
+
+  if process_index == 0:
+    logging.warning("the checkpoint was written by %d processes and this run has %d: every host "
+                    "starts the next data epoch (the rest of the interrupted epoch is skipped)",
+                    len(saved), process_count)
+  if "sources" in saved[0]:
+    return {"batches": int(saved[0]["batches"]),
+            "sources": [next_epoch([s["sources"][i] for s in saved])
+                        for i in range(len(saved[0]["sources"]))]}
+  return next_epoch(saved)
+
+
 def make_train_iterator(config, *, seed: int, process_index: Optional[int] = None,
-                        process_count: Optional[int] = None, tokenizer=None) -> TrainIterator:
-  """Train batches for this process (defaults: jax.process_index() / jax.process_count())."""
+                        process_count: Optional[int] = None, tokenizer=None):
+  """Train batches for this process (defaults: jax.process_index() / jax.process_count()).
+
+  One source: a TrainIterator; several (`data.train` as a list): a MixedTrainIterator.
+  """
   if process_index is None or process_count is None:
     import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  return TrainIterator(config, seed=seed, process_index=process_index,
-                       process_count=process_count, tokenizer=tokenizer)
+  sources = config_lib.train_sources(config)
+  if not sources:
+    list_files("", "data.train")  # raises the "is empty" error
+  tokenizer = tokenizer or build_tokenizer(config.data.tokenizer, config.data.max_len)
+  # source i draws with seed + i * 1000003: sources do not share shuffles and crops
+  its = [TrainIterator(config, seed=seed + i * 1_000_003, process_index=process_index,
+                       process_count=process_count, tokenizer=tokenizer, source=src)
+         for i, src in enumerate(sources)]
+  if isinstance(config.data.train, str):
+    return its[0]
+  return MixedTrainIterator(its, [s["weight"] for s in sources], seed)
 
 
 def read_captions(pattern: str, field: str) -> list:

@@ -15,7 +15,11 @@ source video (`frame_index`) and timestamp:
   Frozen in Time's `sample_frames(..., 'uniform')` picks them (segment bounds
   `int(linspace(0, n, T+1))`, frame `(start + end - 1) // 2`), the union over the T values.
   T=4 serves 4-frame eval; 8 and 16 also serve 2 and 4 test-time clips of 4 frames.
-The short side is resized to R (swscale AREA), frames are stored as JPEG. Items go to shard `i % num_shards` in annotation order. Shards are written under a
+The short side is resized to R (swscale AREA), frames are stored as JPEG. Train items are spread over the shards in a seeded random order
+(`shard_order`: shard s gets every num_shards-th item of a permutation), so a shard, and a host
+reading a few shards, sees a sample of the whole set rather than one stretch of the annotation
+file; other splits keep annotation order (item i to shard `i % num_shards`). Shards are written
+under a
 temporary name and renamed when complete, with a `.{shard}.json` sidecar; a rerun skips shards
 whose file and sidecar exist for the same items. Missing files, empty captions and unreadable
 videos are skipped and listed in `out/report.json` (one entry per split), never fatal. Ids of
@@ -289,6 +293,14 @@ def process_shard(task: dict) -> dict:
   return report
 
 
+def shard_order(num_items: int, split: str, seed: int = 0) -> np.ndarray:
+  """Item indices in the order they are dealt to the shards: a seeded permutation for train
+  splits (annotation files are often sorted by source or date), annotation order otherwise."""
+  if split.startswith("train"):
+    return np.random.default_rng(np.random.SeedSequence([seed, num_items])).permutation(num_items)
+  return np.arange(num_items)
+
+
 def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
             frames_per_clip: int = 16, resolution: int = 256, workers: int = 1,
             jpeg_quality: int = 90, verbose: bool = True,
@@ -303,9 +315,10 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
   if num_shards < 1:
     raise ValueError(f"--num_shards={num_shards} must be >= 1")
   tasks, reused = [], []
+  order = shard_order(len(items), split)
   for s in range(num_shards):
     name = shard_name(split, s, num_shards)
-    shard_items = [dataclass_dict(it) for it in items[s::num_shards]]
+    shard_items = [dataclass_dict(items[i]) for i in order[s::num_shards]]
     side = _sidecar(out, name)
     if os.path.isfile(os.path.join(out, name)) and os.path.isfile(side):
       with open(side) as f:

@@ -4,7 +4,10 @@ Videos: each host holds its clips (`EvalSet.batches` pads them so every host yie
 number of batches); the global batch is assembled with `make_array_from_process_local_data`,
 embedded, and returned replicated with each row's `video_index` (-1 = padding), so the result is
 placed by index: nothing dropped or duplicated when the count does not divide the batch.
-Texts: every host has every caption; each global batch is cut the same way.
+Texts: every host has every caption and embeds every process_count-th one, the same way: rows
+carry their caption index. Which global rows a process's data lands in depends on the mesh's
+device order (on TPU pods the batch shards are interleaved across processes, e.g. owners
+0,2,4,6,0,2,… on a v4-64), so no result is ever placed by position in the global batch.
 """
 from __future__ import annotations
 
@@ -42,33 +45,41 @@ class Embedder:
     self._video = jax.jit(lambda p, f, i: (embed_video(p, f), i),
                           in_shardings=(None, batch_sh, batch_sh), out_shardings=rep)
     self._text = jax.jit(
-        lambda p, i, a: m.apply({"params": p}, i, a, method=m.encode_text)["embed"],
-        in_shardings=(None, batch_sh, batch_sh), out_shardings=rep)
+        lambda p, i, a, r: (m.apply({"params": p}, i, a, method=m.encode_text)["embed"], r),
+        in_shardings=(None, batch_sh, batch_sh, batch_sh), out_shardings=rep)
 
-  def _local_rows(self, global_rows: int) -> slice:
-    """This process's contiguous rows of a global batch (processes own equal slices)."""
-    n, i = jax.process_count(), jax.process_index()
-    per = global_rows // n
-    return slice(i * per, (i + 1) * per)
+  def _local_batch(self, batch_size: int) -> int:
+    """Rows per host per global batch: a multiple of the host's batch shards."""
+    return _round_up(batch_size, max(1, self.divisor // jax.process_count()))
 
   def texts(self, params, input_ids, attention_mask, batch_size: int) -> np.ndarray:
     """All texts (identical on every host) -> float32 `[C, P]` in order."""
-    gb = _round_up(batch_size * jax.process_count(), self.divisor)
+    n, me = jax.process_count(), jax.process_index()
+    local = self._local_batch(batch_size)
     c = len(input_ids)
-    out = []
-    for start in range(0, c, gb):
-      ids, att = input_ids[start:start + gb], attention_mask[start:start + gb]
-      pad = gb - len(ids)
-      ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-      att = np.concatenate([att, np.ones((pad, att.shape[1]), att.dtype)])
-      rows = self._local_rows(gb)
-      g = parallel.global_batch({"i": ids[rows], "a": att[rows]}, self.mesh, self.rules)
-      out.append(np.asarray(self._text(params, g["i"], g["a"]))[:gb - pad])
-    return np.concatenate(out).astype(np.float32)
+    mine = np.arange(me, c, n)
+    per_host = -(-c // n)  # equal batch count on every host
+    result, seen = None, np.zeros(c, np.int32)
+    for start in range(0, max(per_host, 1), local):
+      rows = mine[start:start + local]
+      pad = local - len(rows)
+      ids = np.concatenate([input_ids[rows], np.zeros((pad, input_ids.shape[1]), input_ids.dtype)])
+      att = np.concatenate([attention_mask[rows],
+                            np.ones((pad, attention_mask.shape[1]), attention_mask.dtype)])
+      index = np.concatenate([rows, -np.ones(pad, np.int64)]).astype(np.int32)
+      g = parallel.global_batch({"i": ids, "a": att, "r": index}, self.mesh, self.rules)
+      emb, index = (np.asarray(x) for x in self._text(params, g["i"], g["a"], g["r"]))
+      if result is None:
+        result = np.zeros((c, emb.shape[1]), np.float32)
+      keep = index >= 0
+      result[index[keep]] = emb[keep]
+      np.add.at(seen, index[keep], 1)
+    _check_once(seen, "texts")
+    return result
 
   def videos(self, params, eval_set, batch_size: int) -> np.ndarray:
     """Every video of `eval_set` (each host its share) -> float32 `[V, P]` in video order."""
-    local = _round_up(batch_size, max(1, self.divisor // jax.process_count()))
+    local = self._local_batch(batch_size)
     num = len(eval_set.video_ids)
     result = np.zeros((num, 0), np.float32)
     seen = np.zeros(num, np.int32)
@@ -84,11 +95,15 @@ class Embedder:
       keep = index >= 0
       result[index[keep]] = emb[keep]
       np.add.at(seen, index[keep], 1)
-    if not (seen == 1).all():
-      bad = np.flatnonzero(seen != 1)[:10]
-      raise RuntimeError(f"embedding extraction covered videos {bad} {seen[bad]} times "
-                         "(expected exactly once)")
+    _check_once(seen, "videos")
     return result
+
+
+def _check_once(seen: np.ndarray, what: str):
+  if not (seen == 1).all():
+    bad = np.flatnonzero(seen != 1)[:10]
+    raise RuntimeError(f"embedding extraction covered {what} {bad} {seen[bad]} times "
+                       "(expected exactly once)")
 
 
 def _round_up(x: int, m: int) -> int:

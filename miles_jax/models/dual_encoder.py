@@ -29,9 +29,10 @@ class DualEncoder(nn.Module):
 
   def setup(self):
     c = self.config
-    remat = bool(c.get("remat", False))
-    self.video = VideoEncoder(c.video, self.dtype, remat)
-    self.text = TextEncoder(c.text, self.dtype, remat)
+    remat = layers.remat_name(c.get("remat", "none"))
+    scan = bool(c.get("scan_layers", False))
+    self.video = VideoEncoder(c.video, self.dtype, remat, scan)
+    self.text = TextEncoder(c.text, self.dtype, remat, scan)
     self.video_proj = layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype)
     self.text_proj = layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype)
     self.mvm_head = layers.dense(c.video.width, ("embed", "mlp"), None, self.dtype)
@@ -67,3 +68,43 @@ class DualEncoder(nn.Module):
 def build(config: ml_collections.ConfigDict) -> DualEncoder:
   """The dual encoder for a model config, computing in its `dtype` (params stay float32)."""
   return DualEncoder(config, compute_dtype(config))
+
+
+# `model.scan_layers`: the encoders' blocks become one scanned module whose params have a leading
+# layer axis. Released weights, exports and convert.py use the unrolled tree; these two map
+# between the layouts (params or any tree of the same structure, e.g. optimizer moments).
+_SCANNED = (("video", "block_", "blocks"), ("text", "layer_", "layers"))
+
+
+def scan_params(params: dict) -> dict:
+  """Unrolled `video/block_i`, `text/layer_i` -> scanned `video/blocks`, `text/layers`."""
+  import jax
+  import numpy as np
+  out = dict(params)
+  for enc, prefix, name in _SCANNED:
+    if enc not in out:
+      continue
+    tree = dict(out[enc])
+    keys = sorted((k for k in tree if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+    if keys:
+      tree[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                *[tree.pop(k) for k in keys])
+    out[enc] = tree
+  return out
+
+
+def unscan_params(params: dict) -> dict:
+  """Scanned `video/blocks`, `text/layers` -> unrolled `video/block_i`, `text/layer_i`."""
+  import jax
+  import numpy as np
+  out = dict(params)
+  for enc, prefix, name in _SCANNED:
+    if enc not in out or name not in out[enc]:
+      continue
+    tree = dict(out[enc])
+    stacked = tree.pop(name)
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(depth):
+      tree[f"{prefix}{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], stacked)
+    out[enc] = tree
+  return out

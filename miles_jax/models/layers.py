@@ -201,3 +201,42 @@ class DropPath(nn.Module):
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+def remat_name(value) -> str:
+  """`model.remat` as a policy name; the booleans of older configs map to none / full."""
+  if value is None or value is False or value == "":
+    return "none"
+  if value is True:
+    return "full"
+  if value not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={value!r}: use one of {', '.join(REMAT_POLICIES)}")
+  return value
+
+
+def maybe_remat(block: type, policy: str, static_argnums: tuple) -> type:
+  """The block class, rematerialised in the backward pass per `policy`.
+
+  none: keep every activation (fastest, most memory); full: keep only the block inputs and
+  recompute the rest (least memory, ~1 extra forward); dots_saveable: keep matmul outputs,
+  recompute the cheap elementwise ops (softmax, GELU, LayerNorm) in between.
+  """
+  policy = remat_name(policy)
+  if policy == "none":
+    return block
+  jax_policy = None if policy == "full" else jax.checkpoint_policies.dots_saveable
+  return nn.remat(block, policy=jax_policy, static_argnums=static_argnums)
+
+
+def scan_blocks(block: nn.Module, x, length: int, *args):
+  """`x = block(x, *args)` `length` times with one stacked set of params (nn.scan): the layer
+  is traced and compiled once instead of `length` times. Params gain a leading layer axis
+  (logical name None: not sharded); dropout keys differ per layer."""
+  def body(module, carry, _):
+    return module(carry, *args), None
+  scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    length=length, metadata_params={nn.PARTITION_NAME: None})
+  return scanned(block, x, None)[0]

@@ -57,7 +57,8 @@ class TextEncoder(nn.Module):
   """int32 `[B, L]` token ids + attention mask -> token features `[B, L, D]` (post-LN)."""
   config: ml_collections.ConfigDict
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"  # none | full | dots_saveable (layers.maybe_remat)
+  scan_layers: bool = False  # params `layers` [depth, ...] instead of layer_0..layer_{depth-1}
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, deterministic: bool = True):
@@ -74,8 +75,12 @@ class TextEncoder(nn.Module):
     x = x + emb("position_embeddings", c.max_len, ("positions", "embed"))(jnp.arange(l)[None])
     x = layers.layer_norm(c.layer_norm_eps, "embeddings_LayerNorm", self.dtype)(x)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
-    block = nn.remat(TextBlock, static_argnums=(3,)) if self.remat else TextBlock
-    for i in range(c.depth):
+    block = layers.maybe_remat(TextBlock, self.remat, static_argnums=(3,))
+    if self.scan_layers:
+      x = layers.scan_blocks(block(c.num_heads, c.mlp_dim, c.layer_norm_eps, c.dropout_rate,
+                                   self.dtype, name="layers"),
+                             x, c.depth, attention_mask, deterministic)
+    for i in range(0 if self.scan_layers else c.depth):
       x = block(c.num_heads, c.mlp_dim, c.layer_norm_eps, c.dropout_rate, self.dtype,
                 name=f"layer_{i}")(x, attention_mask, deterministic)
     return x

@@ -51,7 +51,8 @@ class VideoEncoder(nn.Module):
   """
   config: ml_collections.ConfigDict
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"  # none | full | dots_saveable (layers.maybe_remat)
+  scan_layers: bool = False  # params `blocks` [depth, ...] instead of block_0..block_{depth-1}
 
   @nn.compact
   def __call__(self, frames, mask=None, drop_masked: bool = False, num_masked: int | None = None,
@@ -97,10 +98,15 @@ class VideoEncoder(nn.Module):
         num_masked = _concrete_count(mask)
       x, token_ids = _keep_visible(x, mask, n, mask.shape[1] - num_masked)
 
-    block = SpaceTimeBlock
-    if self.remat:
-      block = nn.remat(SpaceTimeBlock, static_argnums=(2, 4))
-    for i in range(c.depth):
+    block = layers.maybe_remat(SpaceTimeBlock, self.remat, static_argnums=(2, 4))
+    if self.scan_layers:
+      if c.drop_path_rate:
+        raise ValueError("model.scan_layers=True needs model.video.drop_path_rate=0 (scanned "
+                         "layers share one module, so the per-layer drop-path rates cannot differ)")
+      x = layers.scan_blocks(block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, c.qkv_bias,
+                                   0.0, self.dtype, name="blocks"),
+                             x, c.depth, t, token_ids, deterministic)
+    for i in range(0 if self.scan_layers else c.depth):
       x = block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, c.qkv_bias,
                 c.drop_path_rate * i / max(c.depth - 1, 1), self.dtype,
                 name=f"block_{i}")(x, t, token_ids, deterministic)

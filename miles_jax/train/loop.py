@@ -3,9 +3,16 @@
 The only place with side effects. A run is resumable at any point: the orbax checkpoint holds
 the TrainState (online params, optimiser, snapshot params, step, rng) and every host's data
 position, and the step's randomness is `fold_in(rng, step)`, so a resumed run continues
-exactly as an uninterrupted one would. SIGTERM (TPU preemption) saves and exits 0. A
-non-finite loss stops the run (exit status 3) before anything is saved, so the last good
-checkpoint stays intact, or, with `train.on_nonfinite='skip'`, the update is dropped and counted.
+exactly as an uninterrupted one would. SIGTERM (TPU preemption) saves and exits 0; with
+several processes the decision is collective (JAX's preemption sync point), so every host saves
+the same step even when only one of them got the signal. A non-finite loss stops the run (exit
+status 3) before anything is saved, so the last good checkpoint stays intact, or, with
+`train.on_nonfinite='skip'`, the update is dropped and counted.
+
+The device never waits for the host between steps: batches are built and put on the devices
+`train.prefetch` steps ahead by a background thread, and the step's metrics stay on the devices
+until a log step or a save reads them (with the non-finite check of every step since the last
+read).
 """
 from __future__ import annotations
 
@@ -13,9 +20,11 @@ import io
 import json
 import math
 import os
+import queue
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -26,7 +35,7 @@ from miles_jax.data import pipeline
 from miles_jax.models import dual_encoder
 from miles_jax.train import optim
 from miles_jax.train.state import TrainState, create_train_state, train_state_shardings
-from miles_jax.train.step import METRICS, make_train_step
+from miles_jax.train.step import METRICS, batch_keys, make_train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -34,13 +43,24 @@ class NonFiniteLoss(RuntimeError):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """When to save and stop for a preemption notice (SIGTERM).
+
+  One process: a Python SIGTERM handler sets a flag the loop reads after each step. Several
+  processes (jax.distributed initialised): the save is collective, so hosts that decide alone
+  deadlock; JAX's preemption sync manager (its own SIGTERM notifier in the distributed runtime
+  client) tells every host the same step to stop at, `reached_preemption_sync_point(step)`.
+  No Python handler is installed then: it would replace the runtime's.
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
+    from jax._src import distributed
+    self.collective = distributed.global_state.client is not None
 
   def __enter__(self):
+    if self.collective:
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. called from a test thread)
@@ -50,9 +70,115 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    """True when the run must save `step` and exit; call once per step, steps increasing."""
+    if self.collective:
+      from jax.experimental import multihost_utils
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+
+class _Prefetcher:
+  """Global device batches built `depth` steps ahead by a background thread.
+
+  Each item carries the data iterator's state *after* its batch, so a checkpoint records the
+  position of the batches consumed, not of those prefetched. depth 0: built on demand.
+  """
+
+  def __init__(self, data, make_batch, depth: int):
+    self._data, self._make, self.depth = data, make_batch, int(depth)
+    self._stop = threading.Event()
+    self._thread = None
+    if self.depth > 0:
+      self._queue = queue.Queue(maxsize=self.depth)
+      self._thread = threading.Thread(target=self._fill, daemon=True, name="prefetch")
+      self._thread.start()
+
+  def _produce(self):
+    b = next(self._data)
+    return self._make(b), self._data.state()
+
+  def _fill(self):
+    while not self._stop.is_set():
+      try:
+        item = ("ok", self._produce())
+      except BaseException as e:  # handed to the consumer, raised there
+        item = ("error", e)
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item[0] == "error":
+        return
+
+  def __next__(self):
+    """-> (global batch, data state after it)."""
+    if self._thread is None:
+      return self._produce()
+    kind, value = self._queue.get()
+    if kind == "error":
+      raise value
+    return value
+
+  def close(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=60)
+
+
+class _Profile:
+  """`train.profile_steps=(a, b)`: a jax.profiler trace of steps a+1..b in WORKDIR/profile."""
+
+  def __init__(self, config, workdir: str):
+    steps = tuple(int(x) for x in (config.train.get("profile_steps", ()) or ()))
+    if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+      raise ValueError(f"config.train.profile_steps={steps}: give (first, last) step numbers "
+                       "with first < last, e.g. (10, 13), or () for no trace")
+    self.steps, self.dir, self.active = steps, paths.join(workdir, "profile"), False
+
+  def before(self, step: int):
+    if self.steps and step == self.steps[0] and not self.active:
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+
+  def after(self, done: int, state):
+    if self.active and done >= self.steps[1]:
+      jax.block_until_ready(state)
+      self.close()
+      _print(f"profile of steps {self.steps[0] + 1}-{self.steps[1]} written to {self.dir} "
+             "(open with TensorBoard's profile plugin or xprof)")
+
+  def close(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def _compilation_cache(config, workdir: str):
+  """Persistent XLA cache (`train.compilation_cache`): restarts and preemption resumes skip the
+  compile. 'auto': WORKDIR/compilation_cache unless JAX_COMPILATION_CACHE_DIR is set; '': off."""
+  path = str(config.train.get("compilation_cache", "auto"))
+  if path == "auto":
+    if (os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+        or paths.is_uri(workdir)):  # a bucket workdir: set JAX_COMPILATION_CACHE_DIR yourself
+      return
+    path = os.path.join(workdir, "compilation_cache")
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
+def _barrier(name: str, timeout_s: int = 1800):
+  """All processes meet here (distributed runtime client; no device collective)."""
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if client is not None and jax.process_count() > 1:
+    client.wait_at_barrier(name, timeout_s * 1000)
 
 
 def _is_main() -> bool:
@@ -107,16 +233,15 @@ class MetricWriter:
     paths.copy_tree(self._local_tb, self._tb_dir)
 
 
-def _data_state_all_hosts(it) -> list:
+def _data_state_all_hosts(s: dict) -> list:
   """Every host's data-iterator position (hosts read different files)."""
-  s = it.state()
-  local = np.asarray([s["epoch"], s["position"], s["skipped"]], np.int64)
+  local = np.asarray(pipeline.state_to_ints(s), np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    allv = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
+    allv = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(local))
   else:
     allv = local[None]
-  return [{"epoch": int(e), "position": int(p), "skipped": int(k)} for e, p, k in allv]
+  return [pipeline.ints_to_state(v) for v in allv]
 
 
 def build_evaluators(config, mesh, rules, pattern=None, split=None) -> list:
@@ -152,6 +277,7 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
   rules = parallel.logical_rules(config.sharding.rules, mesh)
   _check_batch(config, mesh, rules)
   paths.makedirs(workdir)
+  _compilation_cache(config, workdir)
   model = dual_encoder.build(config.model)
   tx, lr_schedule = optim.make_optimizer(config)
   del lr_schedule
@@ -176,9 +302,9 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
     state, meta = ckpt.restore(checkpoints.abstract_with_shardings(abstract, shardings), latest)
     hosts = meta.get("data", [])
     if len(hosts) != jax.process_count():
-      raise ValueError(f"checkpoint step {latest} was written by {len(hosts)} processes but "
-                       f"this run has {jax.process_count()}: the data positions do not map")
-    data.restore(hosts[jax.process_index()])
+      _print(f"checkpoint step {latest} was written by {len(hosts)} processes, this run has "
+             f"{jax.process_count()}: every host starts the next data epoch")
+    data.restore(pipeline.resume_state(hosts, jax.process_index(), jax.process_count()))
     _print(f"resumed {workdir} from step {latest}")
   state = _maybe_init_from(config, state, shardings)
 
@@ -188,58 +314,99 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
   total = int(config.train.steps)
   start = int(jax.device_get(state.step))
   clips_per_step = int(config.data.batch_size)
-  last, eval_metrics, skipped_steps = {}, {}, 0
+  last, eval_metrics, skipped = {}, {}, [0]
   t0, window_start, window_steps = time.time(), time.time(), 0
+  data_state = data.state()
+  # Device-side metrics of the steps not yet read: [(step number, {name: jax.Array})].
+  pending: list = []
+  sync_every_step = bool(config.train.get("sync_every_step", False))
+
+  def read_metrics_since_last() -> dict:
+    """Fetches the pending steps' metrics; stops the run at the first non-finite loss."""
+    nonlocal pending
+    got, pending = jax.device_get(pending), []
+    out = {}
+    for done, m in got:
+      m = {k: float(v) for k, v in m.items()}
+      if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+        if config.train.on_nonfinite == "skip":
+          skipped[0] += 1
+          _print(f"step {done}: non-finite loss, update skipped ({skipped[0]} so far)")
+        else:
+          ckpt.wait_until_finished()
+          raise NonFiniteLoss(
+              f"step {done}: loss is {m['loss']} ({_fmt(m)}); stopped without "
+              f"saving — the last good checkpoint is step {ckpt.latest_step()} in "
+              f"{ckpt.directory}. Lower optim.lr, raise optim.warmup_steps, or set "
+              "train.on_nonfinite=skip")
+      out = m
+    out["skipped_steps"] = skipped[0]
+    return out
 
   def save(step, force=False, metrics=None):
-    ckpt.save(step, state, {"data": _data_state_all_hosts(data), "step": step},
+    read_metrics_since_last()  # a NaN since the last read must not reach a checkpoint
+    ckpt.save(step, state, {"data": _data_state_all_hosts(data_state), "step": step},
               metrics=metrics, force=force)
 
-  nan_at = int(config.train.get("inject_nan_at_step", -1))
-  if preempt.requested:
+  # Hosts arrive here after unequal host work (process 0 writes config.json and starts the
+  # TensorBoard writer); gloo gives a peer only 30 s to join the first step's collectives, the
+  # coordination service's barrier waits as long as start-up may take.
+  _barrier(f"miles_jax_train_start_{start}")
+  if preempt.reached(start):
     ckpt.close()
     _print(f"SIGTERM before the first step: nothing new to save (step {start}); exiting")
     return {"train": {}, "eval": {}, "preempted": True, "step": start}
-  for step in range(start, total):
-    batch = next(data)
+
+  nan_at = int(config.train.get("inject_nan_at_step", -1))
+  keys = batch_keys(config)
+  next_step = [start]
+
+  def make_batch(local):
+    step = next_step[0]
+    next_step[0] += 1
+    local = {k: local[k] for k in keys}
     if step == nan_at:  # fault injection for the tests: the loss of this step is NaN
-      batch = dict(batch, frames=np.full(batch["frames"].shape, np.nan, np.float32))
-    state, metrics = step_fn(state, parallel.global_batch(batch, mesh, rules))
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    done = step + 1
-    if not math.isfinite(metrics["loss"]):
-      if config.train.on_nonfinite == "skip":
-        skipped_steps += 1
-        _print(f"step {done}: non-finite loss, update skipped ({skipped_steps} so far)")
-      else:
-        ckpt.wait_until_finished()
-        raise NonFiniteLoss(
-            f"step {done}: loss is {metrics['loss']} ({_fmt(metrics)}); stopped without "
-            f"saving — the last good checkpoint is step {ckpt.latest_step()} in "
-            f"{ckpt.directory}. Lower optim.lr, raise optim.warmup_steps, or set "
-            "train.on_nonfinite=skip")
-    metrics["skipped_steps"] = skipped_steps
-    last = metrics
-    window_steps += 1
-    if done % config.train.log_every == 0 or done == total:
-      now = time.time()
-      sps = window_steps / max(now - window_start, 1e-9)
-      eta = (total - done) / max(sps, 1e-9)
-      _print(f"step {done}/{total} | {_fmt(metrics)} | {sps:.2f} steps/s | "
-             f"{sps * clips_per_step:.1f} clips/s | ETA {_hms(eta)}")
-      writer.write(done, {k: metrics[k] for k in (*METRICS, "skipped_steps") if k in metrics})
-      window_start, window_steps = now, 0
-    if evaluators and config.train.eval_every and (done % config.train.eval_every == 0
-                                                    or done == total):
-      eval_metrics = _evaluate(evaluators, state.params, writer, done)
-      _keep_best(config, state.params, eval_metrics, best, workdir, done)
-    if preempt.requested:
-      save(done, force=True)
-      ckpt.close()
-      _print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
-      return {"train": last, "eval": eval_metrics, "preempted": True, "step": done}
-    if done % config.train.checkpoint_every == 0 or done == total:
-      save(done, force=True)
+      local["frames"] = np.full(local["frames"].shape, np.nan, np.float32)
+    return parallel.global_batch(local, mesh, rules)
+
+  profile = _Profile(config, workdir)
+  batches = _Prefetcher(data, make_batch, config.train.get("prefetch", 2) if start < total else 0)
+  try:
+    for step in range(start, total):
+      profile.before(step)
+      batch, data_state = next(batches)
+      state, metrics = step_fn(state, batch)
+      del batch
+      done = step + 1
+      pending.append((done, metrics))
+      profile.after(done, state)
+      window_steps += 1
+      if sync_every_step or done % config.train.log_every == 0 or done == total:
+        last = read_metrics_since_last()
+      if done % config.train.log_every == 0 or done == total:
+        now = time.time()
+        sps = window_steps / max(now - window_start, 1e-9)
+        eta = (total - done) / max(sps, 1e-9)
+        _print(f"step {done}/{total} | {_fmt(last)} | {sps:.2f} steps/s | "
+               f"{sps * clips_per_step:.1f} clips/s | ETA {_hms(eta)}")
+        writer.write(done, {k: last[k] for k in (*METRICS, "skipped_steps") if k in last})
+        window_start, window_steps = now, 0
+      if evaluators and config.train.eval_every and (done % config.train.eval_every == 0
+                                                      or done == total):
+        eval_metrics = _evaluate(evaluators, state.params, writer, done)
+        _keep_best(config, state.params, eval_metrics, best, workdir, done)
+      if preempt.reached(done):
+        save(done, force=True)
+        ckpt.close()
+        # every host says it: on a pod, each worker's log shows the step it saved
+        print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting (process "
+              f"{jax.process_index()} of {jax.process_count()})", flush=True)
+        return {"train": last, "eval": eval_metrics, "preempted": True, "step": done}
+      if done % config.train.checkpoint_every == 0 or done == total:
+        save(done, force=True)
+  finally:
+    batches.close()
+    profile.close()
   if start >= total:
     _print(f"{workdir}: already trained to step {start} (train.steps={total})")
   if evaluators and not eval_metrics:

@@ -61,7 +61,8 @@ class _Losses:
     if config.mvm.loss not in objectives.MVM_LOSSES:
       raise ValueError(f"config.mvm.loss={config.mvm.loss!r}: use one of "
                        f"{', '.join(objectives.MVM_LOSSES)}")
-    self.snapshot = VideoEncoder(config.model.video, model.dtype)
+    self.snapshot = VideoEncoder(config.model.video, model.dtype,
+                                 scan_layers=bool(config.model.get("scan_layers", False)))
 
   def _apply(self, params, method, *args, rng=None, **kwargs):
     rngs = {"dropout": rng} if rng is not None else {}
@@ -264,3 +265,9 @@ def make_train_step(config, mesh: Mesh, model=None, tx=None,
 
 
 _BATCH_KEYS = ("frames", "input_ids", "attention_mask", "mvm_mask")
+
+
+def batch_keys(config) -> tuple:
+  """The batch entries the step reads for the config's objectives: only these go to the devices."""
+  objs = objectives.parse_objectives(config.objectives)
+  return tuple(k for k in _BATCH_KEYS if k != "mvm_mask" or "miles" in objs)

@@ -1,0 +1,115 @@
+"""Multi-process training (2 processes x 2 CPU devices, gloo on 127.0.0.1): preemption is
+collective — SIGTERM to one host makes both save the same step and exit 0, and the resumed run
+ends with the params of an uninterrupted one."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from miles_jax import checkpoints
+from miles_jax.data import synthetic
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import assert_trees_equal, final_state  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("synthetic"))
+  synthetic.generate(d, num_train=64, num_eval=8, resolution=32, frames=4, verbose=False)
+  return d
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(data_dir, workdir, cache_dir, steps, logs):
+  """Both processes of a 2-host run; a constant lr so `train.steps` does not change the updates."""
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             CUDA_VISIBLE_DEVICES="", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  over = {"train.steps": steps, "train.checkpoint_every": 1000, "train.log_every": 1,
+          "train.eval_every": 0, "data.batch_size": 8, "optim.warmup_steps": 0,
+          "optim.schedule": "constant", "optim.lr": 1e-3, "data.shuffle_buffer": 16,
+          "data.eval": ""}
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, "-m", "miles_jax.train", f"--config=configs/demo.py:{data_dir}",
+           f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in over.items()],
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+           "--cpu_devices=2"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(f"{logs}-{i}.out", "w"),
+                                  stderr=open(f"{logs}-{i}.err", "w"), text=True))
+  return procs
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def _finish(procs, logs, timeout=400):
+  """Waits for both; a failed process ends the other (it would wait for its peer forever)."""
+  deadline = time.time() + timeout
+  try:
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+      for i, p in enumerate(procs):
+        assert p.poll() in (None, 0), f"process {i}: " + _read(f"{logs}-{i}.err")[-3000:]
+      time.sleep(0.2)
+    for i, p in enumerate(procs):
+      assert p.returncode == 0, f"process {i}: " + _read(f"{logs}-{i}.err")[-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [_read(f"{logs}-{i}.out") for i in range(2)]
+
+
+def test_sigterm_to_one_host_saves_the_same_step_on_both(data_dir, cache_dir, tmp_path):
+  wd, logs = str(tmp_path / "pre"), str(tmp_path / "log")
+  procs = _launch(data_dir, wd, cache_dir, 400, logs + "-a")
+  metrics = os.path.join(wd, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 2:
+      break
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # only process 1 is preempted
+  outs = _finish(procs, logs + "-a")
+  saved = []
+  for out in outs:
+    line = [ln for ln in out.splitlines() if ln.startswith("SIGTERM: saved step")]
+    assert line, out[-2000:]
+    saved.append(int(line[0].split()[3]))
+  assert saved[0] == saved[1], saved
+  k = saved[0]
+  assert 1 <= k < 400
+  assert checkpoints.TrainCheckpointer(os.path.join(wd, "checkpoints")).all_steps() == [k]
+
+  # resume to k + 2; an uninterrupted run to k + 2 ends with the same params
+  _finish(_launch(data_dir, wd, cache_dir, k + 2, logs + "-b"), logs + "-b")
+  ref_wd = str(tmp_path / "ref")
+  _finish(_launch(data_dir, ref_wd, cache_dir, k + 2, logs + "-c"), logs + "-c")
+  got, meta = final_state(wd)
+  ref, ref_meta = final_state(ref_wd)
+  assert int(got.step) == k + 2 and meta["data"] == ref_meta["data"]
+  assert_trees_equal(got.params, ref.params)
+  assert_trees_equal(got.snapshot_params, ref.snapshot_params)
+  assert_trees_equal(got.opt_state, ref.opt_state)
