@@ -9,21 +9,26 @@ frames starting from stage 1 (the temporal rows for frames 2-4 start at zero):
 
 Initialise stage 1 from public weights with `--config.init.video=ViT-B_16.npz
 --config.init.text=distilbert-base-uncased/` (see README "Start from public weights").
-Data: `python -m miles_jax.data.prepare --format webvid ...` and `--format cc3m ...` write the
-shards named below (weighted sources: edit the list below for other locations or ratios). Batch size, steps
-and warm-up are not fixed by the paper: the values here are defaults to verify.
+Data: `python -m miles_jax.data.prepare --format=webvid ...` and `--format=cc3m ...` write the
+shards named below under `data/` (weighted sources: edit the list below for other ratios); a
+second config argument moves the root, e.g. `--config=configs/pretrain_miles.py:stage2,gs://b/d`
+reads gs://b/d/{webvid,cc3m}/train-*.tfrecord and gs://b/d/bert-base-uncased/vocab.txt (what
+launch/tpu_pod.sh does with DATA=...). Batch size, steps and warm-up are not fixed by the paper:
+the values here are defaults to verify.
 """
 from miles_jax import config_lib
 
 
 def get_config(arg: str = "stage2"):
+  arg, _, root = arg.partition(",")
+  root = (root or "data").rstrip("/")
   c = config_lib.default_config()
   c.model = config_lib.model_config("base")
   c.model.dtype = "bfloat16"
   c.model.remat = "full"  # ViT-B at batch 256: activations, not params, fill the memory
   c.objectives = "contrastive,miles"
-  c.data.eval = "data/msrvtt/test-*.tfrecord"
-  c.data.tokenizer = "data/bert-base-uncased/vocab.txt"
+  c.data.eval = f"{root}/msrvtt/test-*.tfrecord"
+  c.data.tokenizer = f"{root}/bert-base-uncased/vocab.txt"
   c.data.batch_size = 256
   c.data.eval_batch_size = 64
   c.data.max_len = 32
@@ -48,8 +53,8 @@ def get_config(arg: str = "stage2"):
   # Images stay 1-frame clips in both stages (the step compiles once per frame count); videos
   # use data.num_frames (1 in stage 1, 4 in stage 2).
   config_lib.set_train_sources(c, [
-      {"glob": "data/webvid/train-*.tfrecord", "weight": 0.45, "frames": c.data.num_frames},
-      {"glob": "data/cc3m/train-*.tfrecord", "weight": 0.55, "frames": 1},
+      {"glob": f"{root}/webvid/train-*.tfrecord", "weight": 0.45, "frames": c.data.num_frames},
+      {"glob": f"{root}/cc3m/train-*.tfrecord", "weight": 0.55, "frames": 1},
   ])
   c.mesh.shape = (-1, 1)
   c.mesh.axes = ("data", "fsdp")

@@ -4,7 +4,7 @@
 # logs, and delete the slice afterwards.
 #
 #   ZONE=us-central2-b TPU_NAME=miles-v4-32 ACCELERATOR=v4-32 \
-#   WORKDIR=gs://my-bucket/miles/pretrain DATA=gs://my-bucket/webvid \
+#   WORKDIR=gs://my-bucket/miles/pretrain DATA=gs://my-bucket/shards \
 #     bash launch/tpu_pod.sh [--dry-run] create|setup|train|logs|stop|delete|all \
 #       [extra --config.* overrides, e.g. --config.mesh.shape='(2,-1)']
 #
@@ -102,10 +102,16 @@ copy_local_inputs() {
 }
 
 train_command() {  # the command every worker runs; each argument quoted for the remote shell
-  local args=(python -m miles_jax.train "--config=$CONFIG" "--workdir=$WORKDIR")
+  local config="$CONFIG" data_flags=()
   if [ -n "$DATA" ]; then
-    args+=("--config.data.train=$DATA/train-*.tfrecord" "--config.data.tokenizer=$DATA/vocab.txt")
+    case "$CONFIG" in
+      # weighted WebVid/CC3M sources: the config's second argument is their root
+      *pretrain_miles.py:*|*pretrain_mac.py:*) config="$CONFIG,$DATA" ;;
+      *) data_flags=("--config.data.train=$DATA/train-*.tfrecord"
+                     "--config.data.tokenizer=$DATA/vocab.txt") ;;
+    esac
   fi
+  local args=(python -m miles_jax.train "--config=$config" "--workdir=$WORKDIR" "${data_flags[@]}")
   args+=("${EXTRA[@]}")
   printf '%q ' "${args[@]}"
 }

@@ -129,3 +129,23 @@ def test_python_requires_is_what_the_pins_need():
     if m:
       need = max(need, (int(m.group(1)), int(m.group(2))))
   assert (int(declared.group(1)), int(declared.group(2))) == need
+
+
+def test_tpu_pod_data_root_reaches_weighted_sources():
+  """DATA=gs://… with the pre-training config (data.train is a list of weighted sources, which a
+  string override would be refused for) goes in as the config's root argument."""
+  env = dict(os.environ, ZONE="z", TPU_NAME="t", ACCELERATOR="v4-32", WORKDIR="gs://b/run",
+             DATA="gs://b/shards", CONFIG="configs/pretrain_miles.py:stage2")
+  r = subprocess.run(["bash", "launch/tpu_pod.sh", "--dry-run", "train"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stderr
+  assert "pretrain_miles.py:stage2,gs://b/shards" in r.stdout
+  assert "data.train=" not in r.stdout
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("pm", os.path.join(ROOT, "configs",
+                                                                  "pretrain_miles.py"))
+  m = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(m)
+  c = m.get_config("stage2,gs://b/shards")
+  assert [s["glob"] for s in c.data.train] == ["gs://b/shards/webvid/train-*.tfrecord",
+                                               "gs://b/shards/cc3m/train-*.tfrecord"]
