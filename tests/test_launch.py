@@ -139,8 +139,9 @@ def test_tpu_pod_data_root_reaches_weighted_sources():
   r = subprocess.run(["bash", "launch/tpu_pod.sh", "--dry-run", "train"], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=60)
   assert r.returncode == 0, r.stderr
-  assert "pretrain_miles.py:stage2,gs://b/shards" in r.stdout
-  assert "data.train=" not in r.stdout
+  printed = r.stdout.replace("\\", "")  # the remote command is quoted twice
+  assert "--config=configs/pretrain_miles.py:stage2,gs://b/shards" in printed
+  assert "data.train=" not in printed
   import importlib.util
   spec = importlib.util.spec_from_file_location("pm", os.path.join(ROOT, "configs",
                                                                   "pretrain_miles.py"))
