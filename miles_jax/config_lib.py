@@ -84,6 +84,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.mvm.normalize_target = True  # LayerNorm without affine on the snapshot's features
   c.mvm.target_space = "features"  # features | projected
   c.mvm.unmasked_contrastive = False  # second, unmasked online forward for the contrastive term
+  # What the masked patches regress: snapshot (EMA of the online video encoder, the paper's
+  # text-aligned, evolving target) | frozen (the initial encoder, never updated) | pixels (the
+  # intact clip's patch pixels; with mvm.normalize_target, per-patch normalised as in MAE).
+  c.mvm.target = "snapshot"
   c.mask = ml_collections.ConfigDict()
   c.mask.strategy = "blockwise"  # blockwise | tube | random
   c.mask.ratio = 0.5
@@ -170,6 +174,7 @@ def default_config_path() -> str:
 
 
 OBJECTIVES = ("contrastive", "miles", "mac")
+MVM_TARGETS = ("snapshot", "frozen", "pixels")
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
@@ -187,6 +192,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     fail("objectives", f"{config.objectives!r}: use a comma list of {', '.join(OBJECTIVES)}")
   if not 0.0 <= config.mask.ratio < 1.0:
     fail("mask.ratio", f"{config.mask.ratio} must be in [0, 1)")
+  if config.mvm.get("target", "snapshot") not in MVM_TARGETS:
+    fail("mvm.target", f"{config.mvm.target!r}: use {', '.join(MVM_TARGETS)}")
   if config.mask.strategy not in ("blockwise", "tube", "random"):
     fail("mask.strategy", f"{config.mask.strategy!r}: use blockwise, tube or random")
   for f in ("video_ratio", "text_ratio"):
