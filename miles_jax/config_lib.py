@@ -63,6 +63,9 @@ def model_config(size: str = "base") -> ml_collections.ConfigDict:
   c.proj_dim = 256 if size == "base" else 64
   # MVM prediction head (SPEC default: one Linear(width -> width)); not part of released weights.
   c.mvm_head = "linear"
+  # Output width of the MVM head: 0 = the video width (feature targets); pixel targets
+  # (mvm.target=pixels) need patch_size**2 * 3.
+  c.mvm_head_dim = 0
   # Compute dtype for activations; params stay float32.
   c.dtype = "float32"
   c.remat = False  # rematerialise each transformer block in the backward pass
@@ -194,6 +197,15 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     fail("mask.ratio", f"{config.mask.ratio} must be in [0, 1)")
   if config.mvm.get("target", "snapshot") not in MVM_TARGETS:
     fail("mvm.target", f"{config.mvm.target!r}: use {', '.join(MVM_TARGETS)}")
+  if config.mvm.get("target", "snapshot") == "pixels":
+    v = config.model.video
+    want = v.patch_size * v.patch_size * 3
+    if config.mvm.target_space != "features":
+      fail("mvm.target_space", f"{config.mvm.target_space!r} applies to encoder targets; use "
+           "features with mvm.target=pixels")
+    if int(config.model.get("mvm_head_dim", 0)) != want:
+      fail("model.mvm_head_dim", f"{config.model.get('mvm_head_dim', 0)}: mvm.target=pixels "
+           f"regresses {v.patch_size}x{v.patch_size}x3 patch pixels, set it to {want}")
   if config.mask.strategy not in ("blockwise", "tube", "random"):
     fail("mask.strategy", f"{config.mask.strategy!r}: use blockwise, tube or random")
   for f in ("video_ratio", "text_ratio"):
