@@ -56,28 +56,52 @@ VARIANTS = {
     "target_space_projected": {**BASE, "mvm.target_space": "projected"},
     "target_snapshot": {**BASE, "mvm.target": "snapshot"},
     "target_frozen": {**BASE, "mvm.target": "frozen"},
-    "target_pixels": {**BASE, "mvm.target": "pixels"},
+    # per-patch normalised pixels of the intact clip (tiny model: 8x8x3 values per patch)
+    "target_pixels": {**BASE, "mvm.target": "pixels", "model.mvm_head_dim": 8 * 8 * 3},
     "mac": {**FIXED, "objectives": "mac", "mvm.unmasked_contrastive": False},
 }
 QUICK = ("contrastive_only", "miles_masked_clip", "miles_intact_clip")
 SMOKE = ("contrastive_only", "miles_intact_clip")
-METRICS = ("t2v_R1", "t2v_R5", "t2v_R10", "t2v_MdR", "v2t_R1", "v2t_R5", "v2t_R10", "v2t_MdR")
+METRICS = tuple(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MdR", "MnR"))
 DATA = dict(num_train=1024, num_eval=512, resolution=32, frames=8, seed=0)
 SMOKE_DATA = dict(num_train=64, num_eval=24, resolution=32, frames=8, seed=0)
-# The smoke run: a few steps, small batches (checkpoint / eval only at the end).
-SMOKE_TRAIN = {"data.batch_size": 8, "data.eval_batch_size": 8, "train.steps": 3,
+# The smoke run: one block per encoder, a few steps, small batches (checkpoint / eval at the end).
+SMOKE_TRAIN = {"model.video.depth": 1, "model.text.depth": 1,
+               "data.batch_size": 8, "data.eval_batch_size": 8, "train.steps": 3,
                "train.log_every": 1, "train.eval_every": 3, "train.checkpoint_every": 3,
                "optim.warmup_steps": 1, "data.shuffle_buffer": 64}
 
-flags.DEFINE_string("out", None, "Folder for the data, the runs and the table/JSON/PNG.")
-flags.DEFINE_bool("quick", False, "Only the three placements of the contrastive term.")
-flags.DEFINE_bool("smoke", False, "Two variants, a few steps on a tiny data set (tests).")
-flags.DEFINE_list("only", [], f"Variants to train (default: all, or --quick's): {', '.join(VARIANTS)}.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
-flags.DEFINE_integer("steps", None, "train.steps (default: configs/demo.py's).")
-flags.DEFINE_string("data", None, "Synthetic data folder (default: OUT/data, generated once).")
-flags.DEFINE_bool("report_only", False, "Train nothing; summarise the finished runs.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The CLI flags (defined only when run as a program: train imports this module)."""
+  flags.DEFINE_string("out", None, "Folder for the data, the runs and the table/JSON/PNG.")
+  flags.DEFINE_bool("quick", False, "Only the three placements of the contrastive term.")
+  flags.DEFINE_bool("smoke", False, "Two variants, a few steps on a tiny data set (tests).")
+  flags.DEFINE_list("only", [], "Variants to train (default: all, or --quick's / --smoke's): "
+                    + ", ".join(VARIANTS) + ".")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
+  flags.DEFINE_integer("steps", None, "train.steps (default: configs/demo.py's).")
+  flags.DEFINE_string("data", None, "Synthetic data folder (default: OUT/data, generated once).")
+  flags.DEFINE_bool("report_only", False, "Train nothing; summarise the finished runs.")
+
+
+def reference_rows(path: str, num_texts: int, names=("contrastive_only",)) -> dict:
+  """{row label: mean metrics} of `names` from an ablation.json, for the final table of a run
+  evaluated on the same held-out split (same number of texts); {} when it does not apply."""
+  if not path or not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    summary = json.load(f)
+  if int(summary.get("data", {}).get("num_eval", -1)) != int(num_texts):
+    return {}
+  rows = {}
+  for name in names:
+    row = summary["variants"].get(name, {})
+    if row.get("n"):
+      rows[f"{name} (ablation, mean of {row['n']} seed{'s' * (row['n'] > 1)})"] = row["mean"]
+  return rows
 
 
 def run_key(overrides: dict) -> str:
@@ -201,8 +225,9 @@ def plot(summary: dict, path: str, title: str):
 
 def report(out_dir: str, names, steps, data: dict) -> dict:
   summary = collect(out_dir, names)
-  walls = [s["wall_s"] for r in summary["variants"].values() for s in r["seeds"].values()
-           if s.get("wall_s")]
+  runs = {(r["runs"], seed): s for r in summary["variants"].values()
+          for seed, s in r["seeds"].items()}  # rows sharing runs count them once
+  walls = [s["wall_s"] for s in runs.values() if s.get("wall_s")]
   title = (f"Held-out retrieval on {data['num_eval']} synthetic clips ({data['num_train']} "
            f"train clips, {steps} steps of configs/demo.py), mean ± std over seeds")
   summary.update(data=data, steps=steps, title=title,
@@ -282,4 +307,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

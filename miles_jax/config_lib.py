@@ -143,6 +143,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.best_metric = ""  # e.g. "retrieval/t2v_R1": also keep the best checkpoint by it
   c.train.init_from = ""  # exported model dir or .pth/.safetensors to start a new run from
   c.train.inject_nan_at_step = -1  # fault-injection for tests: NaN loss at this step
+  # An ablation.json (python -m miles_jax.ablate) whose contrastive-only row is printed next to
+  # the final retrieval table when it was measured on the same held-out split (the demo's).
+  c.train.compare_to = ""
   c.evaluators = "retrieval"  # comma list run on data.eval: retrieval, zeroshot
 
   c.mesh = ml_collections.ConfigDict()

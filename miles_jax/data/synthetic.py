@@ -1,6 +1,6 @@
 r"""A procedural video-text dataset whose captions need temporal order (the embedded demo data).
 
-  python -m miles_jax.data.synthetic --out data/synthetic [--train 1024 --eval 128 \
+  python -m miles_jax.data.synthetic --out data/synthetic [--train 1024 --eval 512 \
       --resolution 32 --frames 8 --seed 0]
 
 Each clip shows coloured shapes (red/green/blue/yellow square/circle/triangle) on a dark noisy
@@ -142,7 +142,7 @@ def examples(num: int, seed: int, size: int, frames: int, unique: bool = False):
     i += 1
 
 
-def generate(out: str, num_train: int = 1024, num_eval: int = 128, resolution: int = 32,
+def generate(out: str, num_train: int = 1024, num_eval: int = 512, resolution: int = 32,
              frames: int = 8, seed: int = 0, fps: float = 8.0, verbose: bool = True) -> dict:
   """Writes the dataset to `out`; returns the config paths {train, eval, tokenizer}."""
   from miles_jax.data import prepare, schema
@@ -184,7 +184,7 @@ def ensure(out: str, **kwargs) -> dict:
   if os.path.isfile(meta):
     with open(meta) as f:
       have = json.load(f)
-    want = dict(num_train=1024, num_eval=128, resolution=32, frames=8, seed=0, fps=8.0)
+    want = dict(num_train=1024, num_eval=512, resolution=32, frames=8, seed=0, fps=8.0)
     want.update(kwargs)
     if all(have.get(k) == v for k, v in want.items()):
       return paths(out)
@@ -196,7 +196,7 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True)
   p.add_argument("--train", type=int, default=1024, help="train clips")
-  p.add_argument("--eval", type=int, default=128, help="held-out clips (unique captions)")
+  p.add_argument("--eval", type=int, default=512, help="held-out clips (unique captions)")
   p.add_argument("--resolution", type=int, default=32, help="square frame side in px")
   p.add_argument("--frames", type=int, default=8, help="stored frames per clip")
   p.add_argument("--seed", type=int, default=0)
