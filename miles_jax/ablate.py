@@ -99,7 +99,7 @@ def reference_rows(path: str, num_texts: int, names=("contrastive_only",)) -> di
   rows = {}
   for name in names:
     row = summary["variants"].get(name, {})
-    if row.get("n"):
+    if row.get("n") and all(m in row["mean"] for m in METRICS):
       rows[f"{name} (ablation, mean of {row['n']} seed{'s' * (row['n'] > 1)})"] = row["mean"]
   return rows
 
@@ -216,8 +216,9 @@ def plot(summary: dict, path: str, title: str):
     ax.set_ylim(0, 100)
   axes[0].set_ylabel("recall (%), mean ± std over seeds")
   axes[0].legend(fontsize=7, loc="upper left")
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
+  import textwrap
+  fig.suptitle(textwrap.fill(title, 80), fontsize=8)
+  fig.tight_layout(rect=(0, 0, 1, 0.92))
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
