@@ -60,7 +60,7 @@ VARIANTS = {
     "target_pixels": {**BASE, "mvm.target": "pixels", "model.mvm_head_dim": 8 * 8 * 3},
     "mac": {**FIXED, "objectives": "mac", "mvm.unmasked_contrastive": False},
 }
-QUICK = ("contrastive_only", "miles_masked_clip", "miles_intact_clip")
+QUICK = ("contrastive_only", "miles_intact_clip", "miles_masked_clip")
 SMOKE = ("contrastive_only", "miles_intact_clip")
 METRICS = tuple(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MdR", "MnR"))
 DATA = dict(num_train=1024, num_eval=512, resolution=32, frames=8, seed=0)

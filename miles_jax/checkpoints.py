@@ -26,11 +26,15 @@ def _config_to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+# Model fields newer than some saved configs: absent there means this value.
+_ADDED_LATER = {"mvm_head_dim": 0}
+
+
 def diff_configs(saved: dict, wanted: dict, prefix: str = "model") -> list[str]:
   """Human-readable differences between two (nested) model config dicts."""
   out = []
   for k in sorted(set(saved) | set(wanted)):
-    a, b = saved.get(k), wanted.get(k)
+    a, b = saved.get(k, _ADDED_LATER.get(k)), wanted.get(k, _ADDED_LATER.get(k))
     if isinstance(a, dict) and isinstance(b, dict):
       out += diff_configs(a, b, f"{prefix}.{k}")
     elif a != b and k not in ("dtype", "remat", "drop_path_rate", "dropout_rate"):
