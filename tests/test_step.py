@@ -222,3 +222,14 @@ def test_pixel_targets_are_the_encoders_patches():
   want = tokens.reshape(B, v.num_frames * n, v.width) + emb["bias"]
   got = targets @ emb["kernel"].reshape(-1, v.width) + emb["bias"]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_configs_saved_before_mvm_head_dim_still_resume():
+  """A workdir written before `model.mvm_head_dim` existed resumes with the default (0), and
+  is refused for pixel targets (another head)."""
+  from miles_jax import checkpoints
+  wanted = config_lib.model_config("tiny").to_dict()
+  saved = {k: v for k, v in wanted.items() if k != "mvm_head_dim"}
+  assert checkpoints.diff_configs(saved, wanted) == []
+  wanted["mvm_head_dim"] = 192
+  assert checkpoints.diff_configs(saved, wanted) == ["model.mvm_head_dim: checkpoint 0, config 192"]
