@@ -182,7 +182,8 @@ def format_markdown(summary: dict, title: str) -> str:
     if not row["n"]:
       lines.append(f"| {name} | 0 | " + " | ".join("–" for _ in cols) + " |")
       continue
-    cells = [f"{row['mean'][m]:.1f} ± {row['std'][m]:.1f}" for m, _ in cols]
+    cells = [f"{row['mean'][m]:.1f} ± {row['std'][m]:.1f}" if row["n"] > 1
+             else f"{row['mean'][m]:.1f}" for m, _ in cols]  # one seed: no spread to show
     lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
   ch = summary.get("chance")
   if ch:

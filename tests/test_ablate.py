@@ -68,6 +68,7 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
   assert "| contrastive_only | 3 | 20.0 ± 10.0 | 21.0 ± 10.0 | 22.0 ± 10.0 | 23.0 ± 10.0 | " \
       "25.0 ± 10.0 |" in md  # MnR (24) is in the JSON, not the table
   assert "| miles_masked_clip | 0 |" in md and "random chance" in md
+  assert "| miles_intact_clip | 1 | 40.0 | 41.0 |" in md  # one seed: no ± shown
   with open(os.path.join(out, "ablation.json")) as f:
     assert json.load(f)["variants"]["contrastive_only"]["mean"]["t2v_R1"] == pytest.approx(20.0)
   with open(os.path.join(out, "ablation.png"), "rb") as f:
