@@ -216,10 +216,12 @@ def plot(summary: dict, path: str, title: str):
     ax.set_title({"t2v": "text → video", "v2t": "video → text"}[d])
     ax.set_ylim(0, 100)
   axes[0].set_ylabel("recall (%), mean ± std over seeds")
-  axes[0].legend(fontsize=7, loc="upper left")
   import textwrap
   fig.suptitle(textwrap.fill(title, 80), fontsize=8)
-  fig.tight_layout(rect=(0, 0, 1, 0.92))
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.9), ncol=4, fontsize=7,
+             frameon=False)
+  fig.tight_layout(rect=(0, 0, 1, 0.84))
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
