@@ -27,11 +27,15 @@ def _config_to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+# Model fields newer than some saved configs: absent there means this value.
+_ADDED_LATER = {"mvm_head_dim": 0}
+
+
 def diff_configs(saved: dict, wanted: dict, prefix: str = "model") -> list[str]:
   """Human-readable differences between two (nested) model config dicts."""
   out = []
   for k in sorted(set(saved) | set(wanted)):
-    a, b = saved.get(k), wanted.get(k)
+    a, b = saved.get(k, _ADDED_LATER.get(k)), wanted.get(k, _ADDED_LATER.get(k))
     if k == "scan_layers":  # absent from configs written before the field existed
       a, b = bool(a), bool(b)
     if isinstance(a, dict) and isinstance(b, dict):

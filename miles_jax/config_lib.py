@@ -63,6 +63,9 @@ def model_config(size: str = "base") -> ml_collections.ConfigDict:
   c.proj_dim = 256 if size == "base" else 64
   # MVM prediction head (SPEC default: one Linear(width -> width)); not part of released weights.
   c.mvm_head = "linear"
+  # Output width of the MVM head: 0 = the video width (feature targets); pixel targets
+  # (mvm.target=pixels) need patch_size**2 * 3.
+  c.mvm_head_dim = 0
   # Compute dtype for activations; params stay float32.
   c.dtype = "float32"
   # Rematerialisation of each transformer block in the backward pass: none (keep activations),
@@ -91,6 +94,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.mvm.normalize_target = True  # LayerNorm without affine on the snapshot's features
   c.mvm.target_space = "features"  # features | projected
   c.mvm.unmasked_contrastive = False  # second, unmasked online forward for the contrastive term
+  # What the masked patches regress: snapshot (EMA of the online video encoder, the paper's
+  # text-aligned, evolving target) | frozen (the initial encoder, never updated) | pixels (the
+  # intact clip's patch pixels; with mvm.normalize_target, per-patch normalised as in MAE).
+  c.mvm.target = "snapshot"
   c.mask = ml_collections.ConfigDict()
   c.mask.strategy = "blockwise"  # blockwise | tube | random
   c.mask.ratio = 0.5
@@ -192,6 +199,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.compilation_cache = "auto"
   # (first, last): a jax.profiler trace of steps first+1..last in WORKDIR/profile; () = none.
   c.train.profile_steps = ()
+  # An ablation.json (python -m miles_jax.ablate) whose contrastive-only row is printed next to
+  # the final retrieval table when it was measured on the same held-out split (the demo's).
+  c.train.compare_to = ""
   c.evaluators = "retrieval"  # comma list run on data.eval: retrieval, zeroshot
 
   c.mesh = ml_collections.ConfigDict()
@@ -255,6 +265,7 @@ def default_config_path() -> str:
 
 
 OBJECTIVES = ("contrastive", "miles", "mac")
+MVM_TARGETS = ("snapshot", "frozen", "pixels")
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
@@ -272,6 +283,17 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     fail("objectives", f"{config.objectives!r}: use a comma list of {', '.join(OBJECTIVES)}")
   if not 0.0 <= config.mask.ratio < 1.0:
     fail("mask.ratio", f"{config.mask.ratio} must be in [0, 1)")
+  if config.mvm.get("target", "snapshot") not in MVM_TARGETS:
+    fail("mvm.target", f"{config.mvm.target!r}: use {', '.join(MVM_TARGETS)}")
+  if config.mvm.get("target", "snapshot") == "pixels":
+    v = config.model.video
+    want = v.patch_size * v.patch_size * 3
+    if config.mvm.target_space != "features":
+      fail("mvm.target_space", f"{config.mvm.target_space!r} applies to encoder targets; use "
+           "features with mvm.target=pixels")
+    if int(config.model.get("mvm_head_dim", 0)) != want:
+      fail("model.mvm_head_dim", f"{config.model.get('mvm_head_dim', 0)}: mvm.target=pixels "
+           f"regresses {v.patch_size}x{v.patch_size}x3 patch pixels, set it to {want}")
   if config.mask.strategy not in ("blockwise", "tube", "random"):
     fail("mask.strategy", f"{config.mask.strategy!r}: use blockwise, tube or random")
   for f in ("video_ratio", "text_ratio"):

@@ -364,3 +364,66 @@ def test_mac_step_encodes_text_with_tokens_dropped():
   got = records[0]
   assert ((got == 1) <= (am == 1)).all() and (got[:, 0] == 1).all()
   np.testing.assert_array_equal(am.sum(1) - got.sum(1), np.floor(0.4 * (am.sum(1) - 1)))
+
+
+def _two_steps(c):
+  mesh = _one_device_mesh()
+  state = state_lib.create_train_state(c, jax.random.PRNGKey(0), mesh)
+  host0 = jax.device_get(state)
+  step = step_lib.make_train_step(c, mesh, compiler_options=FAST_COMPILE)
+  for seed in (0, 1):
+    state, metrics = step(state, _batch(c, seed))
+  return host0, jax.device_get(state), jax.device_get(metrics)
+
+
+def test_frozen_target_keeps_the_initial_encoder():
+  """mvm.target=frozen: the target encoder is the initial online encoder, never updated, while
+  the online encoder moves (the row that tests whether the *evolving* snapshot matters)."""
+  c = _config()
+  c.objectives, c.mvm.target = "contrastive,miles", "frozen"
+  host0, host2, metrics = _two_steps(c)
+  assert float(metrics["snapshot_momentum"]) == 1.0 and float(metrics["mvm_loss"]) > 0
+  _assert_trees_close(host2.snapshot_params["video"], host0.params["video"], rtol=0, atol=0)
+  moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+           zip(jax.tree.leaves(host2.params["video"]), jax.tree.leaves(host0.params["video"]))]
+  assert max(moved) > 1e-4
+
+
+def test_pixel_targets_are_the_encoders_patches():
+  """mvm.target=pixels: targets are the clip's patches in the encoder's token order (checked
+  against the patch embedding itself), no snapshot is kept, the head predicts p*p*3 values."""
+  c = _config()
+  c.objectives, c.mvm.target = "contrastive,miles", "pixels"
+  v = c.model.video
+  with pytest.raises(ValueError, match="model.mvm_head_dim"):
+    config_lib.validate(c, needs_train_data=False)
+  c.model.mvm_head_dim = v.patch_size ** 2 * 3
+  host0, host2, metrics = _two_steps(c)
+  assert host0.snapshot_params == {} and host2.snapshot_params == {}
+  kernel = host0.params["mvm_head"]["kernel"]
+  assert kernel.shape == (v.width, v.patch_size ** 2 * 3)
+  assert np.isfinite(float(metrics["mvm_loss"])) and float(metrics["mvm_loss"]) > 0
+
+  frames = step_lib.normalize_frames(jnp.asarray(_batch(c)["frames"]))
+  model = state_lib.dual_encoder.build(c.model)
+  targets = step_lib._Losses(c, model).targets({}, frames)  # pylint: disable=protected-access
+  n = (v.img_size // v.patch_size) ** 2
+  assert targets.shape == (B, v.num_frames * n, v.patch_size ** 2 * 3)
+  emb = host0.params["video"]["patch_embed"]
+  tokens = jax.vmap(lambda f: jax.lax.conv_general_dilated(
+      f, emb["kernel"], (v.patch_size,) * 2, "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")))(frames)  # [B, T, h, w, D]
+  want = tokens.reshape(B, v.num_frames * n, v.width) + emb["bias"]
+  got = targets @ emb["kernel"].reshape(-1, v.width) + emb["bias"]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_configs_saved_before_mvm_head_dim_still_resume():
+  """A workdir written before `model.mvm_head_dim` existed resumes with the default (0), and
+  is refused for pixel targets (another head)."""
+  from miles_jax import checkpoints
+  wanted = config_lib.model_config("tiny").to_dict()
+  saved = {k: v for k, v in wanted.items() if k != "mvm_head_dim"}
+  assert checkpoints.diff_configs(saved, wanted) == []
+  wanted["mvm_head_dim"] = 192
+  assert checkpoints.diff_configs(saved, wanted) == ["model.mvm_head_dim: checkpoint 0, config 192"]

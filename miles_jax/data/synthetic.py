@@ -1,6 +1,6 @@
 r"""A procedural video-text dataset whose captions need temporal order (the embedded demo data).
 
-  python -m miles_jax.data.synthetic --out=data/synthetic [--train=1024 --eval=128 \
+  python -m miles_jax.data.synthetic --out=data/synthetic [--train=1024 --eval=512 \
       --resolution=32 --frames=8 --seed=0]
 
 Each clip shows coloured shapes (red/green/blue/yellow square/circle/triangle) on a dark noisy
@@ -142,7 +142,7 @@ def examples(num: int, seed: int, size: int, frames: int, unique: bool = False):
     i += 1
 
 
-def generate(out: str, num_train: int = 1024, num_eval: int = 128, resolution: int = 32,
+def generate(out: str, num_train: int = 1024, num_eval: int = 512, resolution: int = 32,
              frames: int = 8, seed: int = 0, fps: float = 8.0, verbose: bool = True) -> dict:
   """Writes the dataset to `out`; returns the config paths {train, eval, tokenizer}."""
   from miles_jax.data import prepare, schema
@@ -190,7 +190,7 @@ def ensure(out: str, **kwargs) -> dict:
   if os.path.isfile(meta):
     with open(meta) as f:
       have = json.load(f)
-    want = dict(num_train=1024, num_eval=128, resolution=32, frames=8, seed=0, fps=8.0)
+    want = dict(num_train=1024, num_eval=512, resolution=32, frames=8, seed=0, fps=8.0)
     want.update(kwargs)
     if all(have.get(k) == v for k, v in want.items()):
       return paths(out)
@@ -202,7 +202,7 @@ def define_flags(fv):
   from absl import flags
   flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
   flags.DEFINE_integer("train", 1024, "Train clips.", flag_values=fv)
-  flags.DEFINE_integer("eval", 128, "Held-out clips (unique captions).", flag_values=fv)
+  flags.DEFINE_integer("eval", 512, "Held-out clips (unique captions).", flag_values=fv)
   flags.DEFINE_integer("resolution", 32, "Square frame side in px.", flag_values=fv)
   flags.DEFINE_integer("frames", 8, "Stored frames per clip.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Random seed (the held-out split uses another).", flag_values=fv)

@@ -1,7 +1,7 @@
 """The MILES dual encoder: video encoder + text encoder + projections + the MVM head.
 
 Parameter tree: `video` (VideoEncoder), `text` (TextEncoder), `video_proj` (Linear width->proj),
-`text_proj` (ReLU -> Linear width->proj), `mvm_head` (Linear width->width, train only).
+`text_proj` (ReLU -> Linear width->proj), `mvm_head` (Linear width->width, or ->`mvm_head_dim` for pixel targets; train only).
 Embeddings are projected and *not* normalised, as in the PyTorch original.
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ class DualEncoder(nn.Module):
     self.text = TextEncoder(c.text, self.dtype, remat, scan)
     self.video_proj = layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype)
     self.text_proj = layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype)
-    self.mvm_head = layers.dense(c.video.width, ("embed", "mlp"), None, self.dtype)
+    self.mvm_head = layers.dense(int(c.get("mvm_head_dim", 0)) or c.video.width,
+                                 ("embed", "mlp"), None, self.dtype)
 
   def encode_video(self, frames, mask=None, drop_masked: bool = False,
                    num_masked: int | None = None, deterministic: bool = True):

@@ -60,16 +60,29 @@ def report(result: dict, workdir: str):
     model = {k.split("/", 1)[1]: v for k, v in result["eval"].items() if k.startswith("retrieval/")}
     chance = retr[0].chance()
     print()
-    print(retrieval.format_table({"miles_jax": model, "random chance": chance},
+    from miles_jax import ablate
+    reference = ablate.reference_rows(_repo_path(FLAGS.config.train.get("compare_to", "")),
+                                      int(model["num_texts"]))
+    print(retrieval.format_table({"miles_jax": model, **reference, "random chance": chance},
                                  f"held-out retrieval ({int(model['num_texts'])} texts, "
                                  f"{int(model['num_videos'])} videos)"))
     out["chance"] = chance
+    if reference:
+      out["reference"] = reference
   figures = loop.plot_curves(workdir, chance)
   results = paths.join(workdir, "results.json")
   paths.write_text(results, json.dumps(out, indent=2, default=float))
   if figures:
     print("figures: " + ", ".join(figures))
   print(f"results: {results}")
+
+
+def _repo_path(path: str) -> str:
+  """A relative train.compare_to is looked up from the working directory, then the checkout."""
+  if not path or os.path.isabs(path) or os.path.exists(path):
+    return path
+  from miles_jax import config_lib
+  return os.path.join(os.path.dirname(os.path.dirname(config_lib.default_config_path())), path)
 
 
 def main(argv):

@@ -19,13 +19,15 @@ class TrainState(struct.PyTreeNode):
   step: jax.Array  # int32 scalar: optimiser updates taken
   params: Any  # online model: video, text, video_proj, text_proj, mvm_head (unboxed)
   opt_state: Any
-  snapshot_params: Any  # {'video': ..., ['video_proj': ...]} for 'miles', else {}
+  snapshot_params: Any  # {'video': ..., ['video_proj': ...]} for 'miles' (not pixels), else {}
   rng: jax.Array  # PRNG key; step randomness is fold_in(rng, step)
 
 
 def snapshot_keys(config) -> tuple[str, ...]:
   """Which top-level param subtrees the snapshot encoder keeps an EMA copy of."""
   if "miles" not in objectives.parse_objectives(config.objectives):
+    return ()
+  if config.mvm.get("target", "snapshot") == "pixels":
     return ()
   target_space = config.mvm.target_space
   if target_space == "features":

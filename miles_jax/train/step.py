@@ -3,7 +3,8 @@
 One jitted function `(state, batch) -> (state, metrics)`:
   1. uint8 frames -> ImageNet-normalised float32 on the device;
   2. snapshot encoder on the intact clip (no gradient: computed outside the differentiated
-     function) -> MVM targets;
+     function) -> MVM targets (`mvm.target`: the EMA snapshot; a frozen copy of the initial
+     encoder; or the clip's patch pixels);
   3. online forwards: text; video with the MVM mask (miles) or intact (contrastive); MAC views
      with masked tokens dropped and text tokens dropped (mac);
   4. losses, gradients, AdamW update, then the EMA update of the snapshot from the new params.
@@ -43,6 +44,15 @@ def normalize_frames(frames):
   return (frames.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def patchify(frames, patch_size: int):
+  """`[B, T, H, W, C]` -> `[B, T*N, p*p*C]` in the video encoder's token order (frame-major,
+  patches row-major within a frame)."""
+  b, t, h, w, ch = frames.shape
+  p = patch_size
+  x = frames.reshape(b, t, h // p, p, w // p, p, ch).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t * (h // p) * (w // p), p * p * ch)
+
+
 def _num_tokens(config, frames_shape) -> tuple[int, int]:
   """(T*N, tokens MAC masks) for a clip shape; static under jit."""
   _, t, h, w, _ = frames_shape
@@ -69,9 +79,12 @@ class _Losses:
     return self.model.apply({"params": params}, *args, method=method, rngs=rngs, **kwargs)
 
   def targets(self, snapshot_params, frames):
-    """Snapshot features of the intact clip `[B, T*N, D or P]`, gradient stopped."""
+    """MVM targets of the intact clip, gradient stopped: snapshot (or frozen initial) encoder
+    features `[B, T*N, D or P]`, or its patch pixels `[B, T*N, p*p*3]` (`mvm.target=pixels`)."""
     if "miles" not in self.objectives:
       return None
+    if self.config.mvm.get("target", "snapshot") == "pixels":
+      return jax.lax.stop_gradient(patchify(frames, self.config.model.video.patch_size))
     out = self.snapshot.apply({"params": snapshot_params["video"]}, frames)["patches"]
     if self.config.mvm.target_space == "projected":
       out = self.model.apply({"params": {"video_proj": snapshot_params["video_proj"]}}, out,
@@ -217,11 +230,15 @@ def train_step(state: TrainState, batch: dict, *, config, model, tx, lr_schedule
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  # EMA of the *updated* online encoder: theta_s <- m * theta_s + (1 - m) * theta_o.
-  momentum = optim.snapshot_momentum(config, state.step)
-  snapshot = {key: jax.tree.map(lambda s, o: momentum * s + (1.0 - momentum) * o,
-                                state.snapshot_params[key], params[key])
-              for key in state.snapshot_params}
+  # EMA of the *updated* online encoder: theta_s <- m * theta_s + (1 - m) * theta_o. A frozen
+  # target (mvm.target=frozen) keeps the initial encoder: m = 1.
+  if config.mvm.get("target", "snapshot") == "frozen":
+    momentum, snapshot = jnp.ones((), jnp.float32), state.snapshot_params
+  else:
+    momentum = optim.snapshot_momentum(config, state.step)
+    snapshot = {key: jax.tree.map(lambda s, o: momentum * s + (1.0 - momentum) * o,
+                                  state.snapshot_params[key], params[key])
+                for key in state.snapshot_params}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             snapshot_params=snapshot)
   if config.train.get("on_nonfinite", "stop") == "skip":
