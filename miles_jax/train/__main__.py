@@ -8,6 +8,7 @@ describes a multi-host job, or explicitly with --coordinator_address/--num_proce
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import flags
