@@ -79,6 +79,25 @@ def parse(define: Callable, argv: list[str], prog: str):
   return fv
 
 
+def flag_command(define: Callable, body: Callable, prog: str):
+  """(main, cli) of a command whose flags `define(fv)` adds and whose work is `body(flags)`:
+  `main(["--out=...", ...])` runs it in-process (a script, a test), `cli()` is `python -m`."""
+  def main(argv: list) -> int:
+    return body(parse(define, argv, prog))
+
+  def cli():
+    from absl import flags
+    define(flags.FLAGS)
+
+    def main_(argv):
+      if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 2
+      return body(flags.FLAGS)
+    run(main_)
+  return main, cli
+
+
 def _unknown_field(e: BaseException):
   """ml_collections' answer to --config.no.such.field=... as one line (with its "Did you mean")."""
   detail = e

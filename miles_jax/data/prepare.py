@@ -37,6 +37,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from miles_jax import cli
 from miles_jax.data import readers
 
 
@@ -469,23 +470,8 @@ def run(a) -> int:
   return 0
 
 
-def main(argv: list) -> int:
-  """In-process form of the command: `main(["--format=csv", "--annotations=...", ...])`."""
-  from miles_jax import cli
-  return run(cli.parse(define_flags, argv, "python -m miles_jax.data.prepare"))
-
-
-def _cli():
-  from absl import flags
-  from miles_jax import cli
-  define_flags(flags.FLAGS)
-
-  def main_(argv):
-    if len(argv) > 1:
-      print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-      return 2
-    return run(flags.FLAGS)
-  cli.run(main_)
+# `main([...])` in-process (scripts, tests); `_cli()` for `python -m miles_jax.data.prepare`.
+main, _cli = cli.flag_command(define_flags, run, "python -m miles_jax.data.prepare")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 
 import numpy as np
+
+from miles_jax import cli
 
 COLORS = {"red": (220, 45, 45), "green": (45, 200, 70), "blue": (60, 100, 235),
           "yellow": (235, 215, 50)}
@@ -214,23 +215,8 @@ def run(a) -> int:
   return 0
 
 
-def main(argv: list) -> int:
-  """In-process form of the command: `main(["--out=data/synthetic", "--train=64"])`."""
-  from miles_jax import cli
-  return run(cli.parse(define_flags, argv, "python -m miles_jax.data.synthetic"))
-
-
-def _cli():
-  from absl import flags
-  from miles_jax import cli
-  define_flags(flags.FLAGS)
-
-  def main_(argv):
-    if len(argv) > 1:
-      print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-      return 2
-    return run(flags.FLAGS)
-  cli.run(main_)
+# `main([...])` in-process (scripts, tests); `_cli()` for `python -m miles_jax.data.synthetic`.
+main, _cli = cli.flag_command(define_flags, run, "python -m miles_jax.data.synthetic")
 
 
 if __name__ == "__main__":
