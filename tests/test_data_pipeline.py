@@ -167,10 +167,14 @@ def test_corrupt_records_skipped_and_counted(tmp_path):
   want = {int(tf.strings.to_hash_bucket_fast(f"vid{i:03d}", 2**31 - 1)) for i in
           (0, 2, 4, 6, 1, 3)}
   assert ids == want
-  # The 3 invalid records arrive and are counted; the 2 records after the truncation point are
-  # not in the file any more: the header walk shows shard 1 ends inside its third record.
-  assert it.skipped == 3
+  # The 3 invalid records arrive and are counted, and so are the 2 records lost with the end of
+  # shard 1: its header walk finds 2 complete records, the writer recorded 4.
+  assert it.skipped == 3 + 2
   assert pipeline.complete_records(path) == (2, True)
+  assert pipeline.lost_records(path) == (2, True)
+  # without the writer's count the loss is "at least one", never silently zero
+  os.remove(schema.record_count_file(path))
+  assert pipeline.lost_records(path) == (1, False)
   assert pipeline.complete_records(os.path.join(tmp, prepare.shard_name("train", 0, 2))) == (7, False)
 
   # Evaluation refuses the damaged split (naming the shard and the flag) unless told otherwise.

@@ -75,6 +75,7 @@ def test_prepare_csv_fidelity_and_report(media, tmp_path):
                 "--workers", "1"])
   assert sorted(os.listdir(out)) == sorted(
       [".train-00000-of-00002.tfrecord.json", ".train-00001-of-00002.tfrecord.json",
+       ".train-00000-of-00002.tfrecord.count", ".train-00001-of-00002.tfrecord.count",
        "report.json", "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"])
   report = json.load(open(os.path.join(out, "report.json")))["train"]
   assert report["written"] == 2 and report["items"] == 5

@@ -243,6 +243,20 @@ def complete_records(path: str) -> tuple[int, bool]:
   return count, False
 
 
+def lost_records(path: str) -> tuple[int, bool]:
+  """(records a shard lost, exact?): 0 for an intact shard; for a truncated one, the records
+  written (its `.NAME.count` file, schema.record_count_file) minus the complete ones left, or at
+  least 1 (not exact) when no count was recorded."""
+  complete, truncated = complete_records(path)
+  if not truncated:
+    return 0, True
+  count_file = schema.record_count_file(path)
+  if tf.io.gfile.exists(count_file):
+    with tf.io.gfile.GFile(count_file) as f:
+      return max(int(f.read().strip()) - complete, 1), True
+  return 1, False
+
+
 def _epoch_key(seed: int, epoch: int, process_index: int) -> int:
   return int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0])
 
@@ -320,6 +334,21 @@ class TrainIterator:
     self.epoch, self.position, self.skipped = 0, 0, 0
     self._it = None
     self._yielded_this_epoch = 0
+    self._lost = None  # records lost per epoch to truncated shards (counted as skipped)
+
+  def lost_per_epoch(self) -> int:
+    """Records this host's shards lost to truncation: they never reach the stream, so they are
+    counted here, once per epoch (with record-level sharding, by process 0 only)."""
+    if self._lost is None:
+      self._lost = 0
+      if self.record_shard is None or self.process_index == 0:
+        for f in self.files:
+          n, exact = lost_records(f)
+          if n:
+            logging.warning("%s is truncated: %s%d record(s) lost, counted as skipped", f,
+                            "" if exact else "at least ", n)
+          self._lost += n
+    return self._lost
 
   def state(self) -> dict:
     """Where the next batch starts; JSON-serialisable."""
@@ -343,6 +372,8 @@ class TrainIterator:
   def __next__(self) -> dict:
     while True:
       if self._it is None:
+        if self.position == 0:  # a new epoch (a resumed one has counted them already)
+          self.skipped += self.lost_per_epoch()
         self._it = self.dataset().as_numpy_iterator()
         self._yielded_this_epoch = 0
       try:

@@ -46,14 +46,19 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 def write_records(path: str, records: Iterable[bytes]) -> int:
-  """Writes serialized records to `path` atomically (temp name, then rename); returns count."""
+  """Writes serialized records to `path` atomically (temp name, then rename); returns count,
+  which also goes to the shard's `.NAME.count` file (schema.record_count_file)."""
   import tensorflow as tf
+
+  from miles_jax.data import schema
   tmp = path + ".tmp"
   n = 0
   with tf.io.TFRecordWriter(tmp) as w:
     for r in records:
       w.write(r)
       n += 1
+  with open(schema.record_count_file(path), "w") as f:
+    f.write(f"{n}\n")
   os.replace(tmp, path)
   return n
 

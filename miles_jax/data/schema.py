@@ -111,3 +111,11 @@ def read_records(path: str) -> list:
     ex = parse_example(raw)
     out.append({k: v.numpy() for k, v in ex.items()})
   return out
+
+
+def record_count_file(path: str) -> str:
+  """The hidden file beside a shard holding how many records were written to it (so records a
+  truncated shard lost can be counted exactly): DIR/.NAME.count."""
+  import os
+  head, name = os.path.split(path)
+  return os.path.join(head, f".{name}.count")
