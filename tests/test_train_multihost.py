@@ -44,10 +44,13 @@ def _launch(data_dir, workdir, cache_dir, steps, logs):
              CUDA_VISIBLE_DEVICES="", JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # Adam's eps at 1e-3: runs that compile different programs (train.steps differs) round
+  # differently by ~1e-7, and with eps 1e-8 Adam turns that noise on the parameters whose
+  # gradient is zero by construction (attention key biases) into full lr-sized steps.
   over = {"train.steps": steps, "train.checkpoint_every": 1000, "train.log_every": 1,
           "train.eval_every": 0, "data.batch_size": 8, "optim.warmup_steps": 0,
-          "optim.schedule": "constant", "optim.lr": 1e-3, "data.shuffle_buffer": 16,
-          "data.eval": ""}
+          "optim.schedule": "constant", "optim.lr": 1e-3, "optim.eps": 1e-3,
+          "data.shuffle_buffer": 16, "data.eval": ""}
   procs = []
   for i in range(2):
     cmd = [sys.executable, "-m", "miles_jax.train", f"--config=configs/demo.py:{data_dir}",
@@ -110,6 +113,8 @@ def test_sigterm_to_one_host_saves_the_same_step_on_both(data_dir, cache_dir, tm
   got, meta = final_state(wd)
   ref, ref_meta = final_state(ref_wd)
   assert int(got.step) == k + 2 and meta["data"] == ref_meta["data"]
-  assert_trees_equal(got.params, ref.params)
-  assert_trees_equal(got.snapshot_params, ref.snapshot_params)
-  assert_trees_equal(got.opt_state, ref.opt_state)
+  # Equal up to rounding: one lr-sized update (1e-3) on a wrong batch, a lost or repeated step
+  # or a stale optimizer state is 100x the tolerance.
+  assert_trees_equal(got.params, ref.params, atol=1e-5)
+  assert_trees_equal(got.snapshot_params, ref.snapshot_params, atol=1e-5)
+  assert_trees_equal(got.opt_state, ref.opt_state, atol=1e-5)
