@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 
 import numpy as np
 
@@ -96,11 +95,8 @@ def write_page(out: str, title: str, queries: list, subtitle: str = "",
     parts.append("</ol></section>")
   parts.append(f"<pre id='render-check' class='meta'></pre><script>{_CHECK_JS}</script>")
   parts.append("</body></html>")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = out + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("\n".join(p for p in parts if p))
-  os.replace(tmp, out)
+  from miles_jax import paths
+  paths.write_text(out, "\n".join(p for p in parts if p))  # local or gs://, never half-written
   return out
 
 

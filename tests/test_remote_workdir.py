@@ -171,13 +171,17 @@ def test_one_process_train_kill_resume_evaluate_export_on_gcs(gcs, data_dir, tmp
   r2 = subprocess.run(ev + [f"--checkpoint={wd}/export", f"--out={wd}/export_eval.json"],
                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r2.returncode == 0, r2.stderr[-3000:]
-  by_workdir = json.loads(paths.read_text(f"{wd}/eval/results.json"))
+  out = [ln.split(": ", 1)[1] for ln in r1.stdout.splitlines() if ln.startswith("results: ")]
+  assert out == [f"{wd}/eval/synthetic-step4.json"], r1.stdout[-2000:]  # one per dataset/step
+  by_workdir = json.loads(paths.read_text(out[0]))
   by_export = json.loads(paths.read_text(f"{wd}/export_eval.json"))
   assert by_workdir["step"] == 4
   for k in ("t2v_R1", "t2v_R5", "v2t_R1", "t2v_MnR"):  # the export is the step-4 model
     assert by_workdir["retrieval"][k] == by_export["retrieval"][k], k
-  caches = [p.name for p in paths.Path(f"{wd}/eval").iterdir() if p.name.endswith(".npz")]
+  caches = [p.name for p in paths.Path(f"{wd}/eval/embeddings").iterdir()
+            if p.name.endswith(".npz")]
   assert caches, "the embedding cache was not written beside the results"
+  assert "<img" in paths.read_text(f"{wd}/gallery.html")  # evaluate's page, on the bucket too
   _assert_nothing_local()
 
 
