@@ -177,7 +177,7 @@ def read_shard_clip(path: str, index: int, num_frames: int, size: int):
   for raw in tf.data.TFRecordDataset(path):
     if count == index:
       ex = schema.parse_example(raw)
-      frames = pipeline.eval_clip(ex, num_frames, size).numpy()
+      frames = pipeline.eval_clip(ex, num_frames, size)[0].numpy()
       return frames, [c.decode() for c in ex["captions"].numpy()]
     count += 1
   raise IndexError(f"--index={index}: {path} has only {count} records")
