@@ -38,7 +38,7 @@ from miles_jax import cli
 PLACEMENT_MASKED = {"objectives": "contrastive,miles", "mvm.unmasked_contrastive": False}
 PLACEMENT_INTACT = {"objectives": "contrastive,miles", "mvm.unmasked_contrastive": True}
 FIXED = {"mask.strategy": "blockwise", "mask.ratio": 0.5, "mvm.target_space": "features",
-         "mvm.target": "snapshot"}
+         "mvm.target": "snapshot", "mvm.weight": 1.0, "mvm.start_step": 0}
 # The placement the masking / ratio / target rows build on: the better placement of the quick grid.
 BASE = {**FIXED, **PLACEMENT_INTACT}
 
@@ -59,6 +59,10 @@ VARIANTS = {
     # per-patch normalised pixels of the intact clip (tiny model: 8x8x3 values per patch)
     "target_pixels": {**BASE, "mvm.target": "pixels", "model.mvm_head_dim": 8 * 8 * 3},
     "mac": {**FIXED, "objectives": "mac", "mvm.unmasked_contrastive": False},
+    # MVM from step 500 (a third of the run): the snapshot's targets once contrastive training
+    # has aligned it with the text, as the paper's (pretrained) snapshot is from the start
+    "mvm_start_500": {**BASE, "mvm.start_step": 500},
+    "mvm_weight_0.3": {**BASE, "mvm.weight": 0.3},
 }
 QUICK = ("contrastive_only", "miles_intact_clip", "miles_masked_clip")
 SMOKE = ("contrastive_only", "miles_intact_clip")

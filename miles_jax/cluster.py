@@ -107,3 +107,33 @@ def report_and_check(cluster: str | None, expected: int | None = None) -> str:
   want = expected or (expected_local_devices() if platform != "cpu" else None)
   check_local_devices(local, want, jax.process_index(), platform)
   return line
+
+
+def define_flags() -> None:
+  """The multi-host flags of the CLIs that run on every host (train, evaluate)."""
+  from absl import flags
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                    "auto: initialise jax.distributed when JAX's cluster detection finds a job "
+                    "(Cloud TPU VM / GKE, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or "
+                    "--coordinator_address is given; on: always; off: never.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+  flags.DEFINE_integer("cpu_devices", None, "Simulated CPU devices per process (testing).")
+  flags.DEFINE_list("local_device_ids", None, "Devices this process drives (e.g. 0,1,2,3); "
+                    "default: what the cluster detection assigns.")
+  flags.DEFINE_integer("expect_local_devices", None, "Fail unless this process sees at least "
+                       "this many devices (default: SLURM's GPUs per task, where SLURM says).")
+
+
+def init_from_flags() -> str:
+  """jax.distributed when the job has several hosts (define_flags' flags), then one start-up line
+  per process. Raises RuntimeError (DeviceMismatch, no coordinator reachable)."""
+  import jax
+  from absl import flags
+  f = flags.FLAGS
+  if f.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", f.cpu_devices)
+  ids = [int(i) for i in f.local_device_ids] if f.local_device_ids else None
+  used = initialize(f.coordinator_address, f.num_processes, f.process_id, ids, f.distributed)
+  return report_and_check(used, f.expect_local_devices)

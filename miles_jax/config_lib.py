@@ -90,6 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.temperature = 0.05
   c.mvm = ml_collections.ConfigDict()
   c.mvm.weight = 1.0  # lambda in L = L_contrastive + lambda * L_mvm
+  # lambda is 0 before this step: the EMA snapshot's targets are used once contrastive training
+  # has text-aligned it (the paper starts from pretrained weights; from scratch it is random).
+  c.mvm.start_step = 0
   c.mvm.loss = "smooth_l1"  # smooth_l1 | l1 | l2 | cosine
   c.mvm.normalize_target = True  # LayerNorm without affine on the snapshot's features
   c.mvm.target_space = "features"  # features | projected
@@ -281,6 +284,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
   objs = [o.strip() for o in str(config.objectives).split(",") if o.strip()]
   if not objs or any(o not in OBJECTIVES for o in objs):
     fail("objectives", f"{config.objectives!r}: use a comma list of {', '.join(OBJECTIVES)}")
+  if int(config.mvm.get("start_step", 0)) < 0:
+    fail("mvm.start_step", f"{config.mvm.start_step} must be >= 0")
   if not 0.0 <= config.mask.ratio < 1.0:
     fail("mask.ratio", f"{config.mask.ratio} must be in [0, 1)")
   if config.mvm.get("target", "snapshot") not in MVM_TARGETS:

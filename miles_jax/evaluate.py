@@ -7,7 +7,9 @@ with the protocol (docs/evaluation.md). The model comes from the newest checkpoi
 --workdir, or from --checkpoint: an exported model directory (`WORKDIR/export`, `convert`
 output) or a PyTorch `.pth`/`.safetensors` in the released layout. Results go to one file per
 dataset and checkpoint; embeddings are cached beside it under a fingerprint of the params,
-eval files, model, frames, tokenizer and caption length, and are verified on load.
+eval files, model, frames, tokenizer and caption length, and are verified on load. On several
+hosts run the same command on every host (the multi-host flags are train's: JAX's cluster
+detection, or --coordinator_address/--num_processes/--process_id); process 0 writes the files.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import cli, paths
+from miles_jax import cli, cluster, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file whose data.eval / data.tokenizer / "
                                 "evaluators are used, e.g. configs/zeroshot.py:msrvtt.",
@@ -30,6 +32,7 @@ flags.DEFINE_string("checkpoint", None, "Exported model dir, or .pth/.safetensor
 flags.DEFINE_string("out", None, "Output JSON (default: WORKDIR/eval/{dataset}-step{N}.json, "
                     "or {checkpoint}_eval_{dataset}.json beside --checkpoint).")
 flags.DEFINE_bool("no_cache", False, "Recompute embeddings even when cached.")
+cluster.define_flags()  # on several hosts: the same command on every host, as for train
 FLAGS = flags.FLAGS
 
 
@@ -178,6 +181,11 @@ def main(argv):
     return 2
   if FLAGS.config is None or bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     print("error: give --config and exactly one of --workdir / --checkpoint", file=sys.stderr)
+    return 2
+  try:
+    cluster.init_from_flags()
+  except RuntimeError as e:  # cluster.DeviceMismatch, or no coordinator reachable
+    print(f"error: {e}", file=sys.stderr)
     return 2
   try:
     evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.out, not FLAGS.no_cache)

@@ -24,14 +24,13 @@ unexpected and mis-shaped tensors fail with their names.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Mapping
 
 import ml_collections
 import numpy as np
 
-from miles_jax import convert
+from miles_jax import convert, paths
 from miles_jax.convert import ConversionError
 
 VIDEO_FORMATS = ("auto", "vit_npz", "timm", "clip")
@@ -65,10 +64,10 @@ def read_video_checkpoint(path: str, fmt: str = "auto"):
   """
   if fmt not in VIDEO_FORMATS:
     raise ValueError(f"config.init.video_format={fmt!r}: use one of {', '.join(VIDEO_FORMATS)}")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"config.init.video={path!r} does not exist")
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
+    with paths.local_file(path) as local, np.load(local, allow_pickle=False) as z:
       raw = {k: np.asarray(z[k]) for k in z.files}
   else:
     raw = convert.read_state_dict(path)
@@ -228,30 +227,30 @@ def _clip_to_timm(raw: Mapping[str, np.ndarray]):
 
 def read_distilbert(path: str):
   """A DistilBERT dir or weights file -> (state_dict without 'distilbert.', config.json dict or
-  None, vocab.txt path or None)."""
-  if not os.path.exists(path):
+  None, vocab.txt path or None). `path` may be a URI (gs://...)."""
+  if not paths.exists(path):
     raise FileNotFoundError(f"config.init.text={path!r} does not exist")
-  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  is_dir = paths.isdir(path)
+  folder = path if is_dir else paths.dirname(path)
   weights = path
-  if os.path.isdir(path):
+  if is_dir:
     names = ("model.safetensors", "pytorch_model.bin")
-    found = [n for n in names if os.path.exists(os.path.join(path, n))]
+    found = [n for n in names if paths.exists(paths.join(path, n))]
     if not found:
       raise FileNotFoundError(f"config.init.text={path}: the directory holds neither "
                               f"{' nor '.join(names)}")
-    weights = os.path.join(path, found[0])
+    weights = paths.join(path, found[0])
   sd = convert.read_state_dict(weights)
   if any(k.startswith("bert.") for k in sd):
     raise ConversionError(f"{weights}: this is a BERT checkpoint (keys 'bert.*'); "
                           "config.init.text needs DistilBERT (e.g. distilbert-base-uncased)")
   sd = {k[len("distilbert."):] if k.startswith("distilbert.") else k: v for k, v in sd.items()}
   hf_config = None
-  cfg_path = os.path.join(folder, "config.json")
-  if os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      hf_config = json.load(f)
-  vocab = os.path.join(folder, "vocab.txt")
-  return sd, hf_config, vocab if os.path.exists(vocab) else None
+  cfg_path = paths.join(folder, "config.json")
+  if paths.exists(cfg_path):
+    hf_config = json.loads(paths.read_text(cfg_path))
+  vocab = paths.join(folder, "vocab.txt")
+  return sd, hf_config, vocab if paths.exists(vocab) else None
 
 
 # ----------------------------------------------------------------------------- mapping
@@ -392,8 +391,8 @@ def apply_init(params, model_config, init_cfg):
     flat, rep = text_from_distilbert(sd, hf_config, model_config, params["text"], init_cfg.text)
     if vocab:
       rep["vocab"] = vocab
-      with open(vocab, encoding="utf-8") as f:
-        n = sum(1 for _ in f)
+      text = paths.read_text(vocab)
+      n = text.count("\n") + (not text.endswith("\n") and bool(text))  # lines, as a file reads
       if n != model_config.text.vocab_size:
         raise ConversionError(f"{vocab} has {n} tokens but model.text.vocab_size="
                               f"{model_config.text.vocab_size}: the tokenizer would index other "

@@ -136,4 +136,22 @@ def local_file(path):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def local_dir(path):
+  """A local folder to write `path`'s files into: `path` itself when local, else a temporary
+  folder copied to the URI when the block ends without an error (writers that need real files:
+  matplotlib, np.savez)."""
+  path = os.fspath(path)
+  if not is_uri(path):
+    os.makedirs(path, exist_ok=True)
+    yield path
+    return
+  tmp = tempfile.mkdtemp(prefix="miles_jax_")
+  try:
+    yield tmp
+    copy_tree(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 configure()

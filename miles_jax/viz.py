@@ -148,8 +148,12 @@ def center_square(frame: np.ndarray, size: int) -> np.ndarray:
 
 def read_video(path: str, num_frames: int, size: int) -> np.ndarray:
   """A video (PyAV) or an image -> uint8 `[T, size, size, 3]` (an image gives T=1)."""
-  if not os.path.exists(path):
+  from miles_jax import paths as uri
+  if not uri.exists(path):
     raise FileNotFoundError(f"--video={path} does not exist")
+  if uri.is_uri(path):  # gs://: decode a local copy
+    with uri.local_file(path) as local:
+      return read_video(local, num_frames, size)
   if path.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".webp")):
     from PIL import Image
     return center_square(np.asarray(Image.open(path).convert("RGB")), size)[None]
@@ -171,7 +175,8 @@ def read_shard_clip(path: str, index: int, num_frames: int, size: int):
   """Record `index` of a TFRecord shard (miles_jax.data.schema) -> (uint8 frames, captions)."""
   import tensorflow as tf
   from miles_jax.data import pipeline, schema
-  if not os.path.exists(path):
+  from miles_jax import paths as uri
+  if not uri.exists(path):
     raise FileNotFoundError(f"--shard={path} does not exist")
   count = 0
   for raw in tf.data.TFRecordDataset(path):
@@ -199,8 +204,8 @@ def token_strings(tokenizer_path: str, ids) -> list:
 def visualize(pretrained_model, frames_uint8, caption: str, tokenizer, tokenizer_path: str,
               out_dir: str) -> dict:
   """Both figures (+ maps.npz) for one clip and caption; returns the written paths and maps."""
+  from miles_jax import paths as uri
   from miles_jax.pretrained import normalize_frames
-  os.makedirs(out_dir, exist_ok=True)
   ids, mask = tokenizer.tokenize_numpy([caption])
   maps = inspect(pretrained_model.module, pretrained_model.params,
                  normalize_frames(frames_uint8)[None], ids, mask)
@@ -210,14 +215,14 @@ def visualize(pretrained_model, frames_uint8, caption: str, tokenizer, tokenizer
   t = frames_uint8.shape[0]
   sim = similarity_maps(maps["word_features"][0, keep], maps["patch_features"][0], t)
   attention = maps["attention"][0]
-  paths = {
-      "attention": plot_attention(frames_uint8, attention, caption,
-                                  os.path.join(out_dir, "attention.png")),
-      "alignment": plot_alignment(frames_uint8, sim, words, caption,
-                                  os.path.join(out_dir, "alignment.png")),
-      "maps": os.path.join(out_dir, "maps.npz")}
-  np.savez(paths["maps"], attention=attention, similarity=sim, words=np.asarray(words),
-           frames=frames_uint8, cls_self_attention=maps["cls_self_attention"][0])
+  with uri.local_dir(out_dir) as local:  # a gs:// --out is written locally, then copied
+    plot_attention(frames_uint8, attention, caption, os.path.join(local, "attention.png"))
+    plot_alignment(frames_uint8, sim, words, caption, os.path.join(local, "alignment.png"))
+    np.savez(os.path.join(local, "maps.npz"), attention=attention, similarity=sim,
+             words=np.asarray(words), frames=frames_uint8,
+             cls_self_attention=maps["cls_self_attention"][0])
+  paths = {k: uri.join(out_dir, f) for k, f in
+           (("attention", "attention.png"), ("alignment", "alignment.png"), ("maps", "maps.npz"))}
   return {"paths": paths, "attention": attention, "similarity": sim, "words": words}
 
 
@@ -238,7 +243,8 @@ def main(argv):
   tokenizer_path = f.tokenizer or config.data.tokenizer
   try:
     # An exported directory carries its own model config; a .pth uses --config's model.
-    model = pretrained.load(f.checkpoint, None if os.path.isdir(f.checkpoint) else config)
+    from miles_jax import paths as uri
+    model = pretrained.load(f.checkpoint, None if uri.isdir(f.checkpoint) else config)
     v = model.config.video
     num_frames = min(f.frames or config.data.num_frames, v.num_frames)
     if f.video:

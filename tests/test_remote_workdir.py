@@ -1,7 +1,7 @@
 """Runs entirely on gs://: a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) and demo-sized runs
 trained, killed (SIGKILL), resumed, evaluated and exported on gs://bucket/…, with 1 process and
-with 2 processes under FSDP; then the stage-1 -> stage-2 hand-off (`train.init_from` = the
-stage-1 workdir on gs://, another frame count, 2 processes). The CLIs get only
+with 2 processes under FSDP (evaluated by 2 processes too); then the stage-1 -> stage-2
+hand-off (`train.init_from` = the stage-1 workdir on gs://, another frame count). The CLIs get only
 STORAGE_EMULATOR_HOST; nothing may appear on the local disk (today's bug: ./gs:/bucket/…)."""
 import json
 import os
@@ -79,7 +79,7 @@ def _env(gcs_url, devices=8):
 
 def _overrides(steps, **extra):
   o = {"train.steps": steps, "train.checkpoint_every": 2, "train.log_every": 1,
-       "train.eval_every": 2, "data.batch_size": 8, "optim.warmup_steps": 2,
+       "train.eval_every": 4, "data.batch_size": 8, "optim.warmup_steps": 2,
        "data.shuffle_buffer": 16}
   o.update(extra)
   return [f"--config.{k}={v}" for k, v in o.items()]
@@ -185,28 +185,24 @@ def test_one_process_train_kill_resume_evaluate_export_on_gcs(gcs, data_dir, tmp
             if p.name.endswith(".npz")]
   assert caches, "the embedding cache was not written beside the results"
   assert "<img" in paths.read_text(f"{wd}/gallery.html")  # evaluate's page, on the bucket too
+  _stage_two_from(gcs, data_dir, wd)
   _assert_nothing_local()
 
 
-def test_two_processes_fsdp_on_gcs_and_stage_two_init_from_the_workdir(gcs, data_dir):
-  """2 processes x 4 devices, mesh (data 2, fsdp 4): killed, resumed, export/ and best/ written
-  by both; stage 2 (8 frames) starts from the stage-1 workdir's newest checkpoint params."""
+def _stage_two_from(gcs, data_dir, wd):
+  """Stage 2 (8 frames) starts from the stage-1 workdir's newest checkpoint params, on gs://."""
   from miles_jax import checkpoints
-  mesh = {"mesh.shape": "(2,4)", "mesh.axes": "('data','fsdp')"}
-  wd = "gs://bucket/two"
-  _train_kill_resume(gcs, data_dir, wd, 2, mesh)
   stage1, _ = checkpoints.read_params_host(f"{wd}/export")
   newest, _ = checkpoints.read_params_host(wd)  # the workdir: its newest checkpoint's params
   flat1, flat_newest = _flatten(stage1), _flatten(newest)
   assert flat1.keys() == flat_newest.keys()
   for k in flat1:
     np.testing.assert_array_equal(flat1[k], flat_newest[k], err_msg=k)
-
-  # Stage 2: 8 frames, lr 0 for one step, so its step-1 params are exactly its initial params.
-  wd2 = "gs://bucket/two_stage2"
-  extra = dict(mesh, **{"train.init_from": wd, "model.video.num_frames": 8, "optim.lr": 0.0,
-                        "train.eval_every": 0})
-  outs = _finish(_start(_train_cmds(data_dir, wd2, 2, _overrides(1, **extra)), _env(gcs)))
+  # lr 0 for one step, so its step-1 params are exactly its initial params.
+  wd2 = f"{wd}_stage2"
+  extra = {"train.init_from": wd, "model.video.num_frames": 8, "optim.lr": 0.0,
+           "train.eval_every": 0}
+  outs = _finish(_start(_train_cmds(data_dir, wd2, 1, _overrides(1, **extra)), _env(gcs)))
   assert f"initialised params from {wd}" in outs[0][0]
   stage2, _ = checkpoints.read_params_host(wd2)
   flat2 = _flatten(stage2)
@@ -218,6 +214,28 @@ def test_two_processes_fsdp_on_gcs_and_stage_two_init_from_the_workdir(gcs, data
       np.testing.assert_array_equal(flat2[k][4:], 0.0)  # as convert --temporal_fill=zeros
     else:
       np.testing.assert_array_equal(flat2[k], flat1[k], err_msg=k)
+
+
+def test_two_processes_fsdp_on_gcs_train_and_evaluate(gcs, data_dir):
+  """2 processes x 4 devices, mesh (data 2, fsdp 4): killed, resumed, export/ and best/ written
+  by both; then `evaluate --workdir=gs://...` on 2 processes gives the training's last eval."""
+  mesh = {"mesh.shape": "(2,4)", "mesh.axes": "('data','fsdp')"}
+  wd = "gs://bucket/two"
+  _train_kill_resume(gcs, data_dir, wd, 2, mesh)
+  trained = json.loads(paths.read_text(f"{wd}/results.json"))["eval"]
+
+  port = _free_port()
+  cmds = [[sys.executable, "-m", "miles_jax.evaluate", f"--config=configs/demo.py:{data_dir}",
+           f"--workdir={wd}", *[f"--config.{k}={v}" for k, v in mesh.items()],
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+           "--cpu_devices=4"] for i in range(2)]
+  outs = _finish(_start(cmds, _env(gcs)))
+  assert "process 1/2" in outs[1][0] and "results: " not in outs[1][0]  # only process 0 writes
+  out = [ln.split(": ", 1)[1] for ln in outs[0][0].splitlines() if ln.startswith("results: ")]
+  assert len(out) == 1 and out[0].endswith("-step4.json"), outs[0][0][-2000:]
+  got = json.loads(paths.read_text(out[0]))["retrieval"]
+  for k in ("t2v_R1", "t2v_R5", "t2v_MnR", "v2t_R1", "v2t_MnR"):
+    assert got[k] == pytest.approx(trained[f"retrieval/{k}"], abs=1e-9), k
   _assert_nothing_local()
 
 

@@ -427,3 +427,28 @@ def test_configs_saved_before_mvm_head_dim_still_resume():
   assert checkpoints.diff_configs(saved, wanted) == []
   wanted["mvm_head_dim"] = 192
   assert checkpoints.diff_configs(saved, wanted) == ["model.mvm_head_dim: checkpoint 0, config 192"]
+
+
+def test_mvm_starts_at_start_step():
+  """mvm.start_step=1: step 0's loss is the contrastive term alone and the MVM head gets no
+  update; from step 1 on the loss is contrastive + weight * mvm and the head moves."""
+  c = _config()
+  c.objectives, c.mvm.start_step, c.mvm.weight = "contrastive,miles", 1, 0.7
+  c.optim.weight_decay = 0.0  # else decay alone would move the head
+  mesh = _one_device_mesh()
+  state = state_lib.create_train_state(c, jax.random.PRNGKey(0), mesh)
+  step = step_lib.make_train_step(c, mesh, compiler_options=FAST_COMPILE)
+  heads, losses = [jax.device_get(state.params["mvm_head"])], []
+  for seed in (0, 1):
+    state, m = step(state, _batch(c, seed))
+    m = jax.device_get(m)
+    heads.append(jax.device_get(state.params["mvm_head"]))
+    losses.append((float(m["loss"]), float(m["contrastive_loss"]), float(m["mvm_loss"])))
+  (l0, c0, m0), (l1, c1, m1) = losses
+  assert m0 > 0.01 and m1 > 0.01  # the MVM term is computed (and logged) before it counts
+  assert l0 == pytest.approx(c0, rel=1e-6)
+  assert l1 == pytest.approx(c1 + 0.7 * m1, rel=1e-6) and l1 - c1 > 0.005
+  _assert_trees_close(heads[1], heads[0], rtol=0, atol=0)
+  moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(heads[2]),
+                                                   jax.tree.leaves(heads[1])))
+  assert moved > 1e-4

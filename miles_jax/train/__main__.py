@@ -14,37 +14,14 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import cli, paths
+from miles_jax import cli, cluster, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or "
                                 "configs/pretrain_miles.py:base; override any field with "
                                 "--config.FIELD=VALUE.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and figures.")
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "auto: initialise jax.distributed when JAX's cluster detection finds a job "
-                  "(Cloud TPU VM / GKE, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or "
-                  "--coordinator_address is given; on: always; off: never.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
-flags.DEFINE_integer("cpu_devices", None, "Simulated CPU devices per process (testing).")
-flags.DEFINE_list("local_device_ids", None, "Devices this process drives (e.g. 0,1,2,3); default: "
-                  "what the cluster detection assigns.")
-flags.DEFINE_integer("expect_local_devices", None, "Fail unless this process sees at least this "
-                     "many devices (default: SLURM's GPUs per task, where SLURM says).")
+cluster.define_flags()
 FLAGS = flags.FLAGS
-
-
-def init_jax():
-  """jax.distributed when the job has several hosts, then one start-up line per process."""
-  import jax
-  from miles_jax import cluster
-  if FLAGS.cpu_devices:
-    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-  ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
-  used = cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                            ids, FLAGS.distributed)
-  cluster.report_and_check(used, FLAGS.expect_local_devices)
 
 
 def report(result: dict, workdir: str):
@@ -94,7 +71,7 @@ def main(argv):
     print("error: --config and --workdir are required (see --help)", file=sys.stderr)
     return 2
   try:
-    init_jax()
+    cluster.init_from_flags()
   except RuntimeError as e:  # cluster.DeviceMismatch, or no coordinator reachable
     print(f"error: {e}", file=sys.stderr)
     return 2

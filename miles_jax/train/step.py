@@ -64,10 +64,16 @@ def _num_tokens(config, frames_shape) -> tuple[int, int]:
 class _Losses:
   """The step's forward passes and losses for one config (objectives fixed at trace time)."""
 
-  def __init__(self, config, model):
+  def __init__(self, config, model, step=None):
     self.config = config
     self.model = model
     self.objectives = objectives.parse_objectives(config.objectives)
+    # lambda of L = L_contrastive + lambda * L_mvm; 0 before `mvm.start_step` (the snapshot
+    # is trained as an EMA from step 0, its targets only used once the encoder is text-aligned).
+    self.mvm_weight = float(config.mvm.weight) if "miles" in self.objectives else 0.0
+    start = int(config.mvm.get("start_step", 0))
+    if self.mvm_weight and start > 0 and step is not None:
+      self.mvm_weight = jnp.where(step >= start, self.mvm_weight, 0.0).astype(jnp.float32)
     if config.mvm.loss not in objectives.MVM_LOSSES:
       raise ValueError(f"config.mvm.loss={config.mvm.loss!r}: use one of "
                        f"{', '.join(objectives.MVM_LOSSES)}")
@@ -135,8 +141,7 @@ class _Losses:
       terms["contrastive_loss"] = objectives.contrastive_loss(embeds["video"], embeds["text"], tau)
     if "mac_video" in embeds:
       terms["mac_loss"] = objectives.contrastive_loss(embeds["mac_video"], embeds["mac_text"], tau)
-    weight = self.config.mvm.weight if "miles" in self.objectives else 0.0
-    loss = terms["contrastive_loss"] + weight * terms["mvm_loss"] + terms["mac_loss"]
+    loss = terms["contrastive_loss"] + self.mvm_weight * terms["mvm_loss"] + terms["mac_loss"]
     return loss, terms
 
 
@@ -184,7 +189,7 @@ def _loss_and_grads(losses: _Losses, params, snapshot_params, batch, rng, k: int
     return losses.combine(e, jnp.zeros((), jnp.float32), mvm_count)
   (_, terms), d_embeds = jax.value_and_grad(global_loss, has_aux=True)(embeds)
   d_embeds = jax.tree.map(lambda x: _split(x, k), d_embeds)
-  weight = losses.config.mvm.weight if "miles" in losses.objectives else 0.0
+  weight = losses.mvm_weight
   d_mvm_sum = jnp.asarray(weight, jnp.float32) / mvm_count
 
   # Pass 2: back-propagate each micro-batch's embedding gradients (+ its MVM term).
@@ -206,7 +211,7 @@ def _loss_and_grads(losses: _Losses, params, snapshot_params, batch, rng, k: int
 def train_step(state: TrainState, batch: dict, *, config, model, tx, lr_schedule,
                micro_sharding: NamedSharding | None = None) -> tuple[TrainState, dict]:
   """One optimiser update of the online params and one EMA update of the snapshot (pure)."""
-  losses = _Losses(config, model)
+  losses = _Losses(config, model, state.step)
   k = int(config.optim.grad_accum_steps)
   b = batch["frames"].shape[0]
   if k < 1 or b % k:
