@@ -1,6 +1,60 @@
-"""Test-wide settings: 8 simulated CPU devices, quiet TensorFlow, no GPU grabbing."""
+"""Test-wide settings: 8 simulated CPU devices, quiet TensorFlow, no GPU grabbing; the GCS
+emulator fixture (`gcs`) shared by the tests that read or write gs://."""
 import os
+import socket
+import subprocess
+import sys
+import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import pytest
+
+from helpers import xla_flags  # noqa: E402  (tests/ is on sys.path; JAX not initialised yet)
+
+# 8 simulated devices; -O0 LLVM (helpers.FAST_COMPILE_FLAG) for the subprocesses that inherit it
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """The emulator on 127.0.0.1 (tests/gcs_emulator.py) with bucket `bucket`; this process reads
+  it through miles_jax.paths. Yields its URL (what STORAGE_EMULATOR_HOST is set to)."""
+  from miles_jax import paths
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"),
+                           str(port), "bucket"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 60
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      break
+    except OSError:
+      if time.time() > deadline or proc.poll() is not None:
+        proc.kill()
+        raise RuntimeError("the GCS emulator did not start")
+      time.sleep(0.2)
+  url = f"http://127.0.0.1:{port}"
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+  os.environ["STORAGE_EMULATOR_HOST"] = url
+  os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
+  paths.configure()
+  try:
+    yield url
+  finally:
+    proc.kill()
+    proc.wait()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v

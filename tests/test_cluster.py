@@ -10,6 +10,8 @@ import pytest
 
 from miles_jax import cluster
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
               "SLURM_LOCALID", "SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE",
@@ -71,7 +73,8 @@ def test_startup_line():
 
 def test_train_prints_the_line_and_refuses_too_few_devices(tmp_path):
   """End to end through the CLI, before any data or compile: 4 devices seen, 8 asked for."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=helpers.xla_flags(),
+             TF_CPP_MIN_LOG_LEVEL="2")
   for k in SLURM_VARS:
     env.pop(k, None)
   r = subprocess.run([sys.executable, "-m", "miles_jax.train", "--config=configs/demo.py",

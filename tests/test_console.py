@@ -7,6 +7,7 @@ import sys
 import pytest
 from absl import flags
 
+import helpers  # noqa: E402
 from helpers import ROOT
 from miles_jax import cli, console
 from miles_jax.data import prepare, synthetic
@@ -26,7 +27,7 @@ LOG_LINE = re.compile(r"^[IWE]\d{4} |absl::InitializeLog", re.M)
 
 
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=helpers.xla_flags())
   for k in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES", console.VERBOSE_ENV):
     env.pop(k, None)  # as in a user's fresh shell
   return env

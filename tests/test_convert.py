@@ -10,6 +10,8 @@ torch = pytest.importorskip("torch", reason="needs the [torch] extra")
 
 from miles_jax import checkpoints, config_lib, convert, pretrained  # noqa: E402
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
@@ -84,7 +86,7 @@ def test_cli_round_trip(released, tmp_path):
   out = str(tmp_path / "converted")
   args = [sys.executable, "-m", "miles_jax.convert", "--config=configs/default.py:base",
           f"--checkpoint={pth}", f"--out={out}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu")
   r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "converted" in r.stdout and "mask_token" in r.stdout

@@ -17,6 +17,7 @@ from miles_jax import config_lib, convert, pretrained  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
+import helpers  # noqa: E402
 from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
 from torch_reference import RefDualEncoder  # noqa: E402
 
@@ -307,7 +308,7 @@ def test_cli_converts_upstream_trainer_file(tmp_path):
   args = [sys.executable, "-m", "miles_jax.convert", "--config=configs/default.py:base",
           f"--checkpoint={path}", f"--out={out}"] + [
               f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu")
   r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "frozen key layout" in r.stdout and "parse_config.ConfigParser" in r.stdout

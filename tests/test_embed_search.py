@@ -15,7 +15,6 @@ import time
 
 import av
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

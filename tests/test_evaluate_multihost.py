@@ -16,6 +16,8 @@ from miles_jax.data import schema, synthetic
 sys.path.insert(0, os.path.dirname(__file__))
 import multihost_eval  # noqa: E402
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["red circle", "blue square", "green star", "yellow ring", "white box"]
 
@@ -44,7 +46,8 @@ def test_interleaved_two_process_eval_equals_one_process(data, tmp_path):
   import jax
   retrieval_glob, labelled_glob, tokenizer = data
   out, port = str(tmp_path / "res.json"), _free_port()
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="2",
              CUDA_VISIBLE_DEVICES="")
   procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multihost_eval.py"),
                              retrieval_glob, labelled_glob, tokenizer, out, str(port), str(i)],

@@ -30,6 +30,7 @@ from miles_jax.train import optim
 from miles_jax.train.state import create_train_state, train_state_shardings
 
 sys.path.insert(0, os.path.dirname(__file__))
+import helpers  # noqa: E402
 from helpers import apply_overrides, assert_trees_equal, final_state  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,7 @@ def _cmd(data_dir, workdir, *extra, module="miles_jax.train"):
 
 
 def _env(cache_dir=None, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(devices),
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
   if cache_dir:
     env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

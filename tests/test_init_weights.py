@@ -18,6 +18,7 @@ from miles_jax.models.dual_encoder import build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
+import helpers  # noqa: E402
 from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
 from torch_reference import RefText, randomize_  # noqa: E402
 
@@ -312,6 +313,23 @@ def test_distilbert_values_and_outputs(sources):
   np.testing.assert_allclose(np.asarray(got)[am == 1], want[am == 1], atol=1e-4)
 
 
+def test_init_from_gs_equals_local(sources, gcs):
+  """init.video / init.text on gs:// (the GCS emulator on 127.0.0.1): the same params as from
+  the local files, for the .npz and .safetensors video layouts and the DistilBERT folder."""
+  from miles_jax import paths
+  paths.copy_tree(str(sources["dir"]), "gs://bucket/init")
+  for video in ("vit.npz", "vit.safetensors"):
+    local = _init(_config(video=str(sources["dir"] / video), text=sources["bert"]))[1:]
+    remote = _init(_config(video=f"gs://bucket/init/{video}",
+                           text="gs://bucket/init/distilbert"))[1:]
+    jax.tree.map(np.testing.assert_array_equal, remote[0], local[0])
+    assert remote[1]["video"]["format"] == local[1]["video"]["format"]
+    assert remote[1]["text"]["vocab"] == "gs://bucket/init/distilbert/vocab.txt"
+  with pytest.raises(FileNotFoundError, match="config.init.text"):
+    init_weights.read_distilbert("gs://bucket/init/nothing_here")
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
 def test_loud_failures(sources, tmp_path):
   from safetensors.numpy import save_file
   sd = dict(sources["sd"])
@@ -358,7 +376,7 @@ def test_convert_cli_exports_the_initialised_model(sources, tmp_path):
   out = str(tmp_path / "init")
   base = [sys.executable, "-m", "miles_jax.convert", "--config=configs/default.py:base",
           f"--out={out}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu")
   args = base + [f"--vit={sources['dir'] / 'vit.npz'}", f"--distilbert={sources['bert']}"]
   r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -12,6 +12,8 @@ import pytest
 from miles_jax import config_lib, profile
 from miles_jax.models.dual_encoder import build
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -92,7 +94,7 @@ def test_fallback_loss_gradient_count():
 
 
 def test_cli_table_and_json():
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "miles_jax.profile", "--config=configs/default.py:tiny",
                       "--config.model.video.depth=1", "--config.model.text.depth=1", "--json"],
                      cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)

@@ -18,6 +18,8 @@ import pytest
 from miles_jax import paths
 from miles_jax.data import synthetic
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,40 +27,6 @@ def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs():
-  """The emulator on 127.0.0.1 with bucket `bucket`; this process reads it through paths.py."""
-  port = _free_port()
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"),
-                           str(port), "bucket"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 60
-  while True:
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
-    except OSError:
-      if time.time() > deadline or proc.poll() is not None:
-        proc.kill()
-        raise RuntimeError("the GCS emulator did not start")
-      time.sleep(0.2)
-  url = f"http://127.0.0.1:{port}"
-  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
-  os.environ["STORAGE_EMULATOR_HOST"] = url
-  os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
-  paths.configure()
-  try:
-    yield url
-  finally:
-    proc.kill()
-    proc.wait()
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +41,7 @@ def _env(gcs_url, devices=8):
          if k not in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
                       "EPATH_USE_TF", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
   env.update(STORAGE_EMULATOR_HOST=gcs_url, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             CUDA_VISIBLE_DEVICES="", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             CUDA_VISIBLE_DEVICES="", XLA_FLAGS=helpers.xla_flags(devices))
   return env
 
 
@@ -97,7 +65,7 @@ def _train_cmds(data_dir, workdir, nproc, overrides):
 
 def _start(cmds, env):
   if len(cmds) > 1:
-    env = dict(env, XLA_FLAGS="")
+    env = dict(env, XLA_FLAGS=helpers.xla_flags())
   return [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True) for c in cmds]
 
@@ -247,3 +215,23 @@ def _flatten(tree, prefix=""):
     else:
       out[f"{prefix}{k}"] = np.asarray(v)
   return out
+
+
+def test_local_dir_copies_to_the_bucket_only_on_success(gcs):
+  """paths.local_dir (viz's figures, np.savez): files written locally reach gs:// whole when the
+  block ends; an error inside the block leaves nothing on the bucket."""
+  with paths.local_dir("gs://bucket/viz/ok") as local:
+    assert os.path.isdir(local)
+    with open(os.path.join(local, "a.png"), "wb") as f:
+      f.write(b"\x89PNG" + bytes(range(256)))
+    np.savez(os.path.join(local, "maps.npz"), x=np.arange(5))
+  assert paths.read_bytes("gs://bucket/viz/ok/a.png") == b"\x89PNG" + bytes(range(256))
+  with paths.local_file("gs://bucket/viz/ok/maps.npz") as f:
+    np.testing.assert_array_equal(np.load(f)["x"], np.arange(5))
+  assert not os.path.exists(local)  # the temporary folder is gone
+  with pytest.raises(RuntimeError):
+    with paths.local_dir("gs://bucket/viz/failed") as local:
+      open(os.path.join(local, "half.png"), "wb").close()
+      raise RuntimeError("the figure failed")
+  assert not paths.exists("gs://bucket/viz/failed/half.png")
+  _assert_nothing_local()

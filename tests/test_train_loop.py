@@ -21,7 +21,8 @@ from miles_jax.train.state import create_train_state
 from miles_jax.train.step import make_train_step
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import apply_overrides, assert_trees_equal, final_state  # noqa: E402
+import helpers  # noqa: E402
+from helpers import apply_overrides, final_state  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +48,7 @@ def _cmd(data_dir, workdir, *extra):
 
 
 def _env(devices=8):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  return dict(os.environ, XLA_FLAGS=helpers.xla_flags(devices),
               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
 
 
@@ -132,7 +133,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
   for i in range(2):
     cmd = _cmd(data_dir, wd, *_overrides(steps=steps), f"--coordinator_address=127.0.0.1:{port}",
                "--num_processes=2", f"--process_id={i}", "--cpu_devices=4")
-    env = dict(_env(), XLA_FLAGS="")
+    env = dict(_env(), XLA_FLAGS=helpers.xla_flags())
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=400) for p in procs]

@@ -14,6 +14,7 @@ from miles_jax import checkpoints
 from miles_jax.data import synthetic
 
 sys.path.insert(0, os.path.dirname(__file__))
+import helpers  # noqa: E402
 from helpers import assert_trees_equal, final_state  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,8 @@ def _free_port():
 def _launch(data_dir, workdir, cache_dir, steps, logs):
   """Both processes of a 2-host run; a constant lr so `train.steps` does not change the updates."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="2",
              CUDA_VISIBLE_DEVICES="", JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

@@ -10,6 +10,8 @@ import pytest
 from miles_jax import checkpoints, config_lib, convert, pretrained, viz
 from miles_jax.models.dual_encoder import build
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["a", "dog", "runs", "on", "the", "grass"]
 
@@ -169,7 +171,7 @@ def test_cli(tiny, vocab, tmp_path):
   video = str(tmp_path / "v.mp4")
   _write_video(video, _frames(10, size=48, seed=5))
   out = str(tmp_path / "figs")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "miles_jax.viz", f"--checkpoint={ckpt}",
                       f"--video={video}", "--caption=a dog runs", f"--tokenizer={vocab}",
                       f"--out={out}"], cwd=ROOT, capture_output=True, text=True, env=env,
