@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import xla_flags  # noqa: E402  (tests/ is on sys.path; JAX not initialised yet)
+from helpers import free_port, xla_flags  # noqa: E402  (tests/ is on sys.path; JAX not initialised yet)
 
 # 8 simulated devices; -O0 LLVM (helpers.FAST_COMPILE_FLAG) for the subprocesses that inherit it
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
@@ -18,18 +18,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs():
   """The emulator on 127.0.0.1 (tests/gcs_emulator.py) with bucket `bucket`; this process reads
   it through miles_jax.paths. Yields its URL (what STORAGE_EMULATOR_HOST is set to)."""
   from miles_jax import paths
-  port = _free_port()
+  port = free_port()
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"),
                            str(port), "bucket"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)

@@ -1,6 +1,7 @@
 """Helpers shared by several test files (imported as `helpers`; tests/ is on sys.path)."""
 import json
 import os
+import socket
 
 import jax
 import ml_collections
@@ -12,6 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # time on 2 cores (a 6-step demo run: ~37 s instead of ~52-67 s, measured here). HLO passes are
 # unchanged; the benchmarks and the real CLIs keep the default.
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+def free_port() -> int:
+  """A free TCP port on 127.0.0.1 (coordinators, the GCS emulator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def xla_flags(devices: int | None = None) -> str:
