@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -27,20 +26,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import train_step as bench  # noqa: E402  (cpu_model, num_cores)
+import train_step as bench  # noqa: E402  (cpu_model, num_cores, _times)
 
 B, T, N, H, D = 2, 4, 196, 12, 64
 WIDTH, S = H * D, 1 + T * N
 
 
 def _median_ms(fn, runs: int, sync) -> float:
-  sync(fn())
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times)
+  sync(fn())  # warm-up (compiles)
+  return 1e3 * statistics.median(bench._times(fn, runs, sync))
 
 
 def jax_parts(dtype):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from miles_jax import paths as uri
 from miles_jax.models.dual_encoder import DualEncoder
 
 
@@ -148,7 +149,6 @@ def center_square(frame: np.ndarray, size: int) -> np.ndarray:
 
 def read_video(path: str, num_frames: int, size: int) -> np.ndarray:
   """A video (PyAV) or an image -> uint8 `[T, size, size, 3]` (an image gives T=1)."""
-  from miles_jax import paths as uri
   if not uri.exists(path):
     raise FileNotFoundError(f"--video={path} does not exist")
   if uri.is_uri(path):  # gs://: decode a local copy
@@ -175,7 +175,6 @@ def read_shard_clip(path: str, index: int, num_frames: int, size: int):
   """Record `index` of a TFRecord shard (miles_jax.data.schema) -> (uint8 frames, captions)."""
   import tensorflow as tf
   from miles_jax.data import pipeline, schema
-  from miles_jax import paths as uri
   if not uri.exists(path):
     raise FileNotFoundError(f"--shard={path} does not exist")
   count = 0
@@ -204,7 +203,6 @@ def token_strings(tokenizer_path: str, ids) -> list:
 def visualize(pretrained_model, frames_uint8, caption: str, tokenizer, tokenizer_path: str,
               out_dir: str) -> dict:
   """Both figures (+ maps.npz) for one clip and caption; returns the written paths and maps."""
-  from miles_jax import paths as uri
   from miles_jax.pretrained import normalize_frames
   ids, mask = tokenizer.tokenize_numpy([caption])
   maps = inspect(pretrained_model.module, pretrained_model.params,
@@ -243,7 +241,6 @@ def main(argv):
   tokenizer_path = f.tokenizer or config.data.tokenizer
   try:
     # An exported directory carries its own model config; a .pth uses --config's model.
-    from miles_jax import paths as uri
     model = pretrained.load(f.checkpoint, None if uri.isdir(f.checkpoint) else config)
     v = model.config.video
     num_frames = min(f.frames or config.data.num_frames, v.num_frames)

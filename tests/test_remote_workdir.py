@@ -22,9 +22,6 @@ import helpers  # noqa: E402  (tests/ is on sys.path)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_free_port = helpers.free_port
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("synthetic"))
@@ -54,7 +51,7 @@ def _train_cmds(data_dir, workdir, nproc, overrides):
           f"--workdir={workdir}", *overrides]
   if nproc == 1:
     return [base]
-  port = _free_port()
+  port = helpers.free_port()
   return [base + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                   f"--process_id={i}", "--cpu_devices=4"] for i in range(nproc)]
 
@@ -188,7 +185,7 @@ def test_two_processes_fsdp_on_gcs_train_and_evaluate(gcs, data_dir):
   _train_kill_resume(gcs, data_dir, wd, 2, mesh)
   trained = json.loads(paths.read_text(f"{wd}/results.json"))["eval"]
 
-  port = _free_port()
+  port = helpers.free_port()
   cmds = [[sys.executable, "-m", "miles_jax.evaluate", f"--config=configs/demo.py:{data_dir}",
            f"--workdir={wd}", *[f"--config.{k}={v}" for k, v in mesh.items()],
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
