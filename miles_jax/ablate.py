@@ -88,7 +88,13 @@ def define_flags():
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
   flags.DEFINE_integer("steps", None, "train.steps (default: configs/demo.py's).")
   flags.DEFINE_string("data", None, "Synthetic data folder (default: OUT/data, generated once).")
+  flags.DEFINE_integer("num_train", DATA["num_train"], "Training clips of the synthetic set (the "
+                       "held-out split stays 512 clips; a folder with other parameters is "
+                       "regenerated).")
   flags.DEFINE_bool("report_only", False, "Train nothing; summarise the finished runs.")
+  flags.DEFINE_multi_string("set", [], "A config override applied to every run, KEY=VALUE "
+                            "(repeatable; e.g. --set=model.video.patch_size=4); use a separate "
+                            "--out for each setting.")
 
 
 def reference_rows(path: str, num_texts: int, names=("contrastive_only",)) -> dict:
@@ -106,6 +112,21 @@ def reference_rows(path: str, num_texts: int, names=("contrastive_only",)) -> di
     if row.get("n") and all(m in row["mean"] for m in METRICS):
       rows[f"{name} (ablation, mean of {row['n']} seed{'s' * (row['n'] > 1)})"] = row["mean"]
   return rows
+
+
+def parse_sets(items) -> dict:
+  """KEY=VALUE strings -> {key: value}; values are Python literals where they parse, else str."""
+  import ast
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set {item!r}: use KEY=VALUE, e.g. model.video.patch_size=4")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
 
 
 def run_key(overrides: dict) -> str:
@@ -276,10 +297,15 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.out, "jax_cache"))
   from miles_jax.data import synthetic
   from miles_jax.train import loop
-  data_params = SMOKE_DATA if FLAGS.smoke else DATA
+  data_params = SMOKE_DATA if FLAGS.smoke else {**DATA, "num_train": FLAGS.num_train}
   data_dir = FLAGS.data or os.path.join(FLAGS.out, "data")
   os.makedirs(FLAGS.out, exist_ok=True)
   extra = dict(SMOKE_TRAIN) if FLAGS.smoke else {}
+  try:
+    extra.update(parse_sets(FLAGS.set))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if FLAGS.steps:
     extra["train.steps"] = FLAGS.steps
   steps = int(demo_config(data_dir, {}, 0, extra).train.steps)

@@ -90,11 +90,20 @@ def _cli(*args):
 def test_bad_variant_is_exit_2(tmp_path):
   r = _cli(f"--out={tmp_path}", "--only=contrastive_only,nope")
   assert r.returncode == 2 and "nope" in r.stderr and "miles_intact_clip" in r.stderr
+  r = _cli(f"--out={tmp_path}", "--smoke", "--set=optim.lr")
+  assert r.returncode == 2 and "--set 'optim.lr'" in r.stderr and "KEY=VALUE" in r.stderr
+
+
+def test_parse_sets_literals_and_strings():
+  got = ablate.parse_sets(["optim.lr=0.002", "mask.strategy=tube", "model.video.patch_size=4",
+                           "data.crop_scale=(0.5, 1.0)"])
+  assert got == {"optim.lr": 0.002, "mask.strategy": "tube", "model.video.patch_size": 4,
+                 "data.crop_scale": (0.5, 1.0)}
 
 
 def test_smoke_trains_two_variants_and_resumes(tmp_path):
   out = str(tmp_path / "abl")
-  r = _cli(f"--out={out}", "--smoke", "--seeds=0")
+  r = _cli(f"--out={out}", "--smoke", "--seeds=0", "--set=optim.lr=0.002")
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   with open(os.path.join(out, "ablation.json")) as f:
     s = json.load(f)
@@ -114,12 +123,13 @@ def test_smoke_trains_two_variants_and_resumes(tmp_path):
   with open(os.path.join(miles, "config.json")) as f:
     cfg = json.load(f)
   assert cfg["objectives"] == "contrastive,miles" and cfg["mvm"]["unmasked_contrastive"] is True
+  assert cfg["optim"]["lr"] == 0.002  # --set reaches every run
   assert s["chance"]["t2v_R1"] == pytest.approx(100 / ablate.SMOKE_DATA["num_eval"])
   assert os.path.isfile(os.path.join(out, "ablation.png"))
   assert "wall" in r.stdout and "[ablate] trained 2 run(s)" in r.stdout
 
   stamp = os.path.getmtime(os.path.join(miles, "results.json"))
-  r = _cli(f"--out={out}", "--smoke", "--seeds=0")
+  r = _cli(f"--out={out}", "--smoke", "--seeds=0", "--set=optim.lr=0.002")
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.count("finished before, skipped") == 2
   assert "[ablate] trained 0 run(s)" in r.stdout
