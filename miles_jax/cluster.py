@@ -137,3 +137,14 @@ def init_from_flags() -> str:
   ids = [int(i) for i in f.local_device_ids] if f.local_device_ids else None
   used = initialize(f.coordinator_address, f.num_processes, f.process_id, ids, f.distributed)
   return report_and_check(used, f.expect_local_devices)
+
+
+def init_from_flags_exit_code() -> int:
+  """`init_from_flags()` for a CLI's main: 0, or 2 after printing the error to stderr."""
+  import sys
+  try:
+    init_from_flags()
+  except RuntimeError as e:  # DeviceMismatch, or no coordinator reachable
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0

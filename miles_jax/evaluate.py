@@ -182,10 +182,7 @@ def main(argv):
   if FLAGS.config is None or bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     print("error: give --config and exactly one of --workdir / --checkpoint", file=sys.stderr)
     return 2
-  try:
-    cluster.init_from_flags()
-  except RuntimeError as e:  # cluster.DeviceMismatch, or no coordinator reachable
-    print(f"error: {e}", file=sys.stderr)
+  if cluster.init_from_flags_exit_code():
     return 2
   try:
     evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.out, not FLAGS.no_cache)

@@ -3,7 +3,6 @@ alternate between the processes (owners 0,1,0,1 — as TPU pods interleave hosts
 the 1-process retrieval and zero-shot metrics."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -36,16 +35,10 @@ def data(tmp_path_factory):
   return paths["eval"], os.path.join(d, "labelled-*.tfrecord"), paths["tokenizer"]
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_interleaved_two_process_eval_equals_one_process(data, tmp_path):
   import jax
   retrieval_glob, labelled_glob, tokenizer = data
-  out, port = str(tmp_path / "res.json"), _free_port()
+  out, port = str(tmp_path / "res.json"), helpers.free_port()
   env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="2",
              CUDA_VISIBLE_DEVICES="")

@@ -4,7 +4,6 @@ random points (resume == uninterrupted) and the NaN stop are in tests/test_fault
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -117,17 +116,11 @@ def test_bad_config_fails_before_compute(data_dir, tmp_path, field, value, needl
   assert not os.path.exists(wd)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one(data_dir, tmp_path):
   """2 processes x 4 CPU devices (gloo on 127.0.0.1) == 1 process x 8 devices on the same
   global batches (each host's shards, concatenated in process order)."""
   wd = str(tmp_path / "mh")
-  port = _free_port()
+  port = helpers.free_port()
   steps = 3
   procs = []
   for i in range(2):

@@ -3,7 +3,6 @@ collective — SIGTERM to one host makes both save the same step and exit 0, and
 ends with the params of an uninterrupted one."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,15 +31,9 @@ def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("xla_cache"))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _launch(data_dir, workdir, cache_dir, steps, logs):
   """Both processes of a 2-host run; a constant lr so `train.steps` does not change the updates."""
-  port = _free_port()
+  port = helpers.free_port()
   env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="2",
              CUDA_VISIBLE_DEVICES="", JAX_COMPILATION_CACHE_DIR=cache_dir,

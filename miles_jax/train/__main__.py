@@ -70,10 +70,7 @@ def main(argv):
   if FLAGS.config is None or not FLAGS.workdir:
     print("error: --config and --workdir are required (see --help)", file=sys.stderr)
     return 2
-  try:
-    cluster.init_from_flags()
-  except RuntimeError as e:  # cluster.DeviceMismatch, or no coordinator reachable
-    print(f"error: {e}", file=sys.stderr)
+  if cluster.init_from_flags_exit_code():
     return 2
   from miles_jax.train import loop
   result = {}
