@@ -62,3 +62,28 @@ def test_step_profile_quick_sums_to_the_step():
     assert kinds[kind]["ms"] > 0, kind
   assert kinds.get("other", {"pct": 0})["pct"] < 25
   assert sum(out["jax"]["dots"].values()) > 0 and out["torch"]["ops"]
+
+
+def test_components_alternative_layouts_compute_divided_attention():
+  """The attention layouts benchmarks/components.py --alternatives times against ours are the
+  same arithmetic (so their times compare like with like), forward and gradients."""
+  sys.path.insert(0, BENCH)
+  import jax
+  import jax.numpy as jnp
+  import components
+  from miles_jax.models import layers
+  t, n, h, d = 3, 5, 2, 4
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 1 + t * n, h, d)), jnp.float32) for _ in range(3))
+  for name, mode in (("time attention, broadcast-sum", "time"),
+                     ("space attention, cls apart", "space")):
+    alt = components.ALTERNATIVES[name]
+
+    def loss(fn, q, k, v):
+      return jnp.sum(jnp.sin(fn(q, k, v)))
+    ours = lambda q, k, v, mode=mode: layers.divided_attention(q, k, v, t, mode)[0]
+    np.testing.assert_allclose(alt(q, k, v, t), ours(q, k, v), rtol=1e-5, atol=1e-6)
+    g_alt = jax.grad(lambda *a: loss(lambda *b: alt(*b, t), *a), argnums=(0, 1, 2))(q, k, v)
+    g_ours = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_alt, g_ours):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
