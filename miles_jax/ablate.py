@@ -252,14 +252,15 @@ def plot(summary: dict, path: str, title: str):
   return path
 
 
-def report(out_dir: str, names, steps, data: dict) -> dict:
+def report(out_dir: str, names, steps, data: dict, sets: dict | None = None) -> dict:
   summary = collect(out_dir, names)
   runs = {(r["runs"], seed): s for r in summary["variants"].values()
           for seed, s in r["seeds"].items()}  # rows sharing runs count them once
   walls = [s["wall_s"] for s in runs.values() if s.get("wall_s")]
   title = (f"Held-out retrieval on {data['num_eval']} synthetic clips ({data['num_train']} "
-           f"train clips, {steps} steps of configs/demo.py), mean ± std over seeds")
-  summary.update(data=data, steps=steps, title=title,
+           f"train clips, {steps} steps of configs/demo.py"
+           + "".join(f", {k}={v}" for k, v in (sets or {}).items()) + "), mean ± std over seeds")
+  summary.update(data=data, steps=steps, title=title, set=dict(sets or {}),
                  run_wall_s={"total": sum(walls), "runs": len(walls)})
   md = format_markdown(summary, title)
   with open(os.path.join(out_dir, "ablation.md"), "w") as f:
@@ -302,7 +303,8 @@ def main(argv):
   os.makedirs(FLAGS.out, exist_ok=True)
   extra = dict(SMOKE_TRAIN) if FLAGS.smoke else {}
   try:
-    extra.update(parse_sets(FLAGS.set))
+    sets = parse_sets(FLAGS.set)
+    extra.update(sets)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -336,7 +338,7 @@ def main(argv):
             f"R@10 {res['retrieval']['t2v_R10']:.1f}, wall {res['wall_s']:.0f} s "
             f"(total so far {time.time() - t_all:.0f} s)", flush=True)
     print(f"[ablate] trained {trained} run(s) in {time.time() - t_all:.0f} s", flush=True)
-  report(FLAGS.out, names, steps, data_params)
+  report(FLAGS.out, names, steps, data_params, sets)
   return 0
 
 

@@ -124,6 +124,7 @@ def test_smoke_trains_two_variants_and_resumes(tmp_path):
     cfg = json.load(f)
   assert cfg["objectives"] == "contrastive,miles" and cfg["mvm"]["unmasked_contrastive"] is True
   assert cfg["optim"]["lr"] == 0.002  # --set reaches every run
+  assert s["set"] == {"optim.lr": 0.002} and "optim.lr=0.002" in s["title"]
   assert s["chance"]["t2v_R1"] == pytest.approx(100 / ablate.SMOKE_DATA["num_eval"])
   assert os.path.isfile(os.path.join(out, "ablation.png"))
   assert "wall" in r.stdout and "[ablate] trained 2 run(s)" in r.stdout
