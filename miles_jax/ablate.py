@@ -293,6 +293,11 @@ def main(argv):
     print(f"error: --seeds={','.join(FLAGS.seeds)}: give integers, e.g. --seeds=0,1,2",
           file=sys.stderr)
     return 2
+  try:
+    sets = parse_sets(FLAGS.set)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   import jax
   # Seeds of one variant compile to the same programs: reuse them across runs and invocations.
   jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.out, "jax_cache"))
@@ -302,12 +307,7 @@ def main(argv):
   data_dir = FLAGS.data or os.path.join(FLAGS.out, "data")
   os.makedirs(FLAGS.out, exist_ok=True)
   extra = dict(SMOKE_TRAIN) if FLAGS.smoke else {}
-  try:
-    sets = parse_sets(FLAGS.set)
-    extra.update(sets)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  extra.update(sets)
   if FLAGS.steps:
     extra["train.steps"] = FLAGS.steps
   steps = int(demo_config(data_dir, {}, 0, extra).train.steps)

@@ -178,7 +178,7 @@ def test_sigterm_and_kill9_at_random_points_lose_nothing(data_dir, cache_dir, re
   # kill -9: at a random moment of start-up, after a random number of steps, and while a
   # checkpoint is being written (a `*.orbax-checkpoint-tmp*` directory exists).
   rng = random.Random(20240607)
-  kinds = ["startup", "step", "tmp", "step", "step"]
+  kinds = ["startup", "step", "tmp", "step"]  # each kind, "step" twice (suite time)
   resumed_from, killed_in_tmp = [], 0
   for i, kind in enumerate(kinds):
     expected = max(_steps_on_disk(wd), default=None)

@@ -82,8 +82,9 @@ def test_components_alternative_layouts_compute_divided_attention():
     def loss(fn, q, k, v):
       return jnp.sum(jnp.sin(fn(q, k, v)))
     ours = lambda q, k, v, mode=mode: layers.divided_attention(q, k, v, t, mode)[0]
-    np.testing.assert_allclose(alt(q, k, v, t), ours(q, k, v), rtol=1e-5, atol=1e-6)
-    g_alt = jax.grad(lambda *a: loss(lambda *b: alt(*b, t), *a), argnums=(0, 1, 2))(q, k, v)
-    g_ours = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(jax.jit(alt, static_argnums=3)(q, k, v, t), jax.jit(ours)(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+    g_alt = jax.jit(jax.grad(lambda *a: loss(lambda *b: alt(*b, t), *a), argnums=(0, 1, 2)))(q, k, v)
+    g_ours = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g_alt, g_ours):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
