@@ -44,7 +44,8 @@ def _median_ms(fn, runs: int, sync) -> float:
   return 1e3 * statistics.median(bench._times(fn, runs, sync))
 
 
-def jax_parts(dtype):
+def jax_parts(dtype, alternatives: bool = False):
+  """{part: a call of its jitted forward + backward}; with `alternatives`, also ALTERNATIVES."""
   from miles_jax.models import layers
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((B, S, WIDTH)), dtype)
@@ -59,12 +60,14 @@ def jax_parts(dtype):
       return jnp.sum(module.apply(p, x).astype(jnp.float32) * x.astype(jnp.float32))
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     out[name] = lambda grad=grad, params=params: grad(params, x)
-  for mode in ("space", "time"):
-    def loss(q, k, v, mode=mode):
-      o = layers.divided_attention(q, k, v, T, mode)[0]
-      return jnp.sum(o.astype(jnp.float32) ** 2)
+  cores = {f"{mode} attention core":
+           lambda q, k, v, t, mode=mode: layers.divided_attention(q, k, v, t, mode)[0]
+           for mode in ("space", "time")}
+  for name, fn in {**cores, **(ALTERNATIVES if alternatives else {})}.items():
+    def loss(q, k, v, fn=fn):
+      return jnp.sum(fn(q, k, v, T).astype(jnp.float32) ** 2)
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    out[f"{mode} attention core"] = lambda grad=grad: grad(*qkv)
+    out[name] = lambda grad=grad: grad(*qkv)
   return out
 
 
@@ -126,41 +129,29 @@ def _gemm_operands(m, k, n, ta, tb, seed=0):
   return a, b
 
 
-def jax_extra(dtype, gemms: bool, alternatives: bool) -> dict:
+def jax_gemms(dtype) -> dict:
   out = {}
-  if gemms:
-    for name, (m, k, n, ta, tb) in GEMMS.items():
-      a, b = (jnp.asarray(x, dtype) for x in _gemm_operands(m, k, n, ta, tb))
-      f = jax.jit(lambda a, b, ta=ta, tb=tb: (a.T if ta else a) @ (b.T if tb else b))
-      out[f"GEMM {name}"] = lambda f=f, a=a, b=b: f(a, b)
-  if alternatives:
-    rng = np.random.default_rng(0)
-    qkv = [jnp.asarray(0.3 * rng.standard_normal((B, S, H, D)), dtype) for _ in range(3)]
-    for name, fn in ALTERNATIVES.items():
-      def loss(q, k, v, fn=fn):
-        return jnp.sum(fn(q, k, v, T).astype(jnp.float32) ** 2)
-      grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-      out[name] = lambda grad=grad: grad(*qkv)
+  for name, (m, k, n, ta, tb) in GEMMS.items():
+    a, b = (jnp.asarray(x, dtype) for x in _gemm_operands(m, k, n, ta, tb))
+    f = jax.jit(lambda a, b, ta=ta, tb=tb: (a.T if ta else a) @ (b.T if tb else b))
+    out[f"GEMM {name}"] = lambda f=f, a=a, b=b: f(a, b)
   return out
 
 
-def torch_extra(dtype: str, gemms: bool, alternatives: bool) -> dict:
+def torch_gemms(dtype: str) -> dict:
   import torch
   out = {}
-  if gemms:
-    for name, (m, k, n, ta, tb) in GEMMS.items():
-      a, b = (torch.from_numpy(x) for x in _gemm_operands(m, k, n, ta, tb))
-      if dtype == "bfloat16":
-        a, b = a.bfloat16(), b.bfloat16()
-      out[f"GEMM {name}"] = lambda a=a, b=b, ta=ta, tb=tb: (a.T if ta else a) @ (b.T if tb else b)
-  if alternatives:  # the original's layout is the reference for both
-    parts = torch_parts(dtype)
-    out["time attention, broadcast-sum"] = parts["time attention core"]
-    out["space attention, cls apart"] = parts["space attention core"]
+  for name, (m, k, n, ta, tb) in GEMMS.items():
+    a, b = (torch.from_numpy(x) for x in _gemm_operands(m, k, n, ta, tb))
+    if dtype == "bfloat16":
+      a, b = a.bfloat16(), b.bfloat16()
+    out[f"GEMM {name}"] = lambda a=a, b=b, ta=ta, tb=tb: (a.T if ta else a) @ (b.T if tb else b)
   return out
 
 
-def torch_parts(dtype: str):
+def torch_parts(dtype: str, alternatives: bool = False):
+  """The same parts as the original computes them; an alternative layout's row times the
+  original's core of the same mode (the reference for both)."""
   import torch
   from torch_original import _attend
   torch.manual_seed(0)
@@ -194,12 +185,16 @@ def torch_parts(dtype: str):
         y = f()
       y.float().pow(2).sum().backward() if y.dim() > 0 else y.backward()
     return go
-  return {
+  out = {
       "MLP (fc1, GELU, fc2)": run(lambda: (mlp(x) * x).sum()),
       "LayerNorm": run(lambda: (ln(x) * x).sum()),
       "space attention core": run(lambda: core(*qkv, "space")),
       "time attention core": run(lambda: core(*qkv, "time")),
   }
+  if alternatives:
+    out["time attention, broadcast-sum"] = out["time attention core"]
+    out["space attention, cls apart"] = out["space attention core"]
+  return out
 
 
 def main(argv=None):
@@ -215,8 +210,9 @@ def main(argv=None):
   import torch
   torch.set_num_threads(bench.num_cores())
   dtype = jnp.dtype(args.dtype)
-  jp = {**jax_parts(dtype), **jax_extra(dtype, args.gemms, args.alternatives)}
-  tp = {**torch_parts(args.dtype), **torch_extra(args.dtype, args.gemms, args.alternatives)}
+  jp = {**jax_parts(dtype, args.alternatives), **(jax_gemms(dtype) if args.gemms else {})}
+  tp = {**torch_parts(args.dtype, args.alternatives),
+        **(torch_gemms(args.dtype) if args.gemms else {})}
   rows = {k: {"jax_ms": [], "torch_ms": []} for k in jp}
   for _ in range(args.rounds):
     for k in jp:
