@@ -117,6 +117,26 @@ def test_divided_attention_matches_masked_full_attention():
     np.testing.assert_allclose(wa, wm, atol=1e-6)
 
 
+def test_softmax_and_gelu_equal_the_library_forms_with_gradients():
+  """layers.softmax (reciprocal-normalised, custom VJP) and layers.gelu (erf form) are the same
+  functions as jax.nn.softmax / jax.nn.gelu(approximate=False), values and gradients, including
+  masked logits and GELU's far tails."""
+  logits = 6.0 * jax.random.normal(jax.random.PRNGKey(0), (3, 4, 9))
+  logits = logits.at[:, :, -3:].set(-1e30)  # masked keys, as divided_attention_masked's bias
+  cot = jax.random.normal(jax.random.PRNGKey(1), logits.shape)
+  ours, ours_vjp = jax.vjp(layers.softmax, logits)
+  ref, ref_vjp = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), logits)
+  np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(ours_vjp(cot)[0], ref_vjp(cot)[0], rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(ours[:, :, -3:])) == 0.0
+
+  x = jnp.linspace(-10.0, 10.0, 2001)
+  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+  grad = jax.vmap(jax.grad(layers.gelu))(x)
+  ref_grad = jax.vmap(jax.grad(lambda y: jax.nn.gelu(y, approximate=False)))(x)
+  np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
+
+
 def test_variable_frames_and_errors(tiny):
   c, model, params = tiny
   for t in (1, 2, 4):

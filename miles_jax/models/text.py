@@ -29,7 +29,7 @@ class TextAttention(nn.Module):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     keep = attention_mask[:, None, None, :].astype(bool)
     logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)  # as HF's masked_fill
-    weights = nn.softmax(logits, axis=-1).astype(v.dtype)
+    weights = layers.softmax(logits).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32)
     out = out.astype(v.dtype).reshape(b, l, width)
     return dense("out_lin", ("joined_kv", "embed"))(out)
