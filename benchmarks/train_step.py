@@ -10,7 +10,10 @@ Baselines measured in the same run, on the same machine:
   transformers' DistilBERT with its dropout, AdamW) on the same batch, frames and text length,
   with torch threads = the CPU cores this process may use. JAX and PyTorch are timed in
   alternating rounds (`--rounds`), so machine load hits both; the figure is the median over all
-  rounds' timed steps. PyTorch has `contrastive` and `miles` steps (no MAC implementation is
+  rounds' timed steps. Every round of each framework runs in a fresh process of its own (this
+  script with --worker): in one process the two runtimes' thread pools and allocators disturb
+  each other (measured on a 2-core EPYC: the JAX step 7.4 s alone, 8.2-9.7 s in a process
+  where the PyTorch step had run), and a user never runs them together. PyTorch has `contrastive` and `miles` steps (no MAC implementation is
   released), and the video encoder's forward alone (inference);
 - a large float32 matmul = the achievable peak; FLOPs come from XLA's cost analysis.
 No figure from another machine is used anywhere. With --json the last line is one JSON object.
@@ -21,8 +24,10 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -195,39 +200,82 @@ def _times(fn, runs: int, block=jax.block_until_ready) -> list[float]:
   return out
 
 
-def bench_objective(name: str, args, device) -> dict:
-  """JAX and (where it exists) PyTorch timed in alternating rounds on the same batch."""
-  j = JaxStep(name, args, device)
-  t = TorchStep(name, j, args) if (args.torch and name in TORCH_OBJECTIVES) else None
-  jt, tt = [], []
-  for _ in range(args.rounds):
-    jt += _times(j.run, args.runs)
-    if t is not None:
-      tt += _times(t.run, args.runs, block=lambda x: x)
-  row = {"objective": name, "step_s": statistics.median(jt), "compile_s": j.compile_s,
-         "gflop": j.flops / 1e9}
-  row["gflop_per_s"] = j.flops / row["step_s"] / 1e9
-  row["step_s_rounds"] = [statistics.median(jt[i:i + args.runs])
-                          for i in range(0, len(jt), args.runs)]
-  if t is not None:
-    row["torch_step_s"] = statistics.median(tt)
-    row["torch_step_s_rounds"] = [statistics.median(tt[i:i + args.runs])
-                                  for i in range(0, len(tt), args.runs)]
-    row["jax_over_torch"] = row["step_s"] / row["torch_step_s"]
-  if name == "contrastive":
-    fwd, fwd_flops = j.make_forward()
-    jf, tf_ = [], []
-    for _ in range(args.rounds):
-      jf += _times(fwd, args.runs)
-      if t is not None:
-        tf_ += _times(t.forward, args.runs, block=lambda x: x)
-    row["video_forward_s"] = statistics.median(jf)
-    row["video_forward_gflop"] = fwd_flops / 1e9
-    if t is not None:
-      row["torch_video_forward_s"] = statistics.median(tf_)
-      row["video_forward_jax_over_torch"] = row["video_forward_s"] / row["torch_video_forward_s"]
-  del j, t
-  return row
+def worker(framework: str, names: list, args) -> dict:
+  """One round of one framework, in this process: each objective's timed steps (and the video
+  forward's for `contrastive`); the JAX worker also measures the matmul baseline around every
+  objective."""
+  out = {"rows": {}}
+  if framework == "jax":
+    device = jax.devices()[0]
+    mm_runs = max(args.runs, 5)
+    out["peaks"] = [matmul_peak(args.matmul, mm_runs, device)[1]]
+    out["device"], out["platform"] = device.device_kind, device.platform
+    for name in names:
+      j = JaxStep(name, args, device)
+      row = {"times": _times(j.run, args.runs), "compile_s": j.compile_s, "gflop": j.flops / 1e9}
+      if name == "contrastive":
+        fwd, fwd_flops = j.make_forward()
+        row["forward_times"], row["forward_gflop"] = _times(fwd, args.runs), fwd_flops / 1e9
+      out["rows"][name] = row
+      del j
+      out["peaks"].append(matmul_peak(args.matmul, mm_runs, device)[1])
+    return out
+  import torch
+  torch.set_num_threads(num_cores())
+  out["torch_version"], out["torch_threads"] = torch.__version__, torch.get_num_threads()
+  for name in names:
+    c = make_config(args.size, args.batch, OBJECTIVES[name], args.dtype)
+    t = TorchStep(name, types.SimpleNamespace(config=c, np_batch=make_batch(c)), args)
+    row = {"times": _times(t.run, args.runs, block=lambda x: x)}
+    if name == "contrastive":
+      row["forward_times"] = _times(t.forward, args.runs, block=lambda x: x)
+    out["rows"][name] = row
+    del t
+  return out
+
+
+def run_worker(framework: str, names: list, args) -> dict:
+  """`worker` in a fresh process; its last stdout line is the JSON result."""
+  cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}",
+         f"--size={args.size}", f"--batch={args.batch}", f"--runs={args.runs}",
+         f"--warmup={args.warmup}", f"--dtype={args.dtype}", f"--objectives={','.join(names)}",
+         f"--matmul={args.matmul}"] + (["--quick"] if args.quick else [])
+  r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+  if r.returncode != 0:
+    raise SystemExit(f"error: the {framework} worker failed (exit {r.returncode}): "
+                     f"{' '.join(cmd)}")
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def combine(names: list, jax_rounds: list, torch_rounds: list) -> list:
+  """Per objective: medians over every round's timed steps, and each round's median."""
+  med = statistics.median
+  rows = []
+  for name in names:
+    js = [r["rows"][name] for r in jax_rounds]
+    times = [x for j in js for x in j["times"]]
+    row = {"objective": name, "step_s": med(times), "compile_s": js[0]["compile_s"],
+           "gflop": js[0]["gflop"], "step_s_rounds": [med(j["times"]) for j in js]}
+    row["gflop_per_s"] = row["gflop"] / row["step_s"]
+    # the matmul baseline measured just before and after this objective, in every round
+    i = names.index(name)
+    peak = statistics.mean(x for r in jax_rounds for x in r["peaks"][i:i + 2])
+    row["matmul_gflop_per_s"] = peak / 1e9
+    row["pct_of_matmul_peak"] = 100.0 * row["gflop_per_s"] * 1e9 / peak
+    ts = [r["rows"][name] for r in torch_rounds if name in r["rows"]]
+    if ts:
+      row["torch_step_s"] = med([x for t in ts for x in t["times"]])
+      row["torch_step_s_rounds"] = [med(t["times"]) for t in ts]
+      row["jax_over_torch"] = row["step_s"] / row["torch_step_s"]
+    if "forward_times" in js[0]:
+      row["video_forward_s"] = med([x for j in js for x in j["forward_times"]])
+      row["video_forward_gflop"] = js[0]["forward_gflop"]
+      if ts:
+        row["torch_video_forward_s"] = med([x for t in ts for x in t["forward_times"]])
+        row["video_forward_jax_over_torch"] = (row["video_forward_s"] /
+                                               row["torch_video_forward_s"])
+    rows.append(row)
+  return rows
 
 
 def main(argv=None):
@@ -244,6 +292,7 @@ def main(argv=None):
   p.add_argument("--matmul", type=int, default=0, help="matmul size (0: 4096, 1024 if --quick)")
   p.add_argument("--quick", action="store_true", help="tiny model, 2 runs: a smoke test")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)  # one round
   args = p.parse_args(argv)
   if args.quick:
     args.size, args.runs, args.rounds = "tiny", min(args.runs, 2), min(args.rounds, 2)
@@ -258,31 +307,38 @@ def main(argv=None):
     except ImportError:
       p.error("the PyTorch baseline needs `pip install -e '.[torch,test]'` (torch, transformers);"
               " or pass --no-torch")
-  device = jax.devices()[0]
-  n = args.matmul or (1024 if args.quick else 4096)
-  # The machine is shared: the matmul baseline is re-measured around every objective and each
-  # row's percentage uses the mean of the measurements just before and after it.
-  mm_runs = max(args.runs, 5)
-  peaks = [matmul_peak(n, mm_runs, device)[1]]
-  rows = []
-  for name in names:
-    rows.append(bench_objective(name, args, device))
-    peaks.append(matmul_peak(n, mm_runs, device)[1])
-    peak_row = 0.5 * (peaks[-2] + peaks[-1])
-    rows[-1]["matmul_gflop_per_s"] = peak_row / 1e9
-    rows[-1]["pct_of_matmul_peak"] = 100.0 * rows[-1]["gflop_per_s"] * 1e9 / peak_row
+  args.matmul = args.matmul or (1024 if args.quick else 4096)
+  if args.worker:
+    print(json.dumps(worker(args.worker, names, args)))
+    return None
+  n = args.matmul
+  jax_rounds, torch_rounds = [], []
+  torch_names = [x for x in names if x in TORCH_OBJECTIVES] if args.torch else []
+  for i in range(args.rounds):
+    jax_rounds.append(run_worker("jax", names, args))
+    print(f"[round {i + 1}/{args.rounds}] jax: " + ", ".join(
+        f"{k} {statistics.median(v['times']):.3f} s" for k, v in jax_rounds[-1]["rows"].items()),
+        file=sys.stderr, flush=True)
+    if torch_names:
+      torch_rounds.append(run_worker("torch", torch_names, args))
+      print(f"[round {i + 1}/{args.rounds}] torch: " + ", ".join(
+          f"{k} {statistics.median(v['times']):.3f} s"
+          for k, v in torch_rounds[-1]["rows"].items()), file=sys.stderr, flush=True)
+  rows = combine(names, jax_rounds, torch_rounds)
+  peaks = [x for r in jax_rounds for x in r["peaks"]]
   peak = statistics.median(peaks)
   mm_s = 2.0 * n ** 3 / peak
   by = {r["objective"]: r for r in rows}
   out = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": num_cores(),
-         "device": device.device_kind, "platform": device.platform, "size": args.size,
+         "device": jax_rounds[0]["device"], "platform": jax_rounds[0]["platform"],
+         "size": args.size,
          "batch": args.batch, "dtype": args.dtype, "runs": args.runs, "rounds": args.rounds,
          "matmul_n": n, "matmul_s": mm_s, "matmul_gflop_per_s": peak / 1e9,
          "matmul_gflop_per_s_all": [x / 1e9 for x in peaks],
          "rows": rows}
-  if args.torch:
-    import torch
-    out["torch_version"], out["torch_threads"] = torch.__version__, torch.get_num_threads()
+  if torch_rounds:
+    out["torch_version"] = torch_rounds[0]["torch_version"]
+    out["torch_threads"] = torch_rounds[0]["torch_threads"]
   out["jax_version"] = jax.__version__
   if "contrastive" in by and "miles" in by:
     out["miles_over_contrastive"] = by["miles"]["step_s"] / by["contrastive"]["step_s"]
@@ -292,7 +348,7 @@ def main(argv=None):
 
   print(f"cpu: {out['cpu']} ({out['cores']} cores; {' '.join(out['cpu_flags']) or 'no bf16 units'})"
         f"; jax {jax.__version__}" + (f", torch {out['torch_version']} "
-                                       f"({out['torch_threads']} threads)" if args.torch else ""))
+                                       f"({out['torch_threads']} threads)" if torch_rounds else ""))
   print(f"model {args.size}, batch {args.batch}, {args.dtype}; median of {args.runs} runs x "
         f"{args.rounds} alternating rounds")
   print(f"baseline f32 matmul {n}x{n} (JAX): median {mm_s * 1e3:.1f} ms = {peak / 1e9:.1f} GFLOP/s "
