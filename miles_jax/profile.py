@@ -192,7 +192,9 @@ def loss_grad_flops(config, objective: str, batch: int = 2) -> float:
       target = jax.lax.stop_gradient(snapshot.apply({"params": sp}, f)["patches"])
       mvm = objectives.mvm_loss(apply("predict_mvm", v["patches"]), target, b["mvm_mask"],
                                 c.mvm.loss, c.mvm.normalize_target)
-      return objectives.contrastive_loss(v["embed"], text, c.temperature) + c.mvm.weight * mvm
+      # the contrastive term on a second, intact forward where the config says so (train/step.py)
+      embed = apply("encode_video", f)["embed"] if c.mvm.unmasked_contrastive else v["embed"]
+      return objectives.contrastive_loss(embed, text, c.temperature) + c.mvm.weight * mvm
     mask = jnp.arange(frames_n * n)[None] < num_masked  # any fixed count works for counting
     mask = jnp.broadcast_to(mask, (f.shape[0], frames_n * n))
     v = apply("encode_video", f, mask, drop_masked=True, num_masked=num_masked)["embed"]
