@@ -162,7 +162,7 @@ def main(argv=None):
          "jax": jax_profile(j, args.steps)}
   use_torch = args.torch and args.objective in bench.TORCH_OBJECTIVES
   if use_torch:
-    out["torch"] = torch_profile(bench.TorchStep(args.objective, j, args), args.steps)
+    out["torch"] = torch_profile(bench.TorchStep(args.objective, j.config, j.np_batch, args), args.steps)
 
   print(f"cpu: {out['cpu']} ({' '.join(out['cpu_flags'])}); {args.objective} step, model "
         f"{args.size}, batch {args.batch}, {args.dtype}; mean of {args.steps} profiled steps")

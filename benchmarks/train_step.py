@@ -13,8 +13,9 @@ Baselines measured in the same run, on the same machine:
   rounds' timed steps. Every round of each framework runs in a fresh process of its own (this
   script with --worker): in one process the two runtimes' thread pools and allocators disturb
   each other (measured on a 2-core EPYC: the JAX step 7.4 s alone, 8.2-9.7 s in a process
-  where the PyTorch step had run), and a user never runs them together. PyTorch has `contrastive` and `miles` steps (no MAC implementation is
-  released), and the video encoder's forward alone (inference);
+  where the PyTorch step had run), and a user never runs them together. PyTorch has
+  `contrastive` and `miles` steps (no MAC implementation is released), and the video encoder's
+  forward alone (inference);
 - a large float32 matmul = the achievable peak; FLOPs come from XLA's cost analysis.
 No figure from another machine is used anywhere. With --json the last line is one JSON object.
 """
@@ -27,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -172,19 +172,19 @@ class JaxStep:
 
 
 class TorchStep:
-  """The PyTorch original's step on the same batch (None when torch is not installed)."""
+  """The PyTorch original's step for `config` on the same batch as JaxStep's (`np_batch`)."""
 
-  def __init__(self, name: str, jax_step: JaxStep, args):
+  def __init__(self, name: str, config, np_batch: dict, args):
     import torch
 
     import torch_original
     torch.set_num_threads(num_cores())
-    c = jax_step.config
+    c = config
     self.trainer = torch_original.Trainer(c.model, name, lr=c.optim.lr,
                                           weight_decay=c.optim.weight_decay,
                                           grad_clip=c.optim.grad_clip,
                                           bf16=args.dtype == "bfloat16")
-    self.batch = torch_original.torch_batch(jax_step.np_batch)
+    self.batch = torch_original.torch_batch(np_batch)
     for _ in range(args.warmup):
       self.run()
 
@@ -229,7 +229,7 @@ def worker(framework: str, names: list, args) -> dict:
   out["torch_version"], out["torch_threads"] = torch.__version__, torch.get_num_threads()
   for name in names:
     c = make_config(args.size, args.batch, OBJECTIVES[name], args.dtype)
-    t = TorchStep(name, types.SimpleNamespace(config=c, np_batch=make_batch(c)), args)
+    t = TorchStep(name, c, make_batch(c), args)
     row = {"times": _times(t.run, args.runs, block=lambda x: x)}
     if name == "contrastive":
       row["forward_times"] = _times(t.forward, args.runs, block=lambda x: x)
@@ -254,11 +254,11 @@ def run_worker(framework: str, names: list, args) -> dict:
 def combine(names: list, jax_rounds: list, torch_rounds: list) -> list:
   """Per objective: medians over every round's timed steps, and each round's median."""
   med = statistics.median
+  pooled = lambda parts, key: med([x for part in parts for x in part[key]])  # all rounds
   rows = []
   for name in names:
     js = [r["rows"][name] for r in jax_rounds]
-    times = [x for j in js for x in j["times"]]
-    row = {"objective": name, "step_s": med(times), "compile_s": js[0]["compile_s"],
+    row = {"objective": name, "step_s": pooled(js, "times"), "compile_s": js[0]["compile_s"],
            "gflop": js[0]["gflop"], "step_s_rounds": [med(j["times"]) for j in js]}
     row["gflop_per_s"] = row["gflop"] / row["step_s"]
     # the matmul baseline measured just before and after this objective, in every round
@@ -268,14 +268,14 @@ def combine(names: list, jax_rounds: list, torch_rounds: list) -> list:
     row["pct_of_matmul_peak"] = 100.0 * row["gflop_per_s"] * 1e9 / peak
     ts = [r["rows"][name] for r in torch_rounds if name in r["rows"]]
     if ts:
-      row["torch_step_s"] = med([x for t in ts for x in t["times"]])
+      row["torch_step_s"] = pooled(ts, "times")
       row["torch_step_s_rounds"] = [med(t["times"]) for t in ts]
       row["jax_over_torch"] = row["step_s"] / row["torch_step_s"]
     if "forward_times" in js[0]:
-      row["video_forward_s"] = med([x for j in js for x in j["forward_times"]])
+      row["video_forward_s"] = pooled(js, "forward_times")
       row["video_forward_gflop"] = js[0]["forward_gflop"]
       if ts:
-        row["torch_video_forward_s"] = med([x for t in ts for x in t["forward_times"]])
+        row["torch_video_forward_s"] = pooled(ts, "forward_times")
         row["video_forward_jax_over_torch"] = (row["video_forward_s"] /
                                                row["torch_video_forward_s"])
     rows.append(row)
@@ -319,15 +319,13 @@ def main(argv=None):
   jax_rounds, torch_rounds = [], []
   torch_names = [x for x in names if x in TORCH_OBJECTIVES] if args.torch else []
   for i in range(args.rounds):
-    jax_rounds.append(run_worker("jax", names, args))
-    print(f"[round {i + 1}/{args.rounds}] jax: " + ", ".join(
-        f"{k} {statistics.median(v['times']):.3f} s" for k, v in jax_rounds[-1]["rows"].items()),
-        file=sys.stderr, flush=True)
-    if torch_names:
-      torch_rounds.append(run_worker("torch", torch_names, args))
-      print(f"[round {i + 1}/{args.rounds}] torch: " + ", ".join(
-          f"{k} {statistics.median(v['times']):.3f} s"
-          for k, v in torch_rounds[-1]["rows"].items()), file=sys.stderr, flush=True)
+    for framework, fw_names, results in (("jax", names, jax_rounds),
+                                         ("torch", torch_names, torch_rounds)):
+      if fw_names:
+        results.append(run_worker(framework, fw_names, args))
+        print(f"[round {i + 1}/{args.rounds}] {framework}: " + ", ".join(
+            f"{k} {statistics.median(v['times']):.3f} s" for k, v in results[-1]["rows"].items()),
+            file=sys.stderr, flush=True)
   rows = combine(names, jax_rounds, torch_rounds)
   peaks = [x for r in jax_rounds for x in r["peaks"]]
   peak = statistics.median(peaks)
@@ -335,8 +333,7 @@ def main(argv=None):
   by = {r["objective"]: r for r in rows}
   out = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": num_cores(),
          "device": jax_rounds[0]["device"], "platform": jax_rounds[0]["platform"],
-         "size": args.size,
-         "batch": args.batch, "dtype": args.dtype, "runs": args.runs, "rounds": args.rounds,
+         "size": args.size, "batch": args.batch, "dtype": args.dtype, "runs": args.runs, "rounds": args.rounds,
          "matmul_n": n, "matmul_s": mm_s, "matmul_gflop_per_s": peak / 1e9,
          "matmul_gflop_per_s_all": [x / 1e9 for x in peaks],
          "rows": rows}

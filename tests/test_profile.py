@@ -91,12 +91,12 @@ def test_fallback_loss_gradient_count():
   for obj in ("contrastive", "miles", "mac"):
     ratio = profile.loss_grad_flops(c, obj, batch=2) / (2 * a["train"][obj])
     assert 0.95 <= ratio <= 1.1, (obj, ratio)
-  # both placements of MILES' contrastive term: the intact clip's second forward is counted
-  for unmasked in (False, True):
-    c.mvm.unmasked_contrastive = unmasked
-    a = profile.analytic(c, 4, 32)
-    ratio = profile.loss_grad_flops(c, "miles", batch=2) / (2 * a["train"]["miles"])
-    assert 0.95 <= ratio <= 1.1, (unmasked, ratio)
+  # the other placement of MILES' contrastive term than the default's checked above (the intact
+  # clip's second forward is counted exactly when the config asks for it)
+  c.mvm.unmasked_contrastive = not c.mvm.unmasked_contrastive
+  a = profile.analytic(c, 4, 32)
+  ratio = profile.loss_grad_flops(c, "miles", batch=2) / (2 * a["train"]["miles"])
+  assert 0.95 <= ratio <= 1.1, (c.mvm.unmasked_contrastive, ratio)
 
 
 def test_cli_table_and_json():
