@@ -12,7 +12,16 @@ metadata in the compiled module says which Flax module and which part of the ste
 transposes/copies, ...). The dots' operand dtypes are listed too: in bf16, whether XLA keeps the
 matmuls in bf16 (the CPU's AVX-512-BF16 / AMX units) or converts them back to f32.
 PyTorch: `torch.profiler` over the original's step (benchmarks/torch_original.py), its top
-operators by self CPU time. Both tables are shares of one step, measured in the same run.
+operators by self CPU time. Both tables are shares of one step, measured in the same run (the
+PyTorch step in a process of its own: the two runtimes disturb each other in one process).
+
+`--dots` asks whether the gap is in the matmul kernels: every dot of the compiled step (from
+its optimised HLO: operand shapes and dtypes, contraction) with its in-step time (the thunk
+that runs it, fused elementwise work included), then each distinct dot timed alone as a jitted
+`lax.dot_general` and as `torch.einsum` on the same shapes and dtypes, each framework in a
+fresh process (`--dot-worker`), next to PyTorch's in-step `mm` / `addmm` / `bmm` time. If the
+step's dots alone take longer in XLA than in oneDNN by about the whole-step gap, faster dot
+kernels are what would close it, not a change in this code.
 """
 from __future__ import annotations
 
@@ -98,6 +107,153 @@ def dot_dtypes(index: dict) -> collections.Counter:
   return c
 
 
+_SHAPE = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_DIMS = ("lhs_batch_dims", "lhs_contracting_dims", "rhs_batch_dims", "rhs_contracting_dims")
+
+
+def step_dots(hlo_text: str) -> list:
+  """Every dot of a compiled module: operand shapes / dtypes, dimension numbers, result dtype,
+  op_name, and the thunk that runs it (the dot itself, or the fusion whose computation holds
+  it)."""
+  shapes, dots, caller, owner = {}, [], {}, {}
+  comp = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
+    if head and " = " not in line.split("(")[0]:
+      comp = head.group(1)
+      continue
+    m = _SHAPE.match(line)
+    if m:
+      shapes[m.group(1)] = (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+    name = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+    if not name:
+      continue
+    for callee in re.findall(r"calls=%?([\w.\-]+)", line):
+      caller[callee] = name.group(1)
+    owner[name.group(1)] = comp
+    d = re.search(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)", line)
+    if d and m:
+      dims = {k: tuple(int(x) for x in v.split(",") if x) for k, v in
+              re.findall(r"(\w+_dims)=\{([\d,]*)\}", line) if k in _DIMS}
+      op_name = re.search(r'op_name="((?:[^"\\]|\\.)*)"', line)
+      dots.append({"name": name.group(1), "operands": d.groups(), "out": m.group(2),
+                   "dims": [dims.get(k, ()) for k in _DIMS],
+                   "op_name": op_name.group(1) if op_name else ""})
+  for dot in dots:
+    (ld, ls), (rd, rs) = (shapes[o] for o in dot.pop("operands"))
+    dot.update(lhs=[ld, list(ls)], rhs=[rd, list(rs)])
+    thunk, seen = dot["name"], 0
+    while owner.get(thunk) in caller and seen < 8:  # up from fused computations to the thunk
+      thunk, seen = caller[owner[thunk]], seen + 1
+    dot["thunk"] = thunk
+  return dots
+
+
+def dot_key(dot: dict) -> str:
+  return json.dumps([dot["lhs"], dot["rhs"], dot["dims"], dot["out"]])
+
+
+def einsum_equation(dims, lhs_rank: int, rhs_rank: int) -> str:
+  """The einsum of a dot_general: batch dims, then lhs free, then rhs free (XLA's order)."""
+  lb, lc, rb, rc = dims
+  letters = iter("abcdefghijklmnopqrstuvwxyz")
+  lhs, rhs = [None] * lhs_rank, [None] * rhs_rank
+  for i, j in list(zip(lb, rb)) + list(zip(lc, rc)):
+    lhs[i] = rhs[j] = next(letters)
+  lhs = [x or next(letters) for x in lhs]
+  rhs = [x or next(letters) for x in rhs]
+  out = ([lhs[i] for i in lb] + [x for i, x in enumerate(lhs) if i not in lb + lc]
+         + [x for i, x in enumerate(rhs) if i not in rb + rc])
+  return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+
+
+def dot_worker(framework: str, path: str, runs: int) -> dict:
+  """{dot_key: median ms} of every distinct dot in `path` (JSON list), timed alone."""
+  import statistics
+  import time
+
+  import numpy as np
+  with open(path) as f:
+    keys = json.load(f)
+  rng = np.random.default_rng(0)
+  out = {}
+  names = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}  # HLO -> numpy / torch
+  if framework == "torch":
+    import torch
+    torch.set_num_threads(bench.num_cores())
+  for key in keys:
+    (ld, ls), (rd, rs), dims, res = json.loads(key)
+    ld, rd, res = names[ld], names[rd], names[res]
+    a, b = (rng.standard_normal(shape).astype(np.float32) for shape in (ls, rs))
+    if framework == "jax":
+      import jax.numpy as jnp
+      a, b = jnp.asarray(a, ld), jnp.asarray(b, rd)
+      f = jax.jit(lambda a, b, dims=dims, res=res: jax.lax.dot_general(
+          a, b, ((dims[1], dims[3]), (dims[0], dims[2])), preferred_element_type=res))
+      run = lambda f=f, a=a, b=b: jax.block_until_ready(f(a, b))
+    else:
+      to = lambda x, dt: torch.from_numpy(x).to(getattr(torch, dt))
+      a, b = to(a, ld), to(b, rd)
+      if a.dtype != b.dtype:  # a mixed f32 x bf16 dot: torch computes it in f32
+        a, b = a.float(), b.float()
+      eq = einsum_equation(dims, len(ls), len(rs))
+      run = lambda eq=eq, a=a, b=b: torch.einsum(eq, a, b)
+    run()
+    times = []
+    for _ in range(runs):
+      t = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - t)
+    out[key] = 1e3 * statistics.median(times)
+  return out
+
+
+def dots_report(j: "bench.JaxStep", steps: int, runs: int) -> dict:
+  """The step's dots: in-step thunk times (trace) and each distinct dot alone, JAX and PyTorch
+  in fresh processes (--dot-worker)."""
+  dots = step_dots(j.compiled.as_text())
+  with tempfile.TemporaryDirectory() as logdir:
+    jax.profiler.start_trace(logdir)
+    for _ in range(steps):
+      jax.block_until_ready(j.run())
+    jax.profiler.stop_trace()
+    events = trace_events(logdir)
+  thunk_ms = collections.Counter()
+  for e in events:
+    op = (e.get("args") or {}).get("hlo_op")
+    if e.get("ph") == "X" and op and not e["name"].startswith("end:"):
+      thunk_ms[op] += e.get("dur", 0.0) / steps / 1e3
+  groups = collections.OrderedDict()
+  for d in dots:
+    g = groups.setdefault(dot_key(d), {"count": 0, "thunks": set(), "op_name": d["op_name"]})
+    g["count"] += 1
+    g["thunks"].add(d["thunk"])
+  with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+    json.dump(list(groups), f)
+  alone = {fw: _in_fresh_process(f"{fw} dot", [f"--dot-worker={fw}", f"--dot-file={f.name}",
+                                                f"--dot-runs={runs}"])
+           for fw in ("jax", "torch")}
+  os.unlink(f.name)
+  rows = []
+  for key, g in groups.items():
+    (ld, ls), (rd, rs), dims, res = json.loads(key)
+    shape = lambda dt, sh: f"{dt}[{','.join(map(str, sh))}]"
+    rows.append({"lhs": shape(ld, ls), "rhs": shape(rd, rs), "out": res, "dims": dims,
+                 "count": g["count"], "op_name": g["op_name"][-80:],
+                 "in_step_ms": sum(thunk_ms.get(t, 0.0) for t in g["thunks"]),
+                 "jax_alone_ms": g["count"] * alone["jax"][key],
+                 "torch_alone_ms": g["count"] * alone["torch"][key]})
+  rows.sort(key=lambda r: -r["jax_alone_ms"])
+  total = lambda k: sum(r[k] for r in rows)
+  # a thunk holding several dots counts once in the total (rows may share it)
+  return {"dots": len(dots), "distinct": len(rows), "rows": rows,
+          "in_step_ms": sum(thunk_ms.get(t, 0.0) for t in {d["thunk"] for d in dots}), "jax_alone_ms": total("jax_alone_ms"),
+          "torch_alone_ms": total("torch_alone_ms"), "step_thunks_ms": sum(thunk_ms.values())}
+
+
+TORCH_DOT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")
+
+
 def trace_events(logdir: str) -> list:
   path = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.trace.json.gz")))[-1]
   with gzip.open(path) as f:
@@ -106,6 +262,7 @@ def trace_events(logdir: str) -> list:
 
 def jax_profile(j: "bench.JaxStep", steps: int) -> dict:
   index = hlo_index(j.compiled.as_text())
+  wall_s = bench._times(j.run, steps)  # pylint: disable=protected-access
   with tempfile.TemporaryDirectory() as logdir:
     jax.profiler.start_trace(logdir)
     for _ in range(steps):
@@ -124,21 +281,33 @@ def jax_profile(j: "bench.JaxStep", steps: int) -> dict:
   total = sum(by_kind.values())
   top = [{"hlo_op": op, "ms": us / 1e3, "op_name": index.get(op, ("",))[0][-90:]}
          for op, us in by_op.most_common(12)]
-  return {"total_ms": total / 1e3,
+  return {"total_ms": total / 1e3, "step_s": sorted(wall_s)[len(wall_s) // 2],
           "kinds": [{"kind": k, "ms": v / 1e3, "pct": 100.0 * v / total}
                     for k, v in by_kind.most_common()],
           "top_ops": top, "dots": dict(dot_dtypes(index))}
 
 
+def _in_fresh_process(what: str, flags: list) -> dict:
+  """This script with `flags` in a new process; its last stdout line is the JSON result."""
+  import subprocess
+  cmd = [sys.executable, os.path.abspath(__file__)] + flags
+  r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+  if r.returncode != 0:
+    raise SystemExit(f"error: the {what} worker failed (exit {r.returncode}): {' '.join(cmd)}")
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def torch_profile(t: "bench.TorchStep", steps: int) -> dict:
   from torch.profiler import ProfilerActivity, profile
+  wall_s = bench._times(t.run, steps, block=lambda x: x)  # pylint: disable=protected-access
   with profile(activities=[ProfilerActivity.CPU]) as prof:
     for _ in range(steps):
       t.run()
   rows = [(e.key, e.self_cpu_time_total / steps) for e in prof.key_averages()]
   total = sum(us for _, us in rows)
   rows.sort(key=lambda r: -r[1])
-  return {"total_ms": total / 1e3,
+  return {"total_ms": total / 1e3, "step_s": sorted(wall_s)[len(wall_s) // 2],
+          "dot_ms": sum(us for k, us in rows if k in TORCH_DOT_OPS) / 1e3,
           "ops": [{"op": k, "ms": us / 1e3, "pct": 100.0 * us / total} for k, us in rows[:14]]}
 
 
@@ -152,17 +321,34 @@ def main(argv=None):
   p.add_argument("--no-torch", dest="torch", action="store_false")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--dots", action="store_true", help="also time every dot of the step alone, "
+                 "JAX and PyTorch (fresh processes)")
+  p.add_argument("--dot-runs", type=int, default=5, help="timed runs per distinct dot")
+  p.add_argument("--dot-worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+  p.add_argument("--dot-file", help=argparse.SUPPRESS)
+  p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.dot_worker:
+    print(json.dumps(dot_worker(args.dot_worker, args.dot_file, args.dot_runs)))
+    return None
   if args.quick:
     args.size = "tiny"
   args.warmup, args.runs, args.rounds = 1, 1, 1
+  if args.torch_worker:  # the PyTorch step's profile, in a process without JAX's runtime
+    c = bench.make_config(args.size, args.batch, bench.OBJECTIVES[args.objective], args.dtype)
+    t = bench.TorchStep(args.objective, c, bench.make_batch(c), args)
+    print(json.dumps(torch_profile(t, args.steps)))
+    return None
   j = bench.JaxStep(args.objective, args, jax.devices()[0])
   out = {"cpu": bench.cpu_model(), "cpu_flags": bench.cpu_flags(), "size": args.size,
          "batch": args.batch, "dtype": args.dtype, "objective": args.objective,
          "jax": jax_profile(j, args.steps)}
   use_torch = args.torch and args.objective in bench.TORCH_OBJECTIVES
+  if args.dots:
+    out["dots"] = dots_report(j, args.steps, args.dot_runs)
   if use_torch:
-    out["torch"] = torch_profile(bench.TorchStep(args.objective, j.config, j.np_batch, args), args.steps)
+    out["torch"] = _in_fresh_process("torch profile", ["--torch-worker"] + [
+        f"--{k}={getattr(args, k)}" for k in ("size", "batch", "dtype", "objective", "steps")])
 
   print(f"cpu: {out['cpu']} ({' '.join(out['cpu_flags'])}); {args.objective} step, model "
         f"{args.size}, batch {args.batch}, {args.dtype}; mean of {args.steps} profiled steps")
@@ -181,6 +367,22 @@ def main(argv=None):
     print(f"{'operator':<40}{'ms':>10}{'%':>7}")
     for r in out["torch"]["ops"]:
       print(f"{r['op']:<40}{r['ms']:>10.1f}{r['pct']:>6.1f}%")
+  print(f"\nstep wall time (median of {args.steps}, each framework in its own process): JAX "
+        f"{out['jax']['step_s']:.2f} s" + (f", PyTorch {out['torch']['step_s']:.2f} s; PyTorch's "
+        f"mm / addmm / bmm (self time) {out['torch']['dot_ms']:.1f} ms" if use_torch else ""))
+  if args.dots:
+    d = out["dots"]
+    print(f"\nThe step's {d['dots']} dots ({d['distinct']} distinct), ms per step: in the step "
+          f"(their thunks, fused elementwise included) {d['in_step_ms']:.1f} of "
+          f"{d['step_thunks_ms']:.1f}; each alone: JAX {d['jax_alone_ms']:.1f}, PyTorch "
+          f"{d['torch_alone_ms']:.1f} (JAX / PyTorch "
+          f"{d['jax_alone_ms'] / max(d['torch_alone_ms'], 1e-9):.2f})")
+    print(f"{'n':>4} {'lhs':<26}{'rhs':<26}{'out':<9}{'in step':>9}{'JAX':>9}{'torch':>9}"
+          f"{'ratio':>7}  op")
+    for r in d["rows"]:
+      print(f"{r['count']:>4} {r['lhs']:<26}{r['rhs']:<26}{r['out']:<9}{r['in_step_ms']:>9.1f}"
+            f"{r['jax_alone_ms']:>9.1f}{r['torch_alone_ms']:>9.1f}"
+            f"{r['jax_alone_ms'] / max(r['torch_alone_ms'], 1e-9):>7.2f}  {r['op_name'][-48:]}")
   if args.json:
     print(json.dumps(out))
   return out

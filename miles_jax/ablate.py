@@ -63,6 +63,12 @@ VARIANTS = {
     # has aligned it with the text, as the paper's (pretrained) snapshot is from the start
     "mvm_start_500": {**BASE, "mvm.start_step": 500},
     "mvm_weight_0.3": {**BASE, "mvm.weight": 0.3},
+    # the paper's snapshot momentum (the demo's is 0.99): targets lag the online encoder by
+    # ~1000 steps instead of ~100
+    "snapshot_momentum_0.999": {**BASE, "snapshot.momentum": 0.999},
+    # a text-aligned but fixed target: the encoder after 500 contrastive-only steps, frozen from
+    # then on (the paper's snapshot starts pretrained; target_frozen's is the random init)
+    "target_frozen_at_500": {**BASE, "mvm.target": "frozen", "mvm.start_step": 500},
 }
 QUICK = ("contrastive_only", "miles_intact_clip", "miles_masked_clip")
 SMOKE = ("contrastive_only", "miles_intact_clip")

@@ -101,8 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
   # over 3 seeds on 512 held-out clips (README "Results", benchmarks/results/ablation.md).
   c.mvm.unmasked_contrastive = True
   # What the masked patches regress: snapshot (EMA of the online video encoder, the paper's
-  # text-aligned, evolving target) | frozen (the initial encoder, never updated) | pixels (the
-  # intact clip's patch pixels; with mvm.normalize_target, per-patch normalised as in MAE).
+  # text-aligned, evolving target) | frozen (a copy of the online encoder as it enters
+  # mvm.start_step -- the initial encoder at 0 -- never updated after) | pixels (the intact
+  # clip's patch pixels; with mvm.normalize_target, per-patch normalised as in MAE).
   c.mvm.target = "snapshot"
   c.mask = ml_collections.ConfigDict()
   c.mask.strategy = "blockwise"  # blockwise | tube | random

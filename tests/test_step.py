@@ -389,6 +389,26 @@ def test_frozen_target_keeps_the_initial_encoder():
   assert max(moved) > 1e-4
 
 
+def test_frozen_target_is_the_encoder_entering_the_mvm_start_step():
+  """mvm.target=frozen with mvm.start_step=k: the target is a copy of the online encoder as it
+  enters step k (text-aligned by k contrastive steps), never updated after it."""
+  c = _config()
+  c.objectives, c.mvm.target, c.mvm.start_step = "contrastive,miles", "frozen", 2
+  mesh = _one_device_mesh()
+  state = state_lib.create_train_state(c, jax.random.PRNGKey(0), mesh)
+  step = step_lib.make_train_step(c, mesh, compiler_options=FAST_COMPILE)
+  online, momenta = [], []
+  for seed in range(4):
+    online.append(jax.device_get(state.params["video"]))
+    state, metrics = step(state, _batch(c, seed))
+    momenta.append(float(metrics["snapshot_momentum"]))
+  assert momenta == [0.0, 0.0, 1.0, 1.0]
+  _assert_trees_close(jax.device_get(state.snapshot_params["video"]), online[2], rtol=0, atol=0)
+  moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+           zip(jax.tree.leaves(online[2]), jax.tree.leaves(online[1]))]
+  assert max(moved) > 1e-4  # the copy taken entering step 2 differs from the one entering step 1
+
+
 def test_pixel_targets_are_the_encoders_patches():
   """mvm.target=pixels: targets are the clip's patches in the encoder's token order (checked
   against the patch embedding itself), no snapshot is kept, the head predicts p*p*3 values."""

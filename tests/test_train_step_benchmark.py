@@ -64,6 +64,49 @@ def test_step_profile_quick_sums_to_the_step():
   assert sum(out["jax"]["dots"].values()) > 0 and out["torch"]["ops"]
 
 
+def test_step_profile_reads_every_dot_and_times_the_same_product_in_torch():
+  """`step_profile.py --dots` finds every dot of an optimised module -- also the ones XLA put
+  inside fusions -- with its operand shapes and contraction (their FLOPs add up to the
+  function's) and the thunk that runs it; the einsum it times in PyTorch is the same product as
+  XLA's dot_general for the dimension numbers XLA chose."""
+  import jax
+  import jax.numpy as jnp
+  sys.path.insert(0, BENCH)
+  flags = os.environ.get("XLA_FLAGS")
+  import step_profile  # pylint: disable=import-outside-toplevel
+  if flags is None:  # its import turns on per-op trace events for a backend not yet started
+    os.environ.pop("XLA_FLAGS", None)
+  else:
+    os.environ["XLA_FLAGS"] = flags
+
+  def fn(a, b, c, x, w):
+    att = jnp.tanh(jnp.einsum("bqd,bkd->bqk", a, b))
+    return jnp.einsum("bqk,bkc->bqc", att, c).sum() + jnp.sum(jnp.maximum(x @ w.T, 0.0))
+  shapes = [(3, 5, 4), (3, 6, 4), (3, 6, 2), (7, 8), (9, 8)]
+  rng = np.random.default_rng(0)
+  args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+  compiled = jax.jit(fn).lower(*args).compile()
+  dots = step_profile.step_dots(compiled.as_text())
+  want_flops = 2 * (3 * 5 * 6 * 4 + 3 * 5 * 6 * 2 + 7 * 9 * 8)
+  got_flops = 0
+  instructions = {line.split(" = ")[0].strip().removeprefix("ROOT ").lstrip("%")
+                  for line in compiled.as_text().splitlines() if " = " in line}
+  for d in dots:
+    (ld, ls), (rd, rs) = d["lhs"], d["rhs"]
+    lb, lc, rb, rc = d["dims"]
+    assert (ld, rd, d["out"]) == ("f32", "f32", "f32") and d["thunk"] in instructions
+    free = [n for i, n in enumerate(ls) if i not in lb + lc] + [
+        n for i, n in enumerate(rs) if i not in rb + rc]
+    got_flops += 2 * int(np.prod([ls[i] for i in lb + lc])) * int(np.prod(free))
+    a = rng.standard_normal(ls).astype(np.float32)
+    b = rng.standard_normal(rs).astype(np.float32)
+    want = jax.lax.dot_general(a, b, ((lc, rc), (lb, rb)))
+    got = torch.einsum(step_profile.einsum_equation(d["dims"], len(ls), len(rs)),
+                       torch.from_numpy(a), torch.from_numpy(b))
+    np.testing.assert_allclose(got.numpy(), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert len(dots) == 3 and got_flops == want_flops
+
+
 def test_components_alternative_layouts_compute_divided_attention():
   """The attention layouts benchmarks/components.py --alternatives times against ours are the
   same arithmetic (so their times compare like with like), forward and gradients."""

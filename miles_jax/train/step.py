@@ -236,14 +236,16 @@ def train_step(state: TrainState, batch: dict, *, config, model, tx, lr_schedule
   params = optax.apply_updates(state.params, updates)
 
   # EMA of the *updated* online encoder: theta_s <- m * theta_s + (1 - m) * theta_o. A frozen
-  # target (mvm.target=frozen) keeps the initial encoder: m = 1.
+  # target (mvm.target=frozen) is the online encoder as it enters step `mvm.start_step` (the
+  # initial encoder when MVM starts at 0): a copy before that step (m = 0), then m = 1.
   if config.mvm.get("target", "snapshot") == "frozen":
-    momentum, snapshot = jnp.ones((), jnp.float32), state.snapshot_params
+    start = int(config.mvm.get("start_step", 0))
+    momentum = jnp.where(state.step < start, 0.0, 1.0).astype(jnp.float32)
   else:
     momentum = optim.snapshot_momentum(config, state.step)
-    snapshot = {key: jax.tree.map(lambda s, o: momentum * s + (1.0 - momentum) * o,
-                                  state.snapshot_params[key], params[key])
-                for key in state.snapshot_params}
+  snapshot = {key: jax.tree.map(lambda s, o: momentum * s + (1.0 - momentum) * o,
+                                state.snapshot_params[key], params[key])
+              for key in state.snapshot_params}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             snapshot_params=snapshot)
   if config.train.get("on_nonfinite", "stop") == "skip":
