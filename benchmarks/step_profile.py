@@ -208,21 +208,10 @@ def dot_worker(framework: str, path: str, runs: int) -> dict:
   return out
 
 
-def dots_report(j: "bench.JaxStep", steps: int, runs: int) -> dict:
-  """The step's dots: in-step thunk times (trace) and each distinct dot alone, JAX and PyTorch
-  in fresh processes (--dot-worker)."""
+def dots_report(j: "bench.JaxStep", thunk_ms: dict, runs: int) -> dict:
+  """The step's dots: their thunks' in-step times (`thunk_ms`: ms per step by HLO op) and each
+  distinct dot alone, JAX and PyTorch in fresh processes (--dot-worker)."""
   dots = step_dots(j.compiled.as_text())
-  with tempfile.TemporaryDirectory() as logdir:
-    jax.profiler.start_trace(logdir)
-    for _ in range(steps):
-      jax.block_until_ready(j.run())
-    jax.profiler.stop_trace()
-    events = trace_events(logdir)
-  thunk_ms = collections.Counter()
-  for e in events:
-    op = (e.get("args") or {}).get("hlo_op")
-    if e.get("ph") == "X" and op and not e["name"].startswith("end:"):
-      thunk_ms[op] += e.get("dur", 0.0) / steps / 1e3
   groups = collections.OrderedDict()
   for d in dots:
     g = groups.setdefault(dot_key(d), {"count": 0, "thunks": set(), "op_name": d["op_name"]})
@@ -260,28 +249,35 @@ def trace_events(logdir: str) -> list:
     return json.load(f)["traceEvents"]
 
 
-def jax_profile(j: "bench.JaxStep", steps: int) -> dict:
-  index = hlo_index(j.compiled.as_text())
-  wall_s = bench._times(j.run, steps)  # pylint: disable=protected-access
+def thunk_times(j: "bench.JaxStep", steps: int) -> collections.Counter:
+  """{HLO op: microseconds per step} of `steps` profiled steps (XLA:CPU thunk trace events)."""
   with tempfile.TemporaryDirectory() as logdir:
     jax.profiler.start_trace(logdir)
     for _ in range(steps):
       jax.block_until_ready(j.run())
     jax.profiler.stop_trace()
     events = trace_events(logdir)
-  by_kind, by_op = collections.Counter(), collections.Counter()
+  by_op = collections.Counter()
   for e in events:
     op = (e.get("args") or {}).get("hlo_op")
-    if e.get("ph") != "X" or not op or e["name"].startswith("end:"):
-      continue
+    if e.get("ph") == "X" and op and not e["name"].startswith("end:"):
+      by_op[op] += e.get("dur", 0.0) / steps
+  return by_op
+
+
+def jax_profile(j: "bench.JaxStep", steps: int) -> dict:
+  index = hlo_index(j.compiled.as_text())
+  wall_s = bench._times(j.run, steps)  # pylint: disable=protected-access
+  by_op = thunk_times(j, steps)
+  by_kind = collections.Counter()
+  for op, us in by_op.items():
     op_name, opcode = index.get(op, ("", op.split(".")[0]))[:2]
-    us = e.get("dur", 0.0) / steps
     by_kind[classify(op_name, opcode)] += us
-    by_op[op] += us
   total = sum(by_kind.values())
   top = [{"hlo_op": op, "ms": us / 1e3, "op_name": index.get(op, ("",))[0][-90:]}
          for op, us in by_op.most_common(12)]
   return {"total_ms": total / 1e3, "step_s": sorted(wall_s)[len(wall_s) // 2],
+          "thunk_ms": {op: us / 1e3 for op, us in by_op.items()},
           "kinds": [{"kind": k, "ms": v / 1e3, "pct": 100.0 * v / total}
                     for k, v in by_kind.most_common()],
           "top_ops": top, "dots": dict(dot_dtypes(index))}
@@ -345,7 +341,7 @@ def main(argv=None):
          "jax": jax_profile(j, args.steps)}
   use_torch = args.torch and args.objective in bench.TORCH_OBJECTIVES
   if args.dots:
-    out["dots"] = dots_report(j, args.steps, args.dot_runs)
+    out["dots"] = dots_report(j, out["jax"]["thunk_ms"], args.dot_runs)
   if use_torch:
     out["torch"] = _in_fresh_process("torch profile", ["--torch-worker"] + [
         f"--{k}={getattr(args, k)}" for k in ("size", "batch", "dtype", "objective", "steps")])
@@ -384,6 +380,7 @@ def main(argv=None):
             f"{r['jax_alone_ms']:>9.1f}{r['torch_alone_ms']:>9.1f}"
             f"{r['jax_alone_ms'] / max(r['torch_alone_ms'], 1e-9):>7.2f}  {r['op_name'][-48:]}")
   if args.json:
+    out["jax"].pop("thunk_ms")
     print(json.dumps(out))
   return out
 
