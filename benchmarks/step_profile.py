@@ -168,7 +168,9 @@ def einsum_equation(dims, lhs_rank: int, rhs_rank: int) -> str:
 
 
 def dot_worker(framework: str, path: str, runs: int) -> dict:
-  """{dot_key: median ms} of every distinct dot in `path` (JSON list), timed alone."""
+  """{dot_key: median ms} of every distinct dot in `path` (JSON list), timed alone: `runs`
+  rounds over all the dots (so a slow moment of the machine spreads over them, not one dot),
+  after two warm-up calls each."""
   import statistics
   import time
 
@@ -176,7 +178,7 @@ def dot_worker(framework: str, path: str, runs: int) -> dict:
   with open(path) as f:
     keys = json.load(f)
   rng = np.random.default_rng(0)
-  out = {}
+  calls = {}
   names = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}  # HLO -> numpy / torch
   if framework == "torch":
     import torch
@@ -199,44 +201,60 @@ def dot_worker(framework: str, path: str, runs: int) -> dict:
       eq = einsum_equation(dims, len(ls), len(rs))
       run = lambda eq=eq, a=a, b=b: torch.einsum(eq, a, b)
     run()
-    times = []
-    for _ in range(runs):
+    run()
+    calls[key] = run
+  times = {key: [] for key in calls}
+  for _ in range(runs):
+    for key, run in calls.items():
       t = time.perf_counter()
       run()
-      times.append(time.perf_counter() - t)
-    out[key] = 1e3 * statistics.median(times)
-  return out
+      times[key].append(time.perf_counter() - t)
+  return {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
 
 
-def dots_report(j: "bench.JaxStep", thunk_ms: dict, runs: int) -> dict:
+def dots_report(j: "bench.JaxStep", thunk_ms: dict, runs: int, rounds: int) -> dict:
   """The step's dots: their thunks' in-step times (`thunk_ms`: ms per step by HLO op) and each
-  distinct dot alone, JAX and PyTorch in fresh processes (--dot-worker)."""
+  distinct dot alone, JAX and PyTorch in alternating fresh processes (--dot-worker), the
+  median of the rounds' medians."""
   dots = step_dots(j.compiled.as_text())
   groups = collections.OrderedDict()
   for d in dots:
-    g = groups.setdefault(dot_key(d), {"count": 0, "thunks": set(), "op_name": d["op_name"]})
+    g = groups.setdefault(dot_key(d), {"count": 0, "thunks": set(), "op_name": d["op_name"],
+                                       "eigen": 0})
     g["count"] += 1
     g["thunks"].add(d["thunk"])
+    # a dot that is its own thunk runs on Eigen (DotThunk), asynchronously: its trace event
+    # covers the launch, not the work; a fused one (YNNPACK) is timed whole
+    g["eigen"] += d["thunk"] == d["name"]
   with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
     json.dump(list(groups), f)
-  alone = {fw: _in_fresh_process(f"{fw} dot", [f"--dot-worker={fw}", f"--dot-file={f.name}",
-                                                f"--dot-runs={runs}"])
-           for fw in ("jax", "torch")}
+  # alternating fresh JAX and PyTorch processes, `rounds` of each: this machine's speed drifts
+  # over minutes, so one process per framework can land in a slow and a fast phase
+  alone = {"jax": collections.defaultdict(list), "torch": collections.defaultdict(list)}
+  for _ in range(rounds):
+    for fw in ("jax", "torch"):
+      got = _in_fresh_process(f"{fw} dot", [f"--dot-worker={fw}", f"--dot-file={f.name}",
+                                            f"--dot-runs={runs}"])
+      for key, ms in got.items():
+        alone[fw][key].append(ms)
+  alone = {fw: {key: sorted(v)[len(v) // 2] for key, v in d.items()} for fw, d in alone.items()}
   os.unlink(f.name)
   rows = []
   for key, g in groups.items():
     (ld, ls), (rd, rs), dims, res = json.loads(key)
     shape = lambda dt, sh: f"{dt}[{','.join(map(str, sh))}]"
     rows.append({"lhs": shape(ld, ls), "rhs": shape(rd, rs), "out": res, "dims": dims,
-                 "count": g["count"], "op_name": g["op_name"][-80:],
+                 "count": g["count"], "eigen": g["eigen"], "op_name": g["op_name"][-80:],
                  "in_step_ms": sum(thunk_ms.get(t, 0.0) for t in g["thunks"]),
                  "jax_alone_ms": g["count"] * alone["jax"][key],
                  "torch_alone_ms": g["count"] * alone["torch"][key]})
   rows.sort(key=lambda r: -r["jax_alone_ms"])
   total = lambda k: sum(r[k] for r in rows)
   # a thunk holding several dots counts once in the total (rows may share it)
+  fused = {d["thunk"] for d in dots if d["thunk"] != d["name"]}
   return {"dots": len(dots), "distinct": len(rows), "rows": rows,
-          "in_step_ms": sum(thunk_ms.get(t, 0.0) for t in {d["thunk"] for d in dots}), "jax_alone_ms": total("jax_alone_ms"),
+          "eigen_dots": sum(r["eigen"] for r in rows),
+          "in_step_ms": sum(thunk_ms.get(t, 0.0) for t in fused), "jax_alone_ms": total("jax_alone_ms"),
           "torch_alone_ms": total("torch_alone_ms"), "step_thunks_ms": sum(thunk_ms.values())}
 
 
@@ -319,7 +337,8 @@ def main(argv=None):
   p.add_argument("--json", action="store_true")
   p.add_argument("--dots", action="store_true", help="also time every dot of the step alone, "
                  "JAX and PyTorch (fresh processes)")
-  p.add_argument("--dot-runs", type=int, default=5, help="timed runs per distinct dot")
+  p.add_argument("--dot-runs", type=int, default=9, help="timed rounds over the distinct dots")
+  p.add_argument("--dot-rounds", type=int, default=3, help="alternating JAX / PyTorch processes")
   p.add_argument("--dot-worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   p.add_argument("--dot-file", help=argparse.SUPPRESS)
   p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
@@ -330,6 +349,8 @@ def main(argv=None):
   if args.quick:
     args.size = "tiny"
   args.warmup, args.runs, args.rounds = 1, 1, 1
+  if args.quick:
+    args.dot_rounds, args.dot_runs = 1, 3
   if args.torch_worker:  # the PyTorch step's profile, in a process without JAX's runtime
     c = bench.make_config(args.size, args.batch, bench.OBJECTIVES[args.objective], args.dtype)
     t = bench.TorchStep(args.objective, c, bench.make_batch(c), args)
@@ -341,7 +362,7 @@ def main(argv=None):
          "jax": jax_profile(j, args.steps)}
   use_torch = args.torch and args.objective in bench.TORCH_OBJECTIVES
   if args.dots:
-    out["dots"] = dots_report(j, out["jax"]["thunk_ms"], args.dot_runs)
+    out["dots"] = dots_report(j, out["jax"]["thunk_ms"], args.dot_runs, args.dot_rounds)
   if use_torch:
     out["torch"] = _in_fresh_process("torch profile", ["--torch-worker"] + [
         f"--{k}={getattr(args, k)}" for k in ("size", "batch", "dtype", "objective", "steps")])
@@ -368,15 +389,18 @@ def main(argv=None):
         f"mm / addmm / bmm (self time) {out['torch']['dot_ms']:.1f} ms" if use_torch else ""))
   if args.dots:
     d = out["dots"]
-    print(f"\nThe step's {d['dots']} dots ({d['distinct']} distinct), ms per step: in the step "
-          f"(their thunks, fused elementwise included) {d['in_step_ms']:.1f} of "
-          f"{d['step_thunks_ms']:.1f}; each alone: JAX {d['jax_alone_ms']:.1f}, PyTorch "
-          f"{d['torch_alone_ms']:.1f} (JAX / PyTorch "
-          f"{d['jax_alone_ms'] / max(d['torch_alone_ms'], 1e-9):.2f})")
+    print(f"\nThe step's {d['dots']} dots ({d['distinct']} distinct), ms per step. Each alone: "
+          f"JAX {d['jax_alone_ms']:.1f}, PyTorch {d['torch_alone_ms']:.1f} (JAX / PyTorch "
+          f"{d['jax_alone_ms'] / max(d['torch_alone_ms'], 1e-9):.2f}). In the step: "
+          f"{d['dots'] - d['eigen_dots']} in YNNPACK fusions, whose thunks (fused elementwise "
+          f"included, overlapping) take {d['in_step_ms']:.1f} of {d['step_thunks_ms']:.1f}; "
+          f"{d['eigen_dots']} on Eigen (column 'in step' shows 'eigen': their thunks run "
+          f"asynchronously and the trace times only their launch)")
     print(f"{'n':>4} {'lhs':<26}{'rhs':<26}{'out':<9}{'in step':>9}{'JAX':>9}{'torch':>9}"
           f"{'ratio':>7}  op")
     for r in d["rows"]:
-      print(f"{r['count']:>4} {r['lhs']:<26}{r['rhs']:<26}{r['out']:<9}{r['in_step_ms']:>9.1f}"
+      in_step = "eigen" if r["eigen"] == r["count"] else f"{r['in_step_ms']:.1f}"
+      print(f"{r['count']:>4} {r['lhs']:<26}{r['rhs']:<26}{r['out']:<9}{in_step:>9}"
             f"{r['jax_alone_ms']:>9.1f}{r['torch_alone_ms']:>9.1f}"
             f"{r['jax_alone_ms'] / max(r['torch_alone_ms'], 1e-9):>7.2f}  {r['op_name'][-48:]}")
   if args.json:
