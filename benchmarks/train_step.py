@@ -138,6 +138,7 @@ class JaxStep:
 
   def __init__(self, name: str, args, device):
     c = make_config(args.size, args.batch, OBJECTIVES[name], args.dtype)
+    config_lib.override(c, config_lib.parse_overrides(getattr(args, "set", None) or []))
     self.config = c
     mesh = parallel.make_mesh((1,), ("data",), [device])
     state = state_lib.create_train_state(c, jax.random.PRNGKey(0), mesh)
@@ -243,7 +244,8 @@ def run_worker(framework: str, names: list, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}",
          f"--size={args.size}", f"--batch={args.batch}", f"--runs={args.runs}",
          f"--warmup={args.warmup}", f"--dtype={args.dtype}", f"--objectives={','.join(names)}",
-         f"--matmul={args.matmul}"] + (["--quick"] if args.quick else [])
+         f"--matmul={args.matmul}"] + (["--quick"] if args.quick else []) + [
+             f"--set={x}" for x in args.set]
   r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
   if r.returncode != 0:
     raise SystemExit(f"error: the {framework} worker failed (exit {r.returncode}): "
@@ -296,6 +298,8 @@ def main(argv=None):
   p.add_argument("--matmul", type=int, default=0, help="matmul size (0: 4096, 1024 if --quick)")
   p.add_argument("--quick", action="store_true", help="tiny model, 2 runs: a smoke test")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--set", action="append", default=[], help="a config override for the JAX "
+                 "step, KEY=VALUE (repeatable), e.g. --set=model.video.time_attention_vjp=autodiff")
   p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)  # one round
   args = p.parse_args(argv)
   if args.quick:

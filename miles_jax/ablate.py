@@ -31,7 +31,7 @@ import time
 
 from absl import flags
 
-from miles_jax import cli
+from miles_jax import cli, config_lib
 
 # Every variant sets all of these, so a run's identity does not depend on configs/demo.py's
 # choices for them (which follow this ablation's evidence).
@@ -120,21 +120,6 @@ def reference_rows(path: str, num_texts: int, names=("contrastive_only",)) -> di
   return rows
 
 
-def parse_sets(items) -> dict:
-  """KEY=VALUE strings -> {key: value}; values are Python literals where they parse, else str."""
-  import ast
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"--set {item!r}: use KEY=VALUE, e.g. model.video.patch_size=4")
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
-
-
 def run_key(overrides: dict) -> str:
   return json.dumps(sorted(overrides.items()))
 
@@ -148,15 +133,8 @@ def run_dirs(names) -> dict:
 
 
 def demo_config(data_dir: str, overrides: dict, seed: int, extra: dict | None = None):
-  from miles_jax import config_lib
   config = config_lib.sibling(config_lib.default_config_path(), "demo").get_config(data_dir)
-  for key, value in {**overrides, **(extra or {}), "seed": seed}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_lib.override(config, {**overrides, **(extra or {}), "seed": seed})
 
 
 def train_one(config, workdir: str) -> dict:
@@ -300,7 +278,7 @@ def main(argv):
           file=sys.stderr)
     return 2
   try:
-    sets = parse_sets(FLAGS.set)
+    sets = config_lib.parse_overrides(FLAGS.set)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -27,6 +27,10 @@ def video_config(size: str = "base") -> ml_collections.ConfigDict:
   c.layer_norm_eps = 1e-6
   c.qkv_bias = True
   c.drop_path_rate = 0.0
+  # How the time attention's gradient is computed: auto (canonical on CPU, autodiff on TPU/GPU)
+  # | canonical (heads-major groups, hand-written backward whose dots XLA:CPU runs on YNNPACK)
+  # | autodiff. The same values either way (models/layers.py: attend).
+  c.time_attention_vjp = "auto"
   if size == "tiny":
     c.img_size, c.patch_size, c.width, c.depth, c.num_heads = 32, 8, 64, 2, 4
   elif size == "small":
@@ -236,6 +240,32 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_overrides(items) -> dict:
+  """KEY=VALUE strings -> {key: value}; values are Python literals where they parse, else str."""
+  import ast
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override {item!r}: use KEY=VALUE, e.g. model.video.patch_size=4")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def override(config, overrides: dict):
+  """Sets dotted keys, {"model.video.depth": 2, ...}, on `config` in place; returns it."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 def set_train_sources(config, sources: list) -> None:
   """Sets `data.train` to weighted sources [{glob, weight, frames}, ...] (the field's default is
   a string, which ml_collections would not let a list replace)."""
@@ -323,6 +353,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
   if int(config.data.batch_size) <= 0:
     fail("data.batch_size", f"{config.data.batch_size} must be > 0")
   v = config.model.video
+  if v.get("time_attention_vjp", "auto") not in ("auto", "canonical", "autodiff"):
+    fail("model.video.time_attention_vjp", f"{v.time_attention_vjp!r}: use auto, canonical or "
+         "autodiff")
   if v.img_size % v.patch_size:
     fail("model.video.img_size", f"{v.img_size} is not a multiple of patch_size {v.patch_size}")
   if config.data.num_frames > v.num_frames:

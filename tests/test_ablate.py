@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from miles_jax import ablate
+from miles_jax import ablate, config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,9 +94,9 @@ def test_bad_variant_is_exit_2(tmp_path):
   assert r.returncode == 2 and "--set 'optim.lr'" in r.stderr and "KEY=VALUE" in r.stderr
 
 
-def test_parse_sets_literals_and_strings():
-  got = ablate.parse_sets(["optim.lr=0.002", "mask.strategy=tube", "model.video.patch_size=4",
-                           "data.crop_scale=(0.5, 1.0)"])
+def test_parse_overrides_literals_and_strings():
+  got = config_lib.parse_overrides(["optim.lr=0.002", "mask.strategy=tube",
+                                    "model.video.patch_size=4", "data.crop_scale=(0.5, 1.0)"])
   assert got == {"optim.lr": 0.002, "mask.strategy": "tube", "model.video.patch_size": 4,
                  "data.crop_scale": (0.5, 1.0)}
 

@@ -137,6 +137,35 @@ def test_softmax_and_gelu_equal_the_library_forms_with_gradients():
   np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_canonical_time_attention_vjp_is_the_same_function(dtype, tol):
+  """model.video.time_attention_vjp=canonical (heads-major groups through layers.attend and its
+  hand-written backward) gives the time attention's values and q/k/v gradients of the autodiff
+  path, f32 and bf16; `auto` picks it on this CPU; a bad value names the field."""
+  b, t, n, h, d = 2, 3, 5, 2, 4
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  q, k, v = (jax.random.normal(kk, (b, 1 + t * n, h, d), dtype) for kk in keys[:3])
+  cot = jax.random.normal(keys[3], (b, 1 + t * n, h, d), jnp.float32)
+  outs = []
+  for canonical in (False, True):
+    fn = lambda q, k, v, c=canonical: layers.divided_attention(q, k, v, t, "time", c)[0]
+    out, vjp = jax.vjp(fn, q, k, v)
+    outs.append([out] + list(vjp(cot.astype(dtype))))
+  for ref, got in zip(*outs):
+    ref, got = np.asarray(ref, np.float32), np.asarray(got, np.float32)
+    assert np.linalg.norm(got - ref) <= tol * np.linalg.norm(ref)
+  assert np.abs(np.asarray(outs[0][1], np.float32)).max() > 0  # gradients are not trivially zero
+
+  from miles_jax.models import video
+  vc = config_lib.video_config("tiny")
+  assert video.time_attention_vjp(vc) == "canonical"  # auto, on CPU
+  vc.time_attention_vjp = "autodiff"
+  assert video.time_attention_vjp(vc) == "autodiff"
+  vc.time_attention_vjp = "fast"
+  with pytest.raises(ValueError, match="model.video.time_attention_vjp"):
+    video.time_attention_vjp(vc)
+
+
 def test_variable_frames_and_errors(tiny):
   c, model, params = tiny
   for t in (1, 2, 4):

@@ -109,7 +109,59 @@ def _softmax_attend(q, k, v, spec_logits: str, spec_out: str, bias=None):
   return out.astype(v.dtype), weights
 
 
-def divided_attention(q, k, v, num_frames: int, mode: str):
+def _dot_nt(a, b):
+  """a [..., M, C] . b [..., N, C]^T -> [..., M, N] in float32, leading axes batch."""
+  batch = tuple(range(a.ndim - 2))
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 1,)), (batch, batch)),
+                             preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b):
+  """a [..., M, C] . b [..., C, N] -> [..., M, N] in float32, leading axes batch."""
+  batch = tuple(range(a.ndim - 2))
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)),
+                             preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  """a [..., C, M]^T . b [..., C, N] -> [..., M, N], as a transposed copy of `a` times `b`.
+
+  XLA:CPU runs a dot that contracts a non-minor axis of both operands on Eigen, 2-4x slower
+  than YNNPACK runs the canonical [M, C] . [C, N] (benchmarks/step_profile.py --dots); the
+  barrier keeps the algebraic simplifier from folding the transpose back into the dot."""
+  return _dot_nn(jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2)), b)
+
+
+@jax.custom_vjp
+def attend(q, k, v):
+  """softmax(q k^T) v over the last two axes (leading axes batch): q `[..., Q, D]` (pre-scaled),
+  k / v `[..., K, D]`; softmax and accumulation in float32, the result in v's dtype.
+
+  The same function as `_softmax_attend`, with a backward pass whose four dots are all in
+  canonical form (`_dot_tn` for the two that contract the query axis: dK = dS^T Q, dV = P^T dO),
+  which XLA:CPU runs on YNNPACK instead of Eigen."""
+  return _attend_fwd(q, k, v)[0]
+
+
+def _attend_fwd(q, k, v):
+  p = softmax(_dot_nt(q, k))
+  return _dot_nn(p.astype(v.dtype), v).astype(v.dtype), (q, k, v, p)
+
+
+def _attend_bwd(res, g):
+  q, k, v, p = res
+  f32 = lambda x: x.astype(jnp.float32)
+  g = f32(g)
+  dp = _dot_nt(g, f32(v))
+  ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))
+  return (_dot_nn(ds, f32(k)).astype(q.dtype), _dot_tn(ds, f32(q)).astype(k.dtype),
+          _dot_tn(p, g).astype(v.dtype))
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def divided_attention(q, k, v, num_frames: int, mode: str, canonical_time_vjp: bool = False):
   """Divided attention over `[B, 1+T*N, H, Dh]` q/k/v (q pre-scaled) -> (out, cls weights).
 
   Performance note (XLA:CPU, base size, B=2, measured under load): forward + backward of one
@@ -120,6 +172,8 @@ def divided_attention(q, k, v, num_frames: int, mode: str):
 
   `mode='space'` groups patches by frame, `mode='time'` by spatial position. Returns the
   attended values `[B, 1+T*N, H, Dh]` and the cls query's weights `[B, H, 1+T*N]`.
+  `canonical_time_vjp`: the time groups go heads-major through `attend`, whose backward dots are
+  in the form XLA:CPU runs fastest (model.video.time_attention_vjp; the same values).
   """
   b, s, h, d = q.shape
   t = num_frames
@@ -141,6 +195,16 @@ def divided_attention(q, k, v, num_frames: int, mode: str):
     out = out.transpose(0, 1, 3, 2, 4).reshape(b, t * n, h, d)
     return jnp.concatenate([cls_out, out], axis=1), cls_w[:, :, 0]
 
+  if canonical_time_vjp:
+    # time: groups of one spatial position across frames, heads-major [B, N, H, T, Dh]. (The
+    # same `attend` on the space groups was slower: 75-80 vs 59-69 ms forward + backward.)
+    group = lambda x: x.reshape(b, t, n, h, d).transpose(0, 2, 3, 1, 4)
+    qg, kg, vg = group(q[:, 1:]), group(k[:, 1:]), group(v[:, 1:])
+    cls_kv = lambda x: jnp.broadcast_to(x[:, 0][:, None, :, None, :], (b, n, h, 1, d))
+    kg = jnp.concatenate([cls_kv(k), kg], axis=3)
+    vg = jnp.concatenate([cls_kv(v), vg], axis=3)
+    out = attend(qg, kg, vg).transpose(0, 3, 1, 2, 4).reshape(b, t * n, h, d)
+    return jnp.concatenate([cls_out, out], axis=1), cls_w[:, :, 0]
   # time: groups of one spatial position across frames, [B, N, T, H, Dh]
   group = lambda x: x.reshape(b, t, n, h, d).transpose(0, 2, 1, 3, 4)
   qg, kg, vg = group(q[:, 1:]), group(k[:, 1:]), group(v[:, 1:])
@@ -174,6 +238,7 @@ class VarAttention(nn.Module):
   mode: str  # 'space' | 'time'
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
+  canonical_time_vjp: bool = False  # divided_attention's option (time mode only)
 
   @nn.compact
   def __call__(self, x, num_frames: int, token_ids=None):
@@ -185,7 +250,7 @@ class VarAttention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * (head_dim ** -0.5)
     if token_ids is None:
-      out, cls_w = divided_attention(q, k, v, num_frames, self.mode)
+      out, cls_w = divided_attention(q, k, v, num_frames, self.mode, self.canonical_time_vjp)
     else:
       out, cls_w = divided_attention_masked(q, k, v, *token_ids, self.mode)
     if self.mode == "space":
