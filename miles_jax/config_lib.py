@@ -240,14 +240,15 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_overrides(items) -> dict:
-  """KEY=VALUE strings -> {key: value}; values are Python literals where they parse, else str."""
+def parse_overrides(items, flag: str = "--set") -> dict:
+  """KEY=VALUE strings (given as `flag`) -> {key: value}; values are Python literals where they
+  parse, else str."""
   import ast
   out = {}
   for item in items:
     key, sep, value = item.partition("=")
     if not sep or not key:
-      raise ValueError(f"override {item!r}: use KEY=VALUE, e.g. model.video.patch_size=4")
+      raise ValueError(f"{flag} {item!r}: use KEY=VALUE, e.g. model.video.patch_size=4")
     try:
       out[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
