@@ -41,13 +41,8 @@ TINY_OVERRIDES = {
 
 def apply_overrides(config, overrides: dict):
   """Sets dotted `a.b.c` fields of a ConfigDict, as `--config.a.b.c=v` would."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  from miles_jax import config_lib
+  return config_lib.override(config, overrides)
 
 
 def final_state(workdir: str, step=None):
