@@ -72,6 +72,13 @@ def model_config(size: str = "base") -> ml_collections.ConfigDict:
   c.mvm_head_dim = 0
   # Compute dtype for activations; params stay float32.
   c.dtype = "float32"
+  # What a bfloat16 `dtype` lowers (models/dual_encoder.py: compute_dtypes): all (every
+  # activation bf16, the dense layers' matmuls bf16 with float32 accumulation: TPU / GPU) |
+  # matmuls (only the dense layers' operands bf16; their float32 accumulator is the output, and
+  # LayerNorm, attention, GELU and the residual stream stay float32: XLA:CPU's bf16 elementwise
+  # code is slower than its float32 code, benchmarks/train_step.py) | auto (matmuls on CPU,
+  # all elsewhere).
+  c.low_precision = "auto"
   # Rematerialisation of each transformer block in the backward pass: none (keep activations),
   # full (keep block inputs only: least memory), dots_saveable (keep matmul outputs, recompute
   # the elementwise ops). Older configs' True / False mean full / none.
@@ -89,7 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_config("base")
 
-  # Which losses and how they are weighted: any of contrastive, miles, mac (comma-separated).
+  # Which losses and how they are weighted: any of contrastive, miles, mac, mvm (MVM alone: no
+  # text, a video-only stage), comma-separated.
   c.objectives = "contrastive,miles"
   c.temperature = 0.05
   c.mvm = ml_collections.ConfigDict()
@@ -302,7 +310,7 @@ def default_config_path() -> str:
   return os.path.join(root, "configs", "default.py")
 
 
-OBJECTIVES = ("contrastive", "miles", "mac")
+OBJECTIVES = ("contrastive", "miles", "mac", "mvm")
 MVM_TARGETS = ("snapshot", "frozen", "pixels")
 
 
@@ -353,6 +361,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     fail("train.on_nonfinite", f"{config.train.on_nonfinite!r}: use stop or skip")
   if int(config.data.batch_size) <= 0:
     fail("data.batch_size", f"{config.data.batch_size} must be > 0")
+  if config.model.get("dtype", "float32") not in ("float32", "bfloat16"):
+    fail("model.dtype", f"{config.model.dtype!r}: use float32 or bfloat16")
+  if config.model.get("low_precision", "auto") not in ("auto", "all", "matmuls"):
+    fail("model.low_precision", f"{config.model.low_precision!r}: use auto, all or matmuls")
   v = config.model.video
   if v.get("time_attention_vjp", "auto") not in ("auto", "canonical", "autodiff"):
     fail("model.video.time_attention_vjp", f"{v.time_attention_vjp!r}: use auto, canonical or "

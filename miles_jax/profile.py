@@ -178,7 +178,7 @@ def loss_grad_flops(config, objective: str, batch: int = 2) -> float:
   model = build(c.model)
   frames_n, length, n = _shapes(c, batch)
   num_masked = int(round(c.mac.video_ratio * frames_n * n))
-  snapshot = VideoEncoder(c.model.video, model.dtype,
+  snapshot = VideoEncoder(c.model.video, model.dtype, matmul_dtype=model.matmul_dtype,
                           scan_layers=bool(c.model.get("scan_layers", False)))
 
   def loss(p, sp, b):

@@ -201,13 +201,16 @@ def test_bf16_and_remat_agree_with_f32(tiny):
     out = _video(dual_encoder.build(c2), params, f)["embed"]
     np.testing.assert_allclose(ref, out, atol=1e-5)
   c2.dtype = "bfloat16"
-  out = _video(dual_encoder.build(c2), params, f)["embed"]
-  assert out.dtype == jnp.float32
-  # bf16 keeps 8 significand bits: eps = 2^-7. This depth-2 model's embeddings land within
-  # ~1 eps of the f32 ones relative to their largest entry (measured 0.67-0.98 eps over 5
-  # inputs); 3 eps leaves room for reduction order but fails a 5% scale or a sign error.
-  eps = float(jnp.finfo(jnp.bfloat16).eps)
-  np.testing.assert_allclose(ref, out, rtol=0, atol=3 * eps * float(np.abs(ref).max()))
+  for scope in ("all", "matmuls"):  # every activation bf16 (TPU / GPU); dense operands only (CPU)
+    c2.low_precision = scope
+    out = _video(dual_encoder.build(c2), params, f)["embed"]
+    assert out.dtype == jnp.float32
+    # bf16 keeps 8 significand bits: eps = 2^-7. This depth-2 model's embeddings land within
+    # ~1 eps of the f32 ones relative to their largest entry (measured 0.67-0.98 eps over 5
+    # inputs); 3 eps leaves room for reduction order but fails a 5% scale or a sign error.
+    eps = float(jnp.finfo(jnp.bfloat16).eps)
+    np.testing.assert_allclose(ref, out, rtol=0, atol=3 * eps * float(np.abs(ref).max()))
+    assert not np.array_equal(np.asarray(ref), np.asarray(out))  # bf16 really was used
 
 
 def test_base_parameter_count_matches_released_checkpoint():

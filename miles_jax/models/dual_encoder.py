@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -19,24 +20,49 @@ from miles_jax.models.video import VideoEncoder
 Dtype = Any
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LOW_PRECISION = ("auto", "all", "matmuls")
+
+
 def compute_dtype(config: ml_collections.ConfigDict) -> Dtype:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
+  """model.dtype as a jnp dtype (the compute dtype; params stay float32)."""
+  name = config.get("dtype", "float32")
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use one of {', '.join(DTYPES)}")
+  return DTYPES[name]
+
+
+def compute_dtypes(config: ml_collections.ConfigDict) -> tuple[Dtype, Dtype]:
+  """(activation dtype, dense-matmul operand dtype) for the `model` config: model.dtype, and
+  model.low_precision's scope for a bfloat16 one — `all` (both bf16), `matmuls` (activations
+  float32, the dense layers' operands bf16 with float32 accumulation), `auto` (matmuls on the
+  CPU backend, whose bf16 elementwise code is slow; all on TPU / GPU)."""
+  dtype = compute_dtype(config)
+  scope = config.get("low_precision", "auto")
+  if scope not in LOW_PRECISION:
+    raise ValueError(f"model.low_precision={scope!r}: use one of {', '.join(LOW_PRECISION)}")
+  if dtype != jnp.float32 and (scope == "matmuls" or
+                               (scope == "auto" and jax.default_backend() == "cpu")):
+    return jnp.float32, dtype
+  return dtype, dtype
 
 
 class DualEncoder(nn.Module):
   config: ml_collections.ConfigDict  # the `model` section of the config
   dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None  # the dense layers' operands (None: dtype)
 
   def setup(self):
     c = self.config
     remat = layers.remat_name(c.get("remat", "none"))
     scan = bool(c.get("scan_layers", False))
-    self.video = VideoEncoder(c.video, self.dtype, remat, scan)
-    self.text = TextEncoder(c.text, self.dtype, remat, scan)
-    self.video_proj = layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype)
-    self.text_proj = layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype)
+    mm = self.matmul_dtype
+    self.video = VideoEncoder(c.video, self.dtype, remat, scan, mm)
+    self.text = TextEncoder(c.text, self.dtype, remat, scan, mm)
+    proj = lambda: layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype, matmul_dtype=mm)
+    self.video_proj, self.text_proj = proj(), proj()
     self.mvm_head = layers.dense(int(c.get("mvm_head_dim", 0)) or c.video.width,
-                                 ("embed", "mlp"), None, self.dtype)
+                                 ("embed", "mlp"), None, self.dtype, matmul_dtype=mm)
 
   def encode_video(self, frames, mask=None, drop_masked: bool = False,
                    num_masked: int | None = None, deterministic: bool = True):
@@ -67,8 +93,9 @@ class DualEncoder(nn.Module):
 
 
 def build(config: ml_collections.ConfigDict) -> DualEncoder:
-  """The dual encoder for a model config, computing in its `dtype` (params stay float32)."""
-  return DualEncoder(config, compute_dtype(config))
+  """The dual encoder for a model config, computing in its `dtype` within the scope of
+  `low_precision` (params stay float32)."""
+  return DualEncoder(config, *compute_dtypes(config))
 
 
 # `model.scan_layers`: the encoders' blocks become one scanned module whose params have a leading

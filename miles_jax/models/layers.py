@@ -7,6 +7,7 @@ frame (space) or their own spatial position across frames (time); the cls query 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -21,10 +22,11 @@ vit_init = nn.initializers.truncated_normal(0.02)
 bert_init = nn.initializers.normal(0.02)
 
 
-@jax.custom_vjp
-def _low_precision_matmul(x, w):
-  """x `[..., in]` @ w `[in, out]` with low-precision operands and float32 accumulation, in the
-  forward *and* in both backward matmuls.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_matmul(x, w, operand_dtype):
+  """x `[..., in]` @ w `[in, out]` with `operand_dtype` (low-precision) operands and float32
+  accumulation, in the forward *and* in both backward matmuls; the result in x's dtype, the
+  gradients in x's and w's dtypes (a float32 x or w gets a float32 gradient, not a rounded one).
 
   Why: XLA:CPU runs `bf16 x bf16 -> f32` dots on the CPU's bf16 units (AVX-512-BF16 / AMX) but
   rewrites `bf16 x bf16 -> bf16` dots, and the mixed `f32 x bf16` dots that autodiff makes of a
@@ -32,41 +34,51 @@ def _low_precision_matmul(x, w):
   benchmarks/step_profile.py: 8 of 257 dots of the bf16 step stayed bf16). TPU and GPU
   accumulate bf16 matmuls in float32 anyway, so this is the same arithmetic there.
   """
-  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.matmul(x.astype(operand_dtype), w.astype(operand_dtype),
+                    preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _low_precision_matmul_fwd(x, w):
-  return _low_precision_matmul(x, w), (x, w)
+def _low_precision_matmul_fwd(x, w, operand_dtype):
+  # residuals: the low-precision input (what the weight gradient needs) and the weight as it is
+  # (a parameter, alive anyway; cast again in the backward)
+  return _low_precision_matmul(x, w, operand_dtype), (x.astype(operand_dtype), w)
 
 
-def _low_precision_matmul_bwd(res, g):
-  x, w = res
-  g = g.astype(x.dtype)
-  dx = jnp.matmul(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-  dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
-  return dx, dw
+def _low_precision_matmul_bwd(operand_dtype, res, g):
+  x_low, w = res
+  g_low = g.astype(operand_dtype)
+  dx = jnp.matmul(g_low, w.astype(operand_dtype).T, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("...i,...o->io", x_low, g_low, preferred_element_type=jnp.float32)
+  return dx.astype(g.dtype), dw.astype(w.dtype)
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
-def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, *, operand_dtype, **kwargs):
   """nn.Dense's contraction (last axis of the input with the kernel's first) through
-  `_low_precision_matmul`; anything else falls back to lax.dot_general."""
+  `_low_precision_matmul` with `operand_dtype` operands (result in the lhs dtype); anything else
+  falls back to lax.dot_general."""
   (lc, rc), (lb, rb) = dimension_numbers
   if tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb and rhs.ndim == 2:
-    return _low_precision_matmul(lhs, rhs)
+    return _low_precision_matmul(lhs, rhs, operand_dtype)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
 
 
 def dense(features: int, axes: tuple[str, str], name: str | None, dtype: Dtype, use_bias: bool = True,
-          kernel_init: Callable = vit_init) -> nn.Dense:
-  """nn.Dense whose kernel and bias carry logical axis names for sharding; with a low-precision
-  compute dtype the matmuls accumulate in float32 (see `_low_precision_matmul`)."""
-  low = jnp.dtype(dtype) != jnp.dtype(jnp.float32)
+          kernel_init: Callable = vit_init, matmul_dtype: Dtype | None = None) -> nn.Dense:
+  """nn.Dense whose kernel and bias carry logical axis names for sharding. Input and output in
+  `dtype`; the matmul's operands in `matmul_dtype` (None: `dtype`). Low-precision operands
+  accumulate in float32 (see `_low_precision_matmul`); with float32 `dtype` and bf16
+  `matmul_dtype` (`model.low_precision=matmuls`) the float32 accumulator is the output and the
+  bias is added in float32: no rounding to bf16 and back around the matmul."""
+  matmul_dtype = jnp.dtype(matmul_dtype or dtype)
+  dot = None
+  if matmul_dtype != jnp.dtype(jnp.float32):
+    dot = functools.partial(_dense_dot_general, operand_dtype=matmul_dtype)
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, name=name,
-      **({"dot_general": _dense_dot_general} if low else {}),
+      **({"dot_general": dot} if dot else {}),
       kernel_init=nn.with_logical_partitioning(kernel_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
@@ -239,13 +251,15 @@ class VarAttention(nn.Module):
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
   canonical_time_vjp: bool = False  # divided_attention's option (time mode only)
+  matmul_dtype: Dtype | None = None  # the projections' operands (`dense`; None: dtype)
 
   @nn.compact
   def __call__(self, x, num_frames: int, token_ids=None):
     b, s, width = x.shape
     h = self.num_heads
     head_dim = width // h
-    qkv = dense(3 * width, ("embed", "joined_kv"), "qkv", self.dtype, self.qkv_bias)(x)
+    qkv = dense(3 * width, ("embed", "joined_kv"), "qkv", self.dtype, self.qkv_bias,
+                matmul_dtype=self.matmul_dtype)(x)
     qkv = qkv.reshape(b, s, 3, h, head_dim)  # torch chunks qkv as [q | k | v], heads inside
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * (head_dim ** -0.5)
@@ -257,7 +271,8 @@ class VarAttention(nn.Module):
       # Heads averaged cls attention of the spatial attention: appendix figure 1.
       self.sow("intermediates", "cls_attention", cls_w.mean(axis=1))
     out = out.reshape(b, s, width)
-    return dense(width, ("joined_kv", "embed"), "proj", self.dtype)(out)
+    return dense(width, ("joined_kv", "embed"), "proj", self.dtype,
+                 matmul_dtype=self.matmul_dtype)(out)
 
 
 def gelu(x):
@@ -273,15 +288,16 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Callable = vit_init
   names: tuple[str, str] = ("fc1", "fc2")
+  matmul_dtype: Dtype | None = None  # `dense`'s (None: dtype)
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     y = dense(self.hidden, ("embed", "mlp"), self.names[0], self.dtype,
-              kernel_init=self.kernel_init)(x)
+              kernel_init=self.kernel_init, matmul_dtype=self.matmul_dtype)(x)
     y = gelu(y)
     return dense(width, ("mlp", "embed"), self.names[1], self.dtype,
-                 kernel_init=self.kernel_init)(y)
+                 kernel_init=self.kernel_init, matmul_dtype=self.matmul_dtype)(y)
 
 
 class DropPath(nn.Module):

@@ -15,13 +15,15 @@ Dtype = Any
 class TextAttention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None  # layers.dense's (None: dtype)
 
   @nn.compact
   def __call__(self, x, attention_mask):
     b, l, width = x.shape
     h = self.num_heads
     dense = lambda name, axes: layers.dense(width, axes, name, self.dtype,
-                                            kernel_init=layers.bert_init)
+                                            kernel_init=layers.bert_init,
+                                            matmul_dtype=self.matmul_dtype)
     split = lambda y: y.reshape(b, l, h, width // h)
     q = split(dense("q_lin", ("embed", "joined_kv"))(x)) * ((width // h) ** -0.5)
     k = split(dense("k_lin", ("embed", "joined_kv"))(x))
@@ -41,14 +43,17 @@ class TextBlock(nn.Module):
   eps: float
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None  # layers.dense's (None: dtype)
 
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool = True):
     drop = nn.Dropout(self.dropout_rate)
-    a = TextAttention(self.num_heads, self.dtype, name="attention")(x, attention_mask)
+    a = TextAttention(self.num_heads, self.dtype, self.matmul_dtype, name="attention")(
+        x, attention_mask)
     x = layers.layer_norm(self.eps, "sa_layer_norm", self.dtype)(
         x + drop(a, deterministic=deterministic))
-    f = layers.Mlp(self.mlp_dim, self.dtype, layers.bert_init, ("lin1", "lin2"), name="ffn")(x)
+    f = layers.Mlp(self.mlp_dim, self.dtype, layers.bert_init, ("lin1", "lin2"),
+                   self.matmul_dtype, name="ffn")(x)
     return layers.layer_norm(self.eps, "output_layer_norm", self.dtype)(
         x + drop(f, deterministic=deterministic))
 
@@ -59,6 +64,7 @@ class TextEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"  # none | full | dots_saveable (layers.maybe_remat)
   scan_layers: bool = False  # params `layers` [depth, ...] instead of layer_0..layer_{depth-1}
+  matmul_dtype: Dtype | None = None  # the dense layers' operands (None: dtype)
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, deterministic: bool = True):
@@ -78,9 +84,9 @@ class TextEncoder(nn.Module):
     block = layers.maybe_remat(TextBlock, self.remat, static_argnums=(3,))
     if self.scan_layers:
       x = layers.scan_blocks(block(c.num_heads, c.mlp_dim, c.layer_norm_eps, c.dropout_rate,
-                                   self.dtype, name="layers"),
+                                   self.dtype, self.matmul_dtype, name="layers"),
                              x, c.depth, attention_mask, deterministic)
     for i in range(0 if self.scan_layers else c.depth):
       x = block(c.num_heads, c.mlp_dim, c.layer_norm_eps, c.dropout_rate, self.dtype,
-                name=f"layer_{i}")(x, attention_mask, deterministic)
+                self.matmul_dtype, name=f"layer_{i}")(x, attention_mask, deterministic)
     return x

@@ -29,16 +29,19 @@ class SpaceTimeBlock(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   canonical_time_vjp: bool = False  # layers.divided_attention's option
+  matmul_dtype: Dtype | None = None  # layers.dense's (None: dtype)
 
   @nn.compact
   def __call__(self, x, num_frames: int, token_ids=None, deterministic: bool = True):
     ln = lambda name: layers.layer_norm(self.eps, name, self.dtype)
     attn = lambda name, mode: layers.VarAttention(self.num_heads, mode, self.qkv_bias, self.dtype,
-                                                   self.canonical_time_vjp, name=name)
+                                                   self.canonical_time_vjp, self.matmul_dtype,
+                                                   name=name)
     drop = layers.DropPath(self.drop_path)
     t = x + attn("timeattn", "time")(ln("norm3")(x), num_frames, token_ids)
     s = x + drop(attn("attn", "space")(ln("norm1")(t), num_frames, token_ids), deterministic)
-    mlp = layers.Mlp(int(self.width * self.mlp_ratio), self.dtype, name="mlp")
+    mlp = layers.Mlp(int(self.width * self.mlp_ratio), self.dtype,
+                     matmul_dtype=self.matmul_dtype, name="mlp")
     return s + drop(mlp(ln("norm2")(s)), deterministic)
 
 
@@ -54,6 +57,7 @@ class VideoEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"  # none | full | dots_saveable (layers.maybe_remat)
   scan_layers: bool = False  # params `blocks` [depth, ...] instead of block_0..block_{depth-1}
+  matmul_dtype: Dtype | None = None  # the blocks' dense layers' operands (None: dtype)
 
   @nn.compact
   def __call__(self, frames, mask=None, drop_masked: bool = False, num_masked: int | None = None,
@@ -106,12 +110,13 @@ class VideoEncoder(nn.Module):
         raise ValueError("model.scan_layers=True needs model.video.drop_path_rate=0 (scanned "
                          "layers share one module, so the per-layer drop-path rates cannot differ)")
       x = layers.scan_blocks(block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, c.qkv_bias,
-                                   0.0, self.dtype, canonical, name="blocks"),
+                                   0.0, self.dtype, canonical, self.matmul_dtype,
+                                   name="blocks"),
                              x, c.depth, t, token_ids, deterministic)
     for i in range(0 if self.scan_layers else c.depth):
       x = block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, c.qkv_bias,
                 c.drop_path_rate * i / max(c.depth - 1, 1), self.dtype, canonical,
-                name=f"block_{i}")(x, t, token_ids, deterministic)
+                self.matmul_dtype, name=f"block_{i}")(x, t, token_ids, deterministic)
     x = layers.layer_norm(c.layer_norm_eps, "norm", self.dtype)(x)
     return {"cls": x[:, 0], "patches": x[:, 1:]}
 
