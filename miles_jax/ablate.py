@@ -97,6 +97,9 @@ def define_flags():
   flags.DEFINE_integer("num_train", DATA["num_train"], "Training clips of the synthetic set (the "
                        "held-out split stays 512 clips; a folder with other parameters is "
                        "regenerated).")
+  flags.DEFINE_integer("distractors", 0, "Static shapes per synthetic clip that the caption does "
+                       "not mention (data.synthetic --distractors; a harder set: use its own "
+                       "--out and --data).")
   flags.DEFINE_bool("report_only", False, "Train nothing; summarise the finished runs.")
   flags.DEFINE_multi_string("set", [], "A config override applied to every run, KEY=VALUE "
                             "(repeatable; e.g. --set=model.video.patch_size=4); use a separate "
@@ -242,7 +245,8 @@ def report(out_dir: str, names, steps, data: dict, sets: dict | None = None) -> 
           for seed, s in r["seeds"].items()}  # rows sharing runs count them once
   walls = [s["wall_s"] for s in runs.values() if s.get("wall_s")]
   title = (f"Held-out retrieval on {data['num_eval']} synthetic clips ({data['num_train']} "
-           f"train clips, {steps} steps of configs/demo.py"
+           f"train clips" + (f", {data['distractors']} distractors" if data.get("distractors")
+                             else "") + f", {steps} steps of configs/demo.py"
            + "".join(f", {k}={v}" for k, v in (sets or {}).items()) + "), mean ± std over seeds")
   summary.update(data=data, steps=steps, title=title, set=dict(sets or {}),
                  run_wall_s={"total": sum(walls), "runs": len(walls)})
@@ -287,7 +291,12 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.out, "jax_cache"))
   from miles_jax.data import synthetic
   from miles_jax.train import loop
+  if FLAGS.distractors < 0:
+    print(f"error: --distractors={FLAGS.distractors}: give 0 or more", file=sys.stderr)
+    return 2
   data_params = SMOKE_DATA if FLAGS.smoke else {**DATA, "num_train": FLAGS.num_train}
+  if FLAGS.distractors:
+    data_params = {**data_params, "distractors": FLAGS.distractors}
   data_dir = FLAGS.data or os.path.join(FLAGS.out, "data")
   os.makedirs(FLAGS.out, exist_ok=True)
   extra = dict(SMOKE_TRAIN) if FLAGS.smoke else {}

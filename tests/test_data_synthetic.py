@@ -1,4 +1,5 @@
 """synthetic.py: the demo dataset renders what its captions say and feeds the pipeline."""
+import json
 import os
 
 import numpy as np
@@ -54,3 +55,39 @@ def test_generate_and_read(tmp_path):
                              frames=4, verbose=False)
   assert open(os.path.join(out, "train-00002-of-00004.tfrecord"), "rb").read() == open(
       again["train"].replace("*", "00002-of-00004"), "rb").read()
+
+
+
+def test_distractors_are_static_unmentioned_shapes(tmp_path, monkeypatch):
+  """--distractors=N: N shapes that are there from the first frame and never change, none with
+  the (colour, shape) of an acting object; without the option the set is what it was."""
+  bright = lambda f: (f > 45).any(-1)  # the background noise is 10..39 in every channel
+  parts = [("red", "square", "appears")]  # invisible in the first half
+  assert not bright(synthetic.render_clip(np.random.default_rng(5), 32, 8, parts)[0]).any()
+  for seed in range(20):
+    clip = synthetic.render_clip(np.random.default_rng(seed), 32, 8, parts, distractors=2)
+    assert bright(clip[0]).any()  # only the distractors are visible at t=0
+    assert (clip[:4] == clip[0]).all()  # and they stay still while the actor is away
+  drawn = []  # every object render_clip makes: (colour, shape, event)
+  orig = synthetic._Object.__init__
+  monkeypatch.setattr(synthetic._Object, "__init__", lambda self, rng, size, *p: (
+      drawn.append(p), orig(self, rng, size, *p))[1])
+  for seed in range(50):
+    rng = np.random.default_rng(seed)
+    parts = synthetic.sample_parts(rng)
+    drawn.clear()
+    synthetic.render_clip(rng, 32, 8, parts, distractors=3)
+    still = [d[:2] for d in drawn if d[2] == "stays"]
+    assert len(still) == 3 and not {p[:2] for p in parts} & set(still)
+  monkeypatch.undo()
+  out = str(tmp_path / "d")
+  synthetic.generate(out, num_train=8, num_eval=4, frames=4, distractors=1, verbose=False)
+  with open(os.path.join(out, "synthetic.json")) as f:
+    assert json.load(f)["distractors"] == 1
+  # ensure() regenerates for other parameters and accepts a folder written before the option
+  with open(os.path.join(out, "synthetic.json"), "w") as f:
+    json.dump(dict(num_train=8, num_eval=4, resolution=32, frames=4, seed=0, fps=8.0), f)
+  stamp = os.path.getmtime(os.path.join(out, "vocab.txt"))
+  synthetic.ensure(out, num_train=8, num_eval=4, frames=4)
+  assert os.path.getmtime(os.path.join(out, "vocab.txt")) == stamp
+  assert synthetic.main(["--out", str(tmp_path / "bad"), "--distractors=-1"]) == 2

@@ -7,7 +7,10 @@ Each clip shows coloured shapes (red/green/blue/yellow square/circle/triangle) o
 background. A caption is one event, "a red square moves left", or two in order, "a red square
 grows then a blue circle appears": the first object acts in the first half of the clip, the
 second in the second half, so reversing the order gives a different caption for different
-frames. Events: moves left/right/up/down, grows, shrinks, appears, disappears.
+frames. Events: moves left/right/up/down, grows, shrinks, appears, disappears. With
+`--distractors=N` every clip also shows N static shapes that the caption does not mention (each
+differs from every acting object in colour or shape and stays still and visible), drawn under
+the actors: the model has to find the object that acts, not just the colours and shapes present.
 
 Writes, with the schema and shard writer of `prepare`: `train-*-of-00004.tfrecord`,
 `eval-*-of-00002.tfrecord` (held out: other seed, captions unique within the split),
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -97,11 +101,17 @@ def _draw(frame, obj, state, size):
     frame[_shape_mask(obj.shape, size, cx, cy, r)] = COLORS[obj.color]
 
 
-def render_clip(rng: np.random.Generator, size: int, frames: int, parts: list) -> np.ndarray:
-  """uint8 [frames, size, size, 3] for parts = [(color, shape, event), ...] acting in order."""
+def render_clip(rng: np.random.Generator, size: int, frames: int, parts: list,
+                distractors: int = 0) -> np.ndarray:
+  """uint8 [frames, size, size, 3] for parts = [(color, shape, event), ...] acting in order,
+  over `distractors` static shapes that no part names."""
   base = rng.integers(10, 40, size=(1, size, size, 3)).astype(np.uint8)  # dark noise, fixed
-  clip = np.repeat(base, frames, axis=0)
   objs = [_Object(rng, size, *p) for p in parts]
+  for _ in range(distractors):  # drawn once, under the actors, for every frame
+    color, shape, _ = _part(rng, avoid=[p[:2] for p in parts])
+    still = _Object(rng, size, color, shape, "stays")
+    _draw(base[0], still, still.state(0.0), size)
+  clip = np.repeat(base, frames, axis=0)
   half = frames / len(objs)  # object i acts during frames [i * half, (i + 1) * half)
   for t in range(frames):
     for i, obj in enumerate(objs):
@@ -110,24 +120,26 @@ def render_clip(rng: np.random.Generator, size: int, frames: int, parts: list) -
   return clip
 
 
-def _part(rng, avoid=None):
+def _part(rng, avoid=()):
+  """A random (colour, shape, event) whose (colour, shape) is none of `avoid`'s."""
   while True:
     p = (str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)), str(rng.choice(EVENTS)))
-    if avoid is None or p[:2] != avoid[:2]:
+    if p[:2] not in avoid:
       return p
 
 
 def sample_parts(rng: np.random.Generator) -> list:
   """One or two events; in two, the objects differ in colour or shape."""
   first = _part(rng)
-  return [first] if rng.random() < 0.5 else [first, _part(rng, avoid=first)]
+  return [first] if rng.random() < 0.5 else [first, _part(rng, avoid=[first[:2]])]
 
 
 def caption(parts: list) -> str:
   return " then ".join(f"a {c} {s} {e}" for c, s, e in parts)
 
 
-def examples(num: int, seed: int, size: int, frames: int, unique: bool = False):
+def examples(num: int, seed: int, size: int, frames: int, unique: bool = False,
+             distractors: int = 0):
   """Yields (video_id, caption, frames uint8 [K, S, S, 3])."""
   rng = np.random.default_rng(seed)
   seen = set()
@@ -139,18 +151,22 @@ def examples(num: int, seed: int, size: int, frames: int, unique: bool = False):
       if cap in seen:
         continue
       seen.add(cap)
-    yield f"synthetic-{seed}-{i:06d}", cap, render_clip(rng, size, frames, parts)
+    yield f"synthetic-{seed}-{i:06d}", cap, render_clip(rng, size, frames, parts,
+                                                             distractors)
     i += 1
 
 
 def generate(out: str, num_train: int = 1024, num_eval: int = 512, resolution: int = 32,
-             frames: int = 8, seed: int = 0, fps: float = 8.0, verbose: bool = True) -> dict:
+             frames: int = 8, seed: int = 0, fps: float = 8.0, distractors: int = 0,
+             verbose: bool = True) -> dict:
   """Writes the dataset to `out`; returns the config paths {train, eval, tokenizer}."""
+  if distractors < 0:
+    raise ValueError(f"distractors={distractors}: give 0 or more static shapes per clip")
   from miles_jax.data import prepare, schema
   os.makedirs(out, exist_ok=True)
   t0 = time.time()
   params = dict(num_train=num_train, num_eval=num_eval, resolution=resolution, frames=frames,
-                seed=seed, fps=fps)
+                seed=seed, fps=fps, distractors=distractors)
   splits = (("train", num_train, seed * 2, TRAIN_SHARDS, False),
             ("eval", num_eval, seed * 2 + 1, EVAL_SHARDS, True))
   from miles_jax import console
@@ -159,7 +175,8 @@ def generate(out: str, num_train: int = 1024, num_eval: int = 512, resolution: i
                          disable=not verbose)
   for split, num, split_seed, shards, unique in splits:
     records = [[] for _ in range(shards)]
-    for i, (vid, cap, clip) in enumerate(examples(num, split_seed, resolution, frames, unique)):
+    for i, (vid, cap, clip) in enumerate(examples(num, split_seed, resolution, frames, unique,
+                                                         distractors)):
       ex = schema.make_example(vid, [cap], clip, fps=fps,
                                timestamps=[t / fps for t in range(frames)])
       records[i % shards].append(ex.SerializeToString())
@@ -191,8 +208,10 @@ def ensure(out: str, **kwargs) -> dict:
   if os.path.isfile(meta):
     with open(meta) as f:
       have = json.load(f)
-    want = dict(num_train=1024, num_eval=512, resolution=32, frames=8, seed=0, fps=8.0)
+    want = dict(num_train=1024, num_eval=512, resolution=32, frames=8, seed=0, fps=8.0,
+                distractors=0)
     want.update(kwargs)
+    have.setdefault("distractors", 0)  # folders written before the option existed
     if all(have.get(k) == v for k, v in want.items()):
       return paths(out)
   return generate(out, **kwargs)
@@ -207,11 +226,16 @@ def define_flags(fv):
   flags.DEFINE_integer("resolution", 32, "Square frame side in px.", flag_values=fv)
   flags.DEFINE_integer("frames", 8, "Stored frames per clip.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Random seed (the held-out split uses another).", flag_values=fv)
+  flags.DEFINE_integer("distractors", 0, "Static shapes per clip that the caption does not "
+                       "mention (a harder set).", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
 
 
 def run(a) -> int:
-  generate(a.out, a.train, a.eval, a.resolution, a.frames, a.seed)
+  if a.distractors < 0:
+    print(f"error: --distractors={a.distractors}: give 0 or more", file=sys.stderr)
+    return 2
+  generate(a.out, a.train, a.eval, a.resolution, a.frames, a.seed, distractors=a.distractors)
   return 0
 
 
