@@ -11,7 +11,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-OBJECTIVES = ("contrastive", "miles", "mac")
+OBJECTIVES = ("contrastive", "miles", "mac", "mvm")
+# Objectives with the masked-visual-modeling term: `miles` (with the contrastive term) and `mvm`
+# (alone: video-only pre-training, no text, e.g. an MAE-style stage with mvm.target=pixels).
+MVM_OBJECTIVES = frozenset({"miles", "mvm"})
 MVM_LOSSES = ("smooth_l1", "l1", "l2", "cosine")
 
 

@@ -115,7 +115,7 @@ def test_drop_text_tokens_keeps_cls_and_padding():
 def test_parse_objectives():
   assert objectives.parse_objectives("contrastive, miles") == {"contrastive", "miles"}
   with pytest.raises(ValueError, match="config.objectives"):
-    objectives.parse_objectives("contrastive,mvm")
+    objectives.parse_objectives("contrastive,mae")
 
 
 def test_mac_text_masking_equals_removing_the_tokens():

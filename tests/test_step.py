@@ -472,3 +472,24 @@ def test_mvm_starts_at_start_step():
   moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(heads[2]),
                                                    jax.tree.leaves(heads[1])))
   assert moved > 1e-4
+
+
+def test_mvm_objective_alone_trains_the_video_encoder_without_text():
+  """objectives=mvm (a video-only stage, here MAE-style with pixel targets): the loss is the MVM
+  term alone, the text encoder and projections get no gradient, the video encoder and the head
+  do; the batch keeps its mask."""
+  c = _config()
+  c.objectives, c.mvm.target = "mvm", "pixels"
+  c.model.mvm_head_dim = c.model.video.patch_size ** 2 * 3
+  c.optim.weight_decay = 0.0  # else decay alone would move the text params
+  assert "mvm_mask" in step_lib.batch_keys(c)
+  host0, host2, metrics = _two_steps(c)
+  assert float(metrics["contrastive_loss"]) == 0.0 and float(metrics["mac_loss"]) == 0.0
+  assert float(metrics["mvm_loss"]) > 0
+  np.testing.assert_allclose(float(metrics["loss"]), float(metrics["mvm_loss"]), rtol=1e-6)
+  for key in ("text", "text_proj", "video_proj"):
+    _assert_trees_close(host2.params[key], host0.params[key], rtol=0, atol=0)
+  for key in ("video", "mvm_head"):
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+             zip(jax.tree.leaves(host2.params[key]), jax.tree.leaves(host0.params[key]))]
+    assert max(moved) > 1e-4, key

@@ -102,7 +102,7 @@ def test_wrong_type_on_the_command_line(data_dir, tmp_path):
     ("mesh.shape", (3,), "mesh.shape"),
     ("data.train", "/nonexistent/*.tfrecord", "data.train"),
     ("data.batch_size", 12, "data.batch_size"),  # not a multiple of the 8 devices
-    ("objectives", "contrastive,mvm", "objectives"),
+    ("objectives", "contrastive,mae", "objectives"),
 ])
 def test_bad_config_fails_before_compute(data_dir, tmp_path, field, value, needle):
   """In-process: train() refuses before creating anything in the workdir."""
@@ -229,3 +229,40 @@ def test_metrics_read_at_log_steps_profile_and_compile_cache(data_dir, tmp_path)
             if f.endswith(".xplane.pb")]
   assert traces, os.listdir(wd)
   assert os.listdir(os.path.join(wd, "compilation_cache"))
+
+
+def test_video_only_mvm_stage_then_miles_from_it(data_dir, tmp_path, capsys):
+  """A video-only stage (objectives=mvm, pixel targets: an MAE-style pre-training of the video
+  encoder) hands its weights to a MILES run with train.init_from: every param but the pixel
+  head (another width: it starts fresh, and says so) is the stage's, and the snapshot starts
+  as the stage's video encoder."""
+  from miles_jax.train import loop
+  get = lambda: config_lib.sibling(os.path.join(ROOT, "configs", "demo.py"), "demo").get_config(
+      data_dir)
+  small = {"model.video.depth": 1, "model.text.depth": 1, "data.batch_size": 8,
+           "train.log_every": 1, "train.eval_every": 0, "data.shuffle_buffer": 16,
+           "optim.warmup_steps": 1}
+  c1 = apply_overrides(get(), {**small, "objectives": "mvm", "mvm.target": "pixels",
+                               "model.mvm_head_dim": 8 * 8 * 3, "train.steps": 2,
+                               "train.checkpoint_every": 2})
+  loop.train(c1, str(tmp_path / "stage1"))
+  stage1, _ = checkpoints.read_params_host(str(tmp_path / "stage1" / "export"))
+  wd2 = str(tmp_path / "stage2")
+  c2 = apply_overrides(get(), {**small, "objectives": "contrastive,miles", "train.steps": 1,
+                               "train.checkpoint_every": 1, "optim.lr": 0.0,
+                               "train.init_from": str(tmp_path / "stage1" / "export")})
+  loop.train(c2, wd2)
+  assert "mvm_head/kernel has shape (64, 192)" in capsys.readouterr().out
+  state, _ = final_state(wd2)
+  flat1 = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stage1)}
+  flat2 = {jax.tree_util.keystr(k): v
+           for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
+  assert flat1.keys() == flat2.keys()
+  for k in flat1:
+    if "mvm_head" in k:
+      assert np.shape(flat2[k])[-1] == 64 and np.shape(flat1[k])[-1] == 192
+    else:
+      np.testing.assert_array_equal(flat2[k], flat1[k], err_msg=k)
+  # the EMA of two equal trees: equal up to the rounding of m*x + (1-m)*x
+  helpers.assert_trees_equal(jax.device_get(state.snapshot_params["video"]), stage1["video"],
+                             atol=1e-6)

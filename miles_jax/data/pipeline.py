@@ -84,7 +84,7 @@ def mask_spec(config) -> tuple:
   """(strategy, ratio) of the per-sample video mask: mac.video_ratio when MAC trains alone."""
   objectives = {o.strip() for o in str(config.get("objectives", "")).split(",")}
   ratio = config.mask.ratio
-  if "mac" in objectives and "miles" not in objectives:
+  if "mac" in objectives and not objectives & {"miles", "mvm"}:
     ratio = config.mac.video_ratio
   return config.mask.strategy, ratio
 

@@ -510,8 +510,10 @@ def _orbax_init_params(path: str, config, current: dict) -> dict:
   source, saved_model = checkpoints.read_params_host(path)
   if saved_model is not None:
     wanted = json.loads(config.model.to_json_best_effort())
+    # the frame count and the train-only MVM head's width (e.g. a pixel-target `mvm` stage) may
+    # differ; the head then starts fresh (below)
     diffs = [d for d in checkpoints.diff_configs(saved_model, wanted)
-             if not d.startswith("model.video.num_frames:")]
+             if not d.startswith(("model.video.num_frames:", "model.mvm_head_dim:"))]
     if diffs:
       raise checkpoints.ArchitectureMismatch(
           f"config.train.init_from={path} was written for another architecture:\n  "
@@ -526,6 +528,12 @@ def _orbax_init_params(path: str, config, current: dict) -> dict:
     if key == "video/temporal_embed" and val.shape[0] < ref.shape[0]:
       val = np.concatenate([val, np.zeros((ref.shape[0] - val.shape[0],) + val.shape[1:],
                                           val.dtype)])
+    if val.shape != ref.shape and key.startswith("mvm_head/"):
+      # train-only (not in the retrieval model): e.g. a pixel-target stage's head before a
+      # feature-target one
+      _print(f"init_from: {key} has shape {val.shape} in {path}, {ref.shape} here (another "
+             "MVM target): it starts fresh")
+      continue
     if val.shape != ref.shape:
       bad.append(f"{key}: {val.shape} in the source, {ref.shape} in the model")
     out[key] = val

@@ -25,7 +25,7 @@ class TrainState(struct.PyTreeNode):
 
 def snapshot_keys(config) -> tuple[str, ...]:
   """Which top-level param subtrees the snapshot encoder keeps an EMA copy of."""
-  if "miles" not in objectives.parse_objectives(config.objectives):
+  if not objectives.parse_objectives(config.objectives) & objectives.MVM_OBJECTIVES:
     return ()
   if config.mvm.get("target", "snapshot") == "pixels":
     return ()

@@ -5,7 +5,8 @@ One jitted function `(state, batch) -> (state, metrics)`:
   2. snapshot encoder on the intact clip (no gradient: computed outside the differentiated
      function) -> MVM targets (`mvm.target`: the EMA snapshot; a frozen copy of the initial
      encoder; or the clip's patch pixels);
-  3. online forwards: text; video with the MVM mask (miles) or intact (contrastive); MAC views
+  3. online forwards: text; video with the MVM mask (miles, mvm) and / or intact (contrastive,
+     miles with mvm.unmasked_contrastive); MAC views
      with masked tokens dropped and text tokens dropped (mac);
   4. losses, gradients, AdamW update, then the EMA update of the snapshot from the new params.
 
@@ -70,7 +71,8 @@ class _Losses:
     self.objectives = objectives.parse_objectives(config.objectives)
     # lambda of L = L_contrastive + lambda * L_mvm; 0 before `mvm.start_step` (the snapshot
     # is trained as an EMA from step 0, its targets only used once the encoder is text-aligned).
-    self.mvm_weight = float(config.mvm.weight) if "miles" in self.objectives else 0.0
+    self.mvm = bool(self.objectives & objectives.MVM_OBJECTIVES)
+    self.mvm_weight = float(config.mvm.weight) if self.mvm else 0.0
     start = int(config.mvm.get("start_step", 0))
     if self.mvm_weight and start > 0 and step is not None:
       self.mvm_weight = jnp.where(step >= start, self.mvm_weight, 0.0).astype(jnp.float32)
@@ -78,6 +80,7 @@ class _Losses:
       raise ValueError(f"config.mvm.loss={config.mvm.loss!r}: use one of "
                        f"{', '.join(objectives.MVM_LOSSES)}")
     self.snapshot = VideoEncoder(config.model.video, model.dtype,
+                                 matmul_dtype=model.matmul_dtype,
                                  scan_layers=bool(config.model.get("scan_layers", False)))
 
   def _apply(self, params, method, *args, rng=None, **kwargs):
@@ -87,7 +90,7 @@ class _Losses:
   def targets(self, snapshot_params, frames):
     """MVM targets of the intact clip, gradient stopped: snapshot (or frozen initial) encoder
     features `[B, T*N, D or P]`, or its patch pixels `[B, T*N, p*p*3]` (`mvm.target=pixels`)."""
-    if "miles" not in self.objectives:
+    if not self.mvm:
       return None
     if self.config.mvm.get("target", "snapshot") == "pixels":
       return jax.lax.stop_gradient(patchify(frames, self.config.model.video.patch_size))
@@ -106,22 +109,20 @@ class _Losses:
     det = dict(deterministic=False, rng=rng)
     frames = batch["frames"]
     embeds, mvm_sum = {}, jnp.zeros((), jnp.float32)
+    if self.mvm:  # the online encoder on the masked clip
+      mask = batch["mvm_mask"]
+      video = self._apply(params, "encode_video", frames, mask, **det)
+      if targets is not None:
+        pred = self._apply(params, "predict_mvm", video["patches"])
+        if c.mvm.target_space == "projected":
+          pred = self._apply(params, "project_video", pred)
+        mvm_sum = objectives.mvm_loss_sum(pred, targets, mask, c.mvm.loss,
+                                          c.mvm.normalize_target)
     if objs & {"contrastive", "miles"}:
       embeds["text"] = self._apply(params, "encode_text", batch["input_ids"],
                                    batch["attention_mask"], **det)["embed"]
-      if "miles" in objs:
-        mask = batch["mvm_mask"]
-        video = self._apply(params, "encode_video", frames, mask, **det)
-        if c.mvm.unmasked_contrastive:
-          embeds["video"] = self._apply(params, "encode_video", frames, **det)["embed"]
-        else:
-          embeds["video"] = video["embed"]
-        if targets is not None:
-          pred = self._apply(params, "predict_mvm", video["patches"])
-          if c.mvm.target_space == "projected":
-            pred = self._apply(params, "project_video", pred)
-          mvm_sum = objectives.mvm_loss_sum(pred, targets, mask, c.mvm.loss,
-                                            c.mvm.normalize_target)
+      if "miles" in objs and not c.mvm.unmasked_contrastive:
+        embeds["video"] = video["embed"]  # the paper's one forward: contrastive on the masked clip
       else:
         embeds["video"] = self._apply(params, "encode_video", frames, **det)["embed"]
     if "mac" in objs:
@@ -225,8 +226,8 @@ def train_step(state: TrainState, batch: dict, *, config, model, tx, lr_schedule
     batch["mac_mask"] = objectives.random_token_mask(mac_rng, b, total, num_masked)
     batch["mac_attention_mask"] = objectives.drop_text_tokens(
         text_rng, batch["attention_mask"], config.mac.text_ratio)
-  if "miles" in losses.objectives and "mvm_mask" not in batch:
-    raise ValueError("objective 'miles' needs batch['mvm_mask'] (bool [B, T*N]) from the data "
+  if losses.mvm and "mvm_mask" not in batch:
+    raise ValueError("objectives 'miles' and 'mvm' need batch['mvm_mask'] (bool [B, T*N]) from the data "
                      "pipeline (miles_jax.masking)")
 
   loss, terms, grads = _loss_and_grads(losses, state.params, state.snapshot_params, batch,
@@ -294,4 +295,4 @@ _BATCH_KEYS = ("frames", "input_ids", "attention_mask", "mvm_mask")
 def batch_keys(config) -> tuple:
   """The batch entries the step reads for the config's objectives: only these go to the devices."""
   objs = objectives.parse_objectives(config.objectives)
-  return tuple(k for k in _BATCH_KEYS if k != "mvm_mask" or "miles" in objs)
+  return tuple(k for k in _BATCH_KEYS if k != "mvm_mask" or objs & objectives.MVM_OBJECTIVES)
