@@ -286,14 +286,14 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if FLAGS.distractors < 0:
+    print(f"error: --distractors={FLAGS.distractors}: give 0 or more", file=sys.stderr)
+    return 2
   import jax
   # Seeds of one variant compile to the same programs: reuse them across runs and invocations.
   jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.out, "jax_cache"))
   from miles_jax.data import synthetic
   from miles_jax.train import loop
-  if FLAGS.distractors < 0:
-    print(f"error: --distractors={FLAGS.distractors}: give 0 or more", file=sys.stderr)
-    return 2
   data_params = SMOKE_DATA if FLAGS.smoke else {**DATA, "num_train": FLAGS.num_train}
   if FLAGS.distractors:
     data_params = {**data_params, "distractors": FLAGS.distractors}

@@ -312,6 +312,8 @@ def default_config_path() -> str:
 
 OBJECTIVES = ("contrastive", "miles", "mac", "mvm")
 MVM_TARGETS = ("snapshot", "frozen", "pixels")
+DTYPES = ("float32", "bfloat16")  # model.dtype
+LOW_PRECISION = ("auto", "all", "matmuls")  # model.low_precision (models/dual_encoder.py)
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
@@ -361,10 +363,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     fail("train.on_nonfinite", f"{config.train.on_nonfinite!r}: use stop or skip")
   if int(config.data.batch_size) <= 0:
     fail("data.batch_size", f"{config.data.batch_size} must be > 0")
-  if config.model.get("dtype", "float32") not in ("float32", "bfloat16"):
-    fail("model.dtype", f"{config.model.dtype!r}: use float32 or bfloat16")
-  if config.model.get("low_precision", "auto") not in ("auto", "all", "matmuls"):
-    fail("model.low_precision", f"{config.model.low_precision!r}: use auto, all or matmuls")
+  if config.model.get("dtype", "float32") not in DTYPES:
+    fail("model.dtype", f"{config.model.dtype!r}: use {' or '.join(DTYPES)}")
+  if config.model.get("low_precision", "auto") not in LOW_PRECISION:
+    fail("model.low_precision", f"{config.model.low_precision!r}: use "
+         f"{', '.join(LOW_PRECISION)}")
   v = config.model.video
   if v.get("time_attention_vjp", "auto") not in ("auto", "canonical", "autodiff"):
     fail("model.video.time_attention_vjp", f"{v.time_attention_vjp!r}: use auto, canonical or "

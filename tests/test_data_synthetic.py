@@ -57,7 +57,6 @@ def test_generate_and_read(tmp_path):
       again["train"].replace("*", "00002-of-00004"), "rb").read()
 
 
-
 def test_distractors_are_static_unmentioned_shapes(tmp_path, monkeypatch):
   """--distractors=N: N shapes that are there from the first frame and never change, none with
   the (colour, shape) of an acting object; without the option the set is what it was."""

@@ -232,10 +232,11 @@ def define_flags(fv):
 
 
 def run(a) -> int:
-  if a.distractors < 0:
-    print(f"error: --distractors={a.distractors}: give 0 or more", file=sys.stderr)
+  try:
+    generate(a.out, a.train, a.eval, a.resolution, a.frames, a.seed, distractors=a.distractors)
+  except ValueError as e:  # generate's own checks of its parameters
+    print(f"error: --{e}", file=sys.stderr)
     return 2
-  generate(a.out, a.train, a.eval, a.resolution, a.frames, a.seed, distractors=a.distractors)
   return 0
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from miles_jax import config_lib
 from miles_jax.models import layers
 from miles_jax.models.text import TextEncoder
 from miles_jax.models.video import VideoEncoder
@@ -20,8 +21,7 @@ from miles_jax.models.video import VideoEncoder
 Dtype = Any
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-LOW_PRECISION = ("auto", "all", "matmuls")
+DTYPES = {name: getattr(jnp, name) for name in config_lib.DTYPES}
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Dtype:
@@ -39,8 +39,9 @@ def compute_dtypes(config: ml_collections.ConfigDict) -> tuple[Dtype, Dtype]:
   CPU backend, whose bf16 elementwise code is slow; all on TPU / GPU)."""
   dtype = compute_dtype(config)
   scope = config.get("low_precision", "auto")
-  if scope not in LOW_PRECISION:
-    raise ValueError(f"model.low_precision={scope!r}: use one of {', '.join(LOW_PRECISION)}")
+  if scope not in config_lib.LOW_PRECISION:
+    raise ValueError(f"model.low_precision={scope!r}: use one of "
+                     f"{', '.join(config_lib.LOW_PRECISION)}")
   if dtype != jnp.float32 and (scope == "matmuls" or
                                (scope == "auto" and jax.default_backend() == "cpu")):
     return jnp.float32, dtype

@@ -227,8 +227,8 @@ def train_step(state: TrainState, batch: dict, *, config, model, tx, lr_schedule
     batch["mac_attention_mask"] = objectives.drop_text_tokens(
         text_rng, batch["attention_mask"], config.mac.text_ratio)
   if losses.mvm and "mvm_mask" not in batch:
-    raise ValueError("objectives 'miles' and 'mvm' need batch['mvm_mask'] (bool [B, T*N]) from the data "
-                     "pipeline (miles_jax.masking)")
+    raise ValueError("objectives 'miles' and 'mvm' need batch['mvm_mask'] (bool [B, T*N]) from "
+                     "the data pipeline (miles_jax.masking)")
 
   loss, terms, grads = _loss_and_grads(losses, state.params, state.snapshot_params, batch,
                                        dropout_rng, k, micro_sharding)
