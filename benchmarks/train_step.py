@@ -17,6 +17,10 @@ Baselines measured in the same run, on the same machine:
   `contrastive` and `miles` steps (no MAC implementation is released), and the video encoder's
   forward alone (inference);
 - a large float32 matmul = the achievable peak; FLOPs come from XLA's cost analysis.
+Both frameworks' workers run with the glibc allocator tunables that `python -m miles_jax.train`
+uses on a CPU-only machine (miles_jax/allocator.py: at base size XLA:CPU otherwise page-faults
+its step buffers in again every step, ~40 % of the step in the kernel); `--malloc=off` measures
+without them, `--torch-malloc` gives PyTorch other ones.
 No figure from another machine is used anywhere. With --json the last line is one JSON object.
 """
 from __future__ import annotations
@@ -37,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from miles_jax import config_lib, masking, parallel  # noqa: E402
+from miles_jax import allocator, config_lib, masking, parallel  # noqa: E402
 from miles_jax.train import state as state_lib  # noqa: E402
 from miles_jax.train import step as step_lib  # noqa: E402
 
@@ -239,6 +243,17 @@ def worker(framework: str, names: list, args) -> dict:
   return out
 
 
+def worker_environ(framework: str, args) -> dict:
+  """The worker's environment: glibc allocator tunables as `python -m miles_jax.train` sets
+  them (miles_jax/allocator.py), `--malloc` for JAX, `--torch-malloc` for PyTorch."""
+  mode = args.malloc if framework == "jax" else args.torch_malloc
+  if mode == "same":
+    mode = args.malloc
+  width = make_config(args.size, args.batch, "contrastive", args.dtype).model.video.width
+  env = {**os.environ, allocator.ENV: mode}
+  return allocator.tuned_environ(env, width) or env
+
+
 def run_worker(framework: str, names: list, args) -> dict:
   """`worker` in a fresh process; its last stdout line is the JSON result."""
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}",
@@ -246,7 +261,7 @@ def run_worker(framework: str, names: list, args) -> dict:
          f"--warmup={args.warmup}", f"--dtype={args.dtype}", f"--objectives={','.join(names)}",
          f"--matmul={args.matmul}"] + (["--quick"] if args.quick else []) + [
              f"--set={x}" for x in args.set]
-  r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+  r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=worker_environ(framework, args))
   if r.returncode != 0:
     raise SystemExit(f"error: the {framework} worker failed (exit {r.returncode}): "
                      f"{' '.join(cmd)}")
@@ -300,6 +315,11 @@ def main(argv=None):
   p.add_argument("--json", action="store_true")
   p.add_argument("--set", action="append", default=[], help="a config override for the JAX "
                  "step, KEY=VALUE (repeatable), e.g. --set=model.video.time_attention_vjp=autodiff")
+  p.add_argument("--malloc", default="auto", choices=allocator.MODES,
+                 help="glibc allocator tunables of the JAX worker processes, as the miles_jax "
+                 "CLIs set them (miles_jax/allocator.py; auto: resident for base size)")
+  p.add_argument("--torch-malloc", default="same", choices=("same",) + allocator.MODES,
+                 help="the PyTorch workers' tunables (same: --malloc's, the same conditions)")
   p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)  # one round
   args = p.parse_args(argv)
   if args.quick:
@@ -338,6 +358,8 @@ def main(argv=None):
   out = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": num_cores(),
          "device": jax_rounds[0]["device"], "platform": jax_rounds[0]["platform"],
          "size": args.size, "batch": args.batch, "dtype": args.dtype, "runs": args.runs, "rounds": args.rounds,
+         "malloc": {fw: worker_environ(fw, args).get("GLIBC_TUNABLES", "")
+                    for fw in ("jax", "torch")},
          "matmul_n": n, "matmul_s": mm_s, "matmul_gflop_per_s": peak / 1e9,
          "matmul_gflop_per_s_all": [x / 1e9 for x in peaks],
          "rows": rows}
@@ -356,6 +378,8 @@ def main(argv=None):
                                        f"({out['torch_threads']} threads)" if torch_rounds else ""))
   print(f"model {args.size}, batch {args.batch}, {args.dtype}; median of {args.runs} runs x "
         f"{args.rounds} alternating rounds")
+  for fw, tunables in out["malloc"].items():
+    print(f"{fw} workers: GLIBC_TUNABLES={tunables or '(unset)'}")
   print(f"baseline f32 matmul {n}x{n} (JAX): median {mm_s * 1e3:.1f} ms = {peak / 1e9:.1f} GFLOP/s "
         f"(range {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} over {len(peaks)} measurements)")
   head = (f"{'objective':<13}{'jax_s':>8}{'torch_s':>9}{'jax/torch':>10}{'compile_s':>10}"

@@ -31,7 +31,7 @@ import time
 
 from absl import flags
 
-from miles_jax import cli, config_lib
+from miles_jax import allocator, cli, config_lib
 
 # Every variant sets all of these, so a run's identity does not depend on configs/demo.py's
 # choices for them (which follow this ablation's evidence).
@@ -288,6 +288,11 @@ def main(argv):
     return 2
   if FLAGS.distractors < 0:
     print(f"error: --distractors={FLAGS.distractors}: give 0 or more", file=sys.stderr)
+    return 2
+  try:  # the demo's tiny models: MILES_JAX_MALLOC=auto gives them `hugepages`
+    allocator.reexec_if_needed(None)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   import jax
   # Seeds of one variant compile to the same programs: reuse them across runs and invocations.

@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import cli, cluster, paths
+from miles_jax import allocator, cli, cluster, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file whose data.eval / data.tokenizer / "
                                 "evaluators are used, e.g. configs/zeroshot.py:msrvtt.",
@@ -181,6 +181,11 @@ def main(argv):
     return 2
   if FLAGS.config is None or bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     print("error: give --config and exactly one of --workdir / --checkpoint", file=sys.stderr)
+    return 2
+  try:
+    allocator.reexec_if_needed(FLAGS.config.model.video.width)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   if cluster.init_from_flags_exit_code():
     return 2

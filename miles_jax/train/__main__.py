@@ -14,7 +14,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import cli, cluster, paths
+from miles_jax import allocator, cli, cluster, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or "
                                 "configs/pretrain_miles.py:base; override any field with "
@@ -69,6 +69,11 @@ def main(argv):
     return 2
   if FLAGS.config is None or not FLAGS.workdir:
     print("error: --config and --workdir are required (see --help)", file=sys.stderr)
+    return 2
+  try:
+    allocator.reexec_if_needed(FLAGS.config.model.video.width)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   if cluster.init_from_flags_exit_code():
     return 2

@@ -1,0 +1,106 @@
+"""Host memory allocator settings for CPU runs: stop XLA:CPU's step buffers being paged in again
+every step.
+
+XLA:CPU allocates a step's temporaries (gigabytes at base size) with `malloc` from a worker
+thread. glibc serves such requests with `mmap` and gives them back with `munmap` when the step
+frees them, so every step page-faults its working set in again, 4 KiB at a time (transparent
+huge pages are in `madvise` mode on most distributions). Measured on a 2-core AMD EPYC, base
+model, batch 2, f32 contrastive step (`benchmarks/train_step.py`): ~700,000 minor page faults
+per step and ~40 % of the step's wall time in the kernel. Two sets of glibc tunables:
+
+- `hugepages`: `glibc.malloc.hugetlb=1` -- glibc asks for transparent huge pages on what it maps
+  (512x fewer faults): the base step 10.5 -> 8.9 s, the tiny demo 7.4-8.0 -> 8.5-9.6 steps/s.
+- `resident`: also `mmap_max=0`, `arena_max=1` and a 64 GiB `trim_threshold` -- every thread
+  allocates from the main heap and nothing is given back, so after the first step the same
+  memory is reused (0 faults per step): the base step 10.5 -> 6.9 s. One arena is what makes
+  it work (a worker thread's arena serves large requests with `mmap` whatever `mmap_max` says)
+  and also what costs the tiny demo, whose tf.data threads then contend for that arena:
+  5.3-5.9 steps/s. (`mallopt` cannot set a trim threshold above 2 GiB, hence the environment.)
+
+glibc reads GLIBC_TUNABLES only when a process starts, so `python -m miles_jax.train` /
+`.evaluate` / `.ablate` re-execute themselves once (same PID and arguments) with them when the
+run is CPU-only (JAX_PLATFORMS=cpu, or no TPU / GPU plugin installed) on glibc Linux and
+GLIBC_TUNABLES has no `glibc.malloc` setting of the user's. `MILES_JAX_MALLOC` picks the set:
+`auto` (default: `resident` for a video width >= 384 -- base-size models, whose step buffers
+dominate; `hugepages` for the tiny demo models), `hugepages`, `resident`, or `off`.
+The cost of `resident`: the process keeps its peak heap until it exits.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+ENV = "MILES_JAX_MALLOC"
+MODES = ("auto", "hugepages", "resident", "off")
+TUNABLES = {
+    "hugepages": "glibc.malloc.hugetlb=1",
+    "resident": ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
+                 "glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"),
+}
+RESIDENT_MIN_WIDTH = 384  # auto: `resident` from this video width up (base: 768; small: 192)
+_DONE = "MILES_JAX_MALLOC_APPLIED"  # set in the re-executed process: never loop
+
+
+def _cpu_only(environ) -> bool:
+  platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return all(p.strip() == "cpu" for p in platforms.split(","))
+  if importlib.util.find_spec("libtpu") is not None:
+    return False
+  try:
+    import jax_plugins  # namespace package of the CUDA / ROCm plugins
+  except ImportError:
+    return True
+  import pkgutil
+  return not any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def _glibc() -> bool:
+  try:
+    return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith(
+        "glibc")
+  except (AttributeError, ValueError, OSError):
+    return False
+
+
+def mode(environ=None, video_width: int | None = None) -> str:
+  """The tunables set MILES_JAX_MALLOC asks for ('auto' resolved by the video width)."""
+  environ = os.environ if environ is None else environ
+  value = environ.get(ENV, "auto").strip().lower() or "auto"
+  value = {"0": "off", "false": "off", "no": "off", "1": "auto"}.get(value, value)
+  if value not in MODES:
+    raise ValueError(f"{ENV}={environ.get(ENV)!r}: use one of {', '.join(MODES)}")
+  if value == "auto":
+    return "resident" if (video_width or 0) >= RESIDENT_MIN_WIDTH else "hugepages"
+  return value
+
+
+def tuned_environ(environ=None, video_width: int | None = None) -> dict | None:
+  """A copy of `environ` (default os.environ) with `mode`'s tunables added to GLIBC_TUNABLES,
+  or None when it should stay as it is: MILES_JAX_MALLOC=off, already applied, `glibc.malloc`
+  tunables of the user's, not glibc Linux, or an accelerator run (unless a set is named)."""
+  environ = dict(os.environ if environ is None else environ)
+  chosen = mode(environ, video_width)
+  current = environ.get("GLIBC_TUNABLES", "")
+  if chosen == "off" or environ.get(_DONE) or "glibc.malloc." in current or not _glibc():
+    return None
+  named = environ.get(ENV, "auto").strip().lower() in TUNABLES
+  if not named and not _cpu_only(environ):
+    return None
+  environ["GLIBC_TUNABLES"] = f"{current}:{TUNABLES[chosen]}" if current else TUNABLES[chosen]
+  environ[_DONE] = chosen
+  return environ
+
+
+def reexec_if_needed(video_width: int | None = None) -> None:
+  """Re-executes this command with `mode`'s allocator tunables (see the module doc); returns
+  when nothing is to be done. Call it before JAX starts its backend. Same PID, arguments and
+  other environment."""
+  env = tuned_environ(video_width=video_width)
+  argv = getattr(sys, "orig_argv", None)
+  if env is None or not argv or len(argv) < 2:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *argv[1:]], env)
