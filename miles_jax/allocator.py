@@ -9,7 +9,8 @@ model, batch 2, f32 contrastive step (`benchmarks/train_step.py`): ~700,000 mino
 per step and ~40 % of the step's wall time in the kernel. Two sets of glibc tunables:
 
 - `hugepages`: `glibc.malloc.hugetlb=1` -- glibc asks for transparent huge pages on what it maps
-  (512x fewer faults): the base step 10.5 -> 8.9 s, the tiny demo 7.4-8.0 -> 8.5-9.6 steps/s.
+  (512x fewer faults): the base step 10.5 -> 8.9 s, the tiny demo 7.4-8.0 -> 8.5-10.5 steps/s
+  (two runs).
 - `resident`: also `mmap_max=0`, `arena_max=1` and a 64 GiB `trim_threshold` -- every thread
   allocates from the main heap and nothing is given back, so after the first step the same
   memory is reused (0 faults per step): the base step 10.5 -> 6.9 s. One arena is what makes

@@ -314,6 +314,7 @@ OBJECTIVES = ("contrastive", "miles", "mac", "mvm")
 MVM_TARGETS = ("snapshot", "frozen", "pixels")
 DTYPES = ("float32", "bfloat16")  # model.dtype
 LOW_PRECISION = ("auto", "all", "matmuls")  # model.low_precision (models/dual_encoder.py)
+TIME_ATTENTION_VJPS = ("auto", "canonical", "autodiff")  # model.video (models/video.py)
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
@@ -369,9 +370,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     fail("model.low_precision", f"{config.model.low_precision!r}: use "
          f"{', '.join(LOW_PRECISION)}")
   v = config.model.video
-  if v.get("time_attention_vjp", "auto") not in ("auto", "canonical", "autodiff"):
-    fail("model.video.time_attention_vjp", f"{v.time_attention_vjp!r}: use auto, canonical or "
-         "autodiff")
+  if v.get("time_attention_vjp", "auto") not in TIME_ATTENTION_VJPS:
+    fail("model.video.time_attention_vjp", f"{v.time_attention_vjp!r}: use "
+         f"{', '.join(TIME_ATTENTION_VJPS)}")
   if v.img_size % v.patch_size:
     fail("model.video.img_size", f"{v.img_size} is not a multiple of patch_size {v.patch_size}")
   if config.data.num_frames > v.num_frames:

@@ -11,7 +11,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-OBJECTIVES = ("contrastive", "miles", "mac", "mvm")
+from miles_jax.config_lib import OBJECTIVES  # the names live with the config checks
+
 # Objectives with the masked-visual-modeling term: `miles` (with the contrastive term) and `mvm`
 # (alone: video-only pre-training, no text, e.g. an MAE-style stage with mvm.target=pixels).
 MVM_OBJECTIVES = frozenset({"miles", "mvm"})

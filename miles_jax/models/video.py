@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import ml_collections
 
+from miles_jax import config_lib
 from miles_jax.models import layers
 
 Dtype = Any
@@ -121,7 +122,7 @@ class VideoEncoder(nn.Module):
     return {"cls": x[:, 0], "patches": x[:, 1:]}
 
 
-TIME_ATTENTION_VJPS = ("auto", "canonical", "autodiff")
+TIME_ATTENTION_VJPS = config_lib.TIME_ATTENTION_VJPS
 
 
 def time_attention_vjp(video_config) -> str:
