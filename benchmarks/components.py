@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import train_step as bench  # noqa: E402  (cpu_model, num_cores, _times)
+from miles_jax import allocator  # noqa: E402
 
 B, T, N, H, D = 2, 4, 196, 12, 64
 WIDTH, S = H * D, 1 + T * N
@@ -206,7 +207,13 @@ def main(argv=None):
   p.add_argument("--gemms", action="store_true", help="also the MLP's six matmuls alone")
   p.add_argument("--alternatives", action="store_true",
                  help="also the attention-core layouts tried instead of models/layers.py's")
+  p.add_argument("--malloc", default="auto", choices=allocator.MODES,
+                 help="glibc allocator tunables, as `python -m miles_jax.train` sets them on a "
+                 "CPU-only machine (miles_jax/allocator.py)")
   args = p.parse_args(argv)
+  if argv is None:  # run as a script: re-execute once with the tunables
+    os.environ[allocator.ENV] = args.malloc
+    allocator.reexec_if_needed(WIDTH)
   import torch
   torch.set_num_threads(bench.num_cores())
   dtype = jnp.dtype(args.dtype)
@@ -220,7 +227,8 @@ def main(argv=None):
       rows[k]["torch_ms"].append(_median_ms(tp[k], args.runs, lambda _: None))
   print(f"cpu: {bench.cpu_model()} ({bench.num_cores()} cores); jax {jax.__version__}, torch "
         f"{torch.__version__}; {args.dtype}, forward + backward per block, median of "
-        f"{args.runs} runs x {args.rounds} rounds")
+        f"{args.runs} runs x {args.rounds} rounds; allocator: "
+        f"{os.environ.get('GLIBC_TUNABLES', '') or '(glibc defaults)'}")
   print(f"{'part':32s} {'jax_ms':>8s} {'torch_ms':>9s} {'jax/torch':>9s}")
   out = {"cpu": bench.cpu_model(), "dtype": args.dtype, "rows": {}}
   for k, r in rows.items():

@@ -46,6 +46,7 @@ sys.path.insert(0, HERE)
 import jax  # noqa: E402
 
 import train_step as bench  # noqa: E402
+from miles_jax import allocator  # noqa: E402
 
 # (kind, regex on the op_name metadata); the first match wins, so the order matters.
 KINDS = [
@@ -294,7 +295,7 @@ def jax_profile(j: "bench.JaxStep", steps: int) -> dict:
   total = sum(by_kind.values())
   top = [{"hlo_op": op, "ms": us / 1e3, "op_name": index.get(op, ("",))[0][-90:]}
          for op, us in by_op.most_common(12)]
-  return {"total_ms": total / 1e3, "step_s": sorted(wall_s)[len(wall_s) // 2],
+  return {"total_ms": total / 1e3, "step_s": sorted(wall_s)[len(wall_s) // 2], "steps_s": wall_s,
           "thunk_ms": {op: us / 1e3 for op, us in by_op.items()},
           "kinds": [{"kind": k, "ms": v / 1e3, "pct": 100.0 * v / total}
                     for k, v in by_kind.most_common()],
@@ -331,7 +332,7 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--objective", default="contrastive", choices=list(bench.OBJECTIVES))
-  p.add_argument("--steps", type=int, default=2, help="profiled steps (after warm-up)")
+  p.add_argument("--steps", type=int, default=3, help="profiled steps (after warm-up)")
   p.add_argument("--no-torch", dest="torch", action="store_false")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--json", action="store_true")
@@ -342,13 +343,22 @@ def main(argv=None):
   p.add_argument("--dot-worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   p.add_argument("--dot-file", help=argparse.SUPPRESS)
   p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--malloc", default="auto", choices=allocator.MODES,
+                 help="glibc allocator tunables for this process and its workers, as `python -m "
+                 "miles_jax.train` sets them on a CPU-only machine (miles_jax/allocator.py)")
   args = p.parse_args(argv)
+  if args.quick:
+    args.size = "tiny"
+  if argv is None:  # run as a script: re-execute once with the tunables (workers inherit them)
+    os.environ[allocator.ENV] = args.malloc
+    width = bench.make_config(args.size, args.batch, "contrastive", args.dtype).model.video.width
+    allocator.reexec_if_needed(width)
   if args.dot_worker:
     print(json.dumps(dot_worker(args.dot_worker, args.dot_file, args.dot_runs)))
     return None
-  if args.quick:
-    args.size = "tiny"
-  args.warmup, args.runs, args.rounds = 1, 1, 1
+  # two warm-up steps: the first steps after compiling are several times slower (measured: the
+  # first bf16 base step 13-20 s, then 4-5 s, under every allocator setting)
+  args.warmup, args.runs, args.rounds = 2, 1, 1
   if args.quick:
     args.dot_rounds, args.dot_runs = 1, 3
   if args.torch_worker:  # the PyTorch step's profile, in a process without JAX's runtime
@@ -367,8 +377,10 @@ def main(argv=None):
     out["torch"] = _in_fresh_process("torch profile", ["--torch-worker"] + [
         f"--{k}={getattr(args, k)}" for k in ("size", "batch", "dtype", "objective", "steps")])
 
+  out["malloc"] = os.environ.get("GLIBC_TUNABLES", "") or "(glibc defaults)"
   print(f"cpu: {out['cpu']} ({' '.join(out['cpu_flags'])}); {args.objective} step, model "
-        f"{args.size}, batch {args.batch}, {args.dtype}; mean of {args.steps} profiled steps")
+        f"{args.size}, batch {args.batch}, {args.dtype}; mean of {args.steps} profiled steps; "
+        f"allocator: {out['malloc']}")
   print(f"\nJAX by kind of op (sum of XLA:CPU thunk times {out['jax']['total_ms']:.1f} ms):")
   print(f"{'kind':<28}{'ms':>10}{'%':>7}")
   for r in out["jax"]["kinds"]:

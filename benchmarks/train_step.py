@@ -157,8 +157,8 @@ class JaxStep:
     self.compile_s = time.perf_counter() - t0
     self.flops = _flops(self.compiled)
     self.state, self.batch = state, batch
-    for _ in range(args.warmup):
-      self.run()
+    for _ in range(args.warmup):  # blocking: dispatch is asynchronous, an unblocked warm-up
+      jax.block_until_ready(self.run())  # step would be timed with the first measured one
 
   def run(self):
     self.state, metrics = self.compiled(self.state, self.batch)

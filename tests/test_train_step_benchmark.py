@@ -62,6 +62,8 @@ def test_step_profile_quick_sums_to_the_step():
     assert kinds[kind]["ms"] > 0, kind
   assert kinds.get("other", {"pct": 0})["pct"] < 25
   assert sum(out["jax"]["dots"].values()) > 0 and out["torch"]["ops"]
+  # run as a script, it profiles under the allocator tunables the train CLI uses (tiny: huge pages)
+  assert out["malloc"].endswith("glibc.malloc.hugetlb=1"), out["malloc"]
 
 
 def test_step_profile_reads_every_dot_and_times_the_same_product_in_torch():
