@@ -289,10 +289,7 @@ def main(argv):
   if FLAGS.distractors < 0:
     print(f"error: --distractors={FLAGS.distractors}: give 0 or more", file=sys.stderr)
     return 2
-  try:  # the demo's tiny models: MILES_JAX_MALLOC=auto gives them `hugepages`
-    allocator.reexec_if_needed(None)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+  if allocator.reexec_exit_code(None):  # the demo's tiny models: `auto` gives them `hugepages`
     return 2
   import jax
   # Seeds of one variant compile to the same programs: reuse them across runs and invocations.

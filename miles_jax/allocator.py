@@ -105,3 +105,14 @@ def reexec_if_needed(video_width: int | None = None) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+
+
+def reexec_exit_code(video_width: int | None = None) -> int:
+  """`reexec_if_needed()` for a CLI's main: 0 (or no return: re-executed), or 2 after printing a
+  bad MILES_JAX_MALLOC value to stderr."""
+  try:
+    reexec_if_needed(video_width)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0

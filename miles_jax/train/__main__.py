@@ -70,10 +70,7 @@ def main(argv):
   if FLAGS.config is None or not FLAGS.workdir:
     print("error: --config and --workdir are required (see --help)", file=sys.stderr)
     return 2
-  try:
-    allocator.reexec_if_needed(FLAGS.config.model.video.width)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+  if allocator.reexec_exit_code(FLAGS.config.model.video.width):
     return 2
   if cluster.init_from_flags_exit_code():
     return 2
