@@ -212,8 +212,7 @@ def main(argv=None):
                  "CPU-only machine (miles_jax/allocator.py)")
   args = p.parse_args(argv)
   if argv is None:  # run as a script: re-execute once with the tunables
-    os.environ[allocator.ENV] = args.malloc
-    allocator.reexec_if_needed(WIDTH)
+    allocator.reexec_with(args.malloc, WIDTH)
   import torch
   torch.set_num_threads(bench.num_cores())
   dtype = jnp.dtype(args.dtype)

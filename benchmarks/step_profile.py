@@ -46,7 +46,7 @@ sys.path.insert(0, HERE)
 import jax  # noqa: E402
 
 import train_step as bench  # noqa: E402
-from miles_jax import allocator  # noqa: E402
+from miles_jax import allocator, config_lib  # noqa: E402
 
 # (kind, regex on the op_name metadata); the first match wins, so the order matters.
 KINDS = [
@@ -350,9 +350,7 @@ def main(argv=None):
   if args.quick:
     args.size = "tiny"
   if argv is None:  # run as a script: re-execute once with the tunables (workers inherit them)
-    os.environ[allocator.ENV] = args.malloc
-    width = bench.make_config(args.size, args.batch, "contrastive", args.dtype).model.video.width
-    allocator.reexec_if_needed(width)
+    allocator.reexec_with(args.malloc, config_lib.video_config(args.size).width)
   if args.dot_worker:
     print(json.dumps(dot_worker(args.dot_worker, args.dot_file, args.dot_runs)))
     return None

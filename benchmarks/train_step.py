@@ -249,9 +249,8 @@ def worker_environ(framework: str, args) -> dict:
   mode = args.malloc if framework == "jax" else args.torch_malloc
   if mode == "same":
     mode = args.malloc
-  width = make_config(args.size, args.batch, "contrastive", args.dtype).model.video.width
   env = {**os.environ, allocator.ENV: mode}
-  return allocator.tuned_environ(env, width) or env
+  return allocator.tuned_environ(env, config_lib.video_config(args.size).width) or env
 
 
 def run_worker(framework: str, names: list, args) -> dict:

@@ -107,6 +107,13 @@ def reexec_if_needed(video_width: int | None = None) -> None:
   os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 
+def reexec_with(chosen: str, video_width: int | None = None) -> None:
+  """`reexec_if_needed` under MILES_JAX_MALLOC=`chosen` (a benchmark's --malloc flag), which the
+  re-executed process and its workers inherit."""
+  os.environ[ENV] = chosen
+  reexec_if_needed(video_width)
+
+
 def reexec_exit_code(video_width: int | None = None) -> int:
   """`reexec_if_needed()` for a CLI's main: 0 (or no return: re-executed), or 2 after printing a
   bad MILES_JAX_MALLOC value to stderr."""
