@@ -100,6 +100,9 @@ def define_flags():
   flags.DEFINE_integer("distractors", 0, "Static shapes per synthetic clip that the caption does "
                        "not mention (data.synthetic --distractors; a harder set: use its own "
                        "--out and --data).")
+  flags.DEFINE_float("caption_noise", 0.0, "Fraction of train captions replaced by a random "
+                     "one (data.synthetic --caption_noise; a harder set: use its own --out and "
+                     "--data).")
   flags.DEFINE_bool("report_only", False, "Train nothing; summarise the finished runs.")
   flags.DEFINE_multi_string("set", [], "A config override applied to every run, KEY=VALUE "
                             "(repeatable; e.g. --set=model.video.patch_size=4); use a separate "
@@ -246,7 +249,9 @@ def report(out_dir: str, names, steps, data: dict, sets: dict | None = None) -> 
   walls = [s["wall_s"] for s in runs.values() if s.get("wall_s")]
   title = (f"Held-out retrieval on {data['num_eval']} synthetic clips ({data['num_train']} "
            f"train clips" + (f", {data['distractors']} distractors" if data.get("distractors")
-                             else "") + f", {steps} steps of configs/demo.py"
+                             else "")
+           + (f", {data['caption_noise']:.0%} of train captions random"
+              if data.get("caption_noise") else "") + f", {steps} steps of configs/demo.py"
            + "".join(f", {k}={v}" for k, v in (sets or {}).items()) + "), mean ± std over seeds")
   summary.update(data=data, steps=steps, title=title, set=dict(sets or {}),
                  run_wall_s={"total": sum(walls), "runs": len(walls)})
@@ -289,6 +294,10 @@ def main(argv):
   if FLAGS.distractors < 0:
     print(f"error: --distractors={FLAGS.distractors}: give 0 or more", file=sys.stderr)
     return 2
+  if not 0.0 <= FLAGS.caption_noise < 1.0:
+    print(f"error: --caption_noise={FLAGS.caption_noise}: give a fraction in [0, 1)",
+          file=sys.stderr)
+    return 2
   if allocator.reexec_exit_code(None):  # the demo's tiny models: `auto` gives them `hugepages`
     return 2
   import jax
@@ -299,6 +308,8 @@ def main(argv):
   data_params = SMOKE_DATA if FLAGS.smoke else {**DATA, "num_train": FLAGS.num_train}
   if FLAGS.distractors:
     data_params = {**data_params, "distractors": FLAGS.distractors}
+  if FLAGS.caption_noise:
+    data_params = {**data_params, "caption_noise": FLAGS.caption_noise}
   data_dir = FLAGS.data or os.path.join(FLAGS.out, "data")
   os.makedirs(FLAGS.out, exist_ok=True)
   extra = dict(SMOKE_TRAIN) if FLAGS.smoke else {}

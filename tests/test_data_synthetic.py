@@ -90,3 +90,31 @@ def test_distractors_are_static_unmentioned_shapes(tmp_path, monkeypatch):
   synthetic.ensure(out, num_train=8, num_eval=4, frames=4)
   assert os.path.getmtime(os.path.join(out, "vocab.txt")) == stamp
   assert synthetic.main(["--out", str(tmp_path / "bad"), "--distractors=-1"]) == 2
+
+
+def test_caption_noise_replaces_train_captions_only(tmp_path):
+  """--caption_noise=P: about P of the train captions are replaced by a random one; the clips
+  and the held-out split are what they are without the option."""
+  clean = list(synthetic.examples(400, 0, 32, 8))
+  noisy = list(synthetic.examples(400, 0, 32, 8, caption_noise=0.5))
+  assert all((a[2] == b[2]).all() and a[0] == b[0] for a, b in zip(clean, noisy))
+  changed = sum(a[1] != b[1] for a, b in zip(clean, noisy))
+  assert 150 <= changed <= 250  # ~200; a replacement can draw the true caption again (rare)
+  words = set(synthetic.vocabulary())
+  assert all(set(c.split()) <= words for _, c, _ in noisy)  # a replacement is a caption too
+  out = str(tmp_path / "n")
+  synthetic.generate(out, num_train=16, num_eval=8, frames=4, caption_noise=0.5, verbose=False)
+  ref = str(tmp_path / "c")
+  synthetic.generate(ref, num_train=16, num_eval=8, frames=4, verbose=False)
+  with open(os.path.join(out, "synthetic.json")) as f:
+    assert json.load(f)["caption_noise"] == 0.5
+  for s in range(synthetic.EVAL_SHARDS):  # the held-out split is clean
+    name = f"eval-{s:05d}-of-{synthetic.EVAL_SHARDS:05d}.tfrecord"
+    assert open(os.path.join(out, name), "rb").read() == open(os.path.join(ref, name),
+                                                               "rb").read()
+  assert open(os.path.join(out, "train-00000-of-00004.tfrecord"), "rb").read() != open(
+      os.path.join(ref, "train-00000-of-00004.tfrecord"), "rb").read()
+  stamp = os.path.getmtime(os.path.join(out, "vocab.txt"))
+  synthetic.ensure(out, num_train=16, num_eval=8, frames=4, caption_noise=0.5)  # same: kept
+  assert os.path.getmtime(os.path.join(out, "vocab.txt")) == stamp
+  assert synthetic.main(["--out", str(tmp_path / "bad"), "--caption_noise=1.0"]) == 2

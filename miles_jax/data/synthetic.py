@@ -139,9 +139,13 @@ def caption(parts: list) -> str:
 
 
 def examples(num: int, seed: int, size: int, frames: int, unique: bool = False,
-             distractors: int = 0):
-  """Yields (video_id, caption, frames uint8 [K, S, S, 3])."""
+             distractors: int = 0, caption_noise: float = 0.0):
+  """Yields (video_id, caption, frames uint8 [K, S, S, 3]).
+
+  `caption_noise`: the fraction of clips whose caption is replaced by an independently drawn
+  one (drawn from a second random stream, so the clips themselves do not change)."""
   rng = np.random.default_rng(seed)
+  noise = np.random.default_rng([seed, 1]) if caption_noise else None
   seen = set()
   i = 0
   while i < num:
@@ -151,32 +155,38 @@ def examples(num: int, seed: int, size: int, frames: int, unique: bool = False,
       if cap in seen:
         continue
       seen.add(cap)
-    yield f"synthetic-{seed}-{i:06d}", cap, render_clip(rng, size, frames, parts,
-                                                             distractors)
+    clip = render_clip(rng, size, frames, parts, distractors)
+    if noise is not None and noise.random() < caption_noise:
+      cap = caption(sample_parts(noise))  # a mismatched pair, as web alt-text often is
+    yield f"synthetic-{seed}-{i:06d}", cap, clip
     i += 1
 
 
 def generate(out: str, num_train: int = 1024, num_eval: int = 512, resolution: int = 32,
              frames: int = 8, seed: int = 0, fps: float = 8.0, distractors: int = 0,
-             verbose: bool = True) -> dict:
+             caption_noise: float = 0.0, verbose: bool = True) -> dict:
   """Writes the dataset to `out`; returns the config paths {train, eval, tokenizer}."""
   if distractors < 0:
     raise ValueError(f"distractors={distractors}: give 0 or more static shapes per clip")
+  if not 0.0 <= caption_noise < 1.0:
+    raise ValueError(f"caption_noise={caption_noise}: give the fraction of train captions "
+                     "replaced by a random one, in [0, 1)")
   from miles_jax.data import prepare, schema
   os.makedirs(out, exist_ok=True)
   t0 = time.time()
   params = dict(num_train=num_train, num_eval=num_eval, resolution=resolution, frames=frames,
-                seed=seed, fps=fps, distractors=distractors)
-  splits = (("train", num_train, seed * 2, TRAIN_SHARDS, False),
-            ("eval", num_eval, seed * 2 + 1, EVAL_SHARDS, True))
+                seed=seed, fps=fps, distractors=distractors, caption_noise=caption_noise)
+  # the held-out split keeps every caption true
+  splits = (("train", num_train, seed * 2, TRAIN_SHARDS, False, caption_noise),
+            ("eval", num_eval, seed * 2 + 1, EVAL_SHARDS, True, 0.0))
   from miles_jax import console
   # a bar only when generation is slow enough to wait for (a large --train / --resolution)
   bar = console.progress(total=num_train + num_eval, desc="synthetic", unit="clip", delay=5.0,
                          disable=not verbose)
-  for split, num, split_seed, shards, unique in splits:
+  for split, num, split_seed, shards, unique, noise in splits:
     records = [[] for _ in range(shards)]
     for i, (vid, cap, clip) in enumerate(examples(num, split_seed, resolution, frames, unique,
-                                                         distractors)):
+                                                         distractors, noise)):
       ex = schema.make_example(vid, [cap], clip, fps=fps,
                                timestamps=[t / fps for t in range(frames)])
       records[i % shards].append(ex.SerializeToString())
@@ -209,9 +219,10 @@ def ensure(out: str, **kwargs) -> dict:
     with open(meta) as f:
       have = json.load(f)
     want = dict(num_train=1024, num_eval=512, resolution=32, frames=8, seed=0, fps=8.0,
-                distractors=0)
+                distractors=0, caption_noise=0.0)
     want.update(kwargs)
-    have.setdefault("distractors", 0)  # folders written before the option existed
+    have.setdefault("distractors", 0)  # folders written before the options existed
+    have.setdefault("caption_noise", 0.0)
     if all(have.get(k) == v for k, v in want.items()):
       return paths(out)
   return generate(out, **kwargs)
@@ -228,12 +239,16 @@ def define_flags(fv):
   flags.DEFINE_integer("seed", 0, "Random seed (the held-out split uses another).", flag_values=fv)
   flags.DEFINE_integer("distractors", 0, "Static shapes per clip that the caption does not "
                        "mention (a harder set).", flag_values=fv)
+  flags.DEFINE_float("caption_noise", 0.0, "Fraction of train clips whose caption is replaced "
+                     "by a random one, as web captions are often wrong (a harder set; the "
+                     "held-out split stays clean).", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
 
 
 def run(a) -> int:
   try:
-    generate(a.out, a.train, a.eval, a.resolution, a.frames, a.seed, distractors=a.distractors)
+    generate(a.out, a.train, a.eval, a.resolution, a.frames, a.seed, distractors=a.distractors,
+             caption_noise=a.caption_noise)
   except ValueError as e:  # generate's own checks of its parameters
     print(f"error: --{e}", file=sys.stderr)
     return 2
