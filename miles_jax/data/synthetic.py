@@ -1,7 +1,7 @@
 r"""A procedural video-text dataset whose captions need temporal order (the embedded demo data).
 
   python -m miles_jax.data.synthetic --out=data/synthetic [--train=1024 --eval=512 \
-      --resolution=32 --frames=8 --seed=0]
+      --resolution=32 --frames=8 --seed=0 --distractors=0 --caption_noise=0]
 
 Each clip shows coloured shapes (red/green/blue/yellow square/circle/triangle) on a dark noisy
 background. A caption is one event, "a red square moves left", or two in order, "a red square
@@ -11,6 +11,9 @@ frames. Events: moves left/right/up/down, grows, shrinks, appears, disappears. W
 `--distractors=N` every clip also shows N static shapes that the caption does not mention (each
 differs from every acting object in colour or shape and stays still and visible), drawn under
 the actors: the model has to find the object that acts, not just the colours and shapes present.
+With `--caption_noise=P` a fraction P of the training clips get a randomly drawn caption instead
+of their own (the clips are unchanged and the held-out split stays clean): mismatched pairs, as
+web alt-text often is.
 
 Writes, with the schema and shard writer of `prepare`: `train-*-of-00004.tfrecord`,
 `eval-*-of-00002.tfrecord` (held out: other seed, captions unique within the split),
