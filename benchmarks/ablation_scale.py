@@ -111,22 +111,28 @@ def _centres(num_stored: int):
   return np.minimum(((2 * t + 1) * num_stored) // (2 * NUM_FRAMES), num_stored - 1)
 
 
-def retrieval(config, params, frames, ids, batch: int = 256) -> dict:
+def make_retrieval(config, batch: int = 256):
+  """`(params, frames uint8 [N, K, S, S, 3], ids [N, L]) -> metrics` for one model config: its
+  two embedding functions are compiled once and reused at every evaluation of a run."""
   import jax
   from miles_jax.evaluation import retrieval as R
   from miles_jax.models import dual_encoder
   from miles_jax.train.step import normalize_frames
   model = dual_encoder.build(config.model)
-  centre = _centres(frames.shape[1])
   vid = jax.jit(lambda p, f: model.apply({"params": p}, normalize_frames(f),
                                          method=model.encode_video)["embed"])
   txt = jax.jit(lambda p, i: model.apply({"params": p}, i, (i > 0).astype(np.int32),
                                          method=model.encode_text)["embed"])
-  v = np.concatenate([np.asarray(vid(params, frames[i:i + batch][:, centre]))
-                      for i in range(0, len(frames), batch)])
-  t = np.concatenate([np.asarray(txt(params, ids[i:i + batch])) for i in range(0, len(ids), batch)])
-  sim = R.cosine_similarity(t, v)
-  return R.retrieval_metrics(sim, np.arange(len(t)))
+
+  def run(params, frames, ids) -> dict:
+    centre = _centres(frames.shape[1])
+    v = np.concatenate([np.asarray(vid(params, frames[i:i + batch][:, centre]))
+                        for i in range(0, len(frames), batch)])
+    t = np.concatenate([np.asarray(txt(params, ids[i:i + batch]))
+                        for i in range(0, len(ids), batch)])
+    return R.retrieval_metrics(R.cosine_similarity(t, v), np.arange(len(t)))
+
+  return run
 
 
 def train_run(variant, seed, steps, data, out_dir, smoke, eval_every, pool) -> dict:
@@ -141,6 +147,7 @@ def train_run(variant, seed, steps, data, out_dir, smoke, eval_every, pool) -> d
   t0 = time.time()
   state = create_train_state(config, jax.random.PRNGKey(seed), mesh)
   step_fn = make_train_step(config, mesh)
+  retrieval = make_retrieval(config)
   keys = batch_keys(config)
   b = int(config.data.batch_size)
   grid = (config.model.video.img_size // config.model.video.patch_size,) * 2
@@ -172,14 +179,14 @@ def train_run(variant, seed, steps, data, out_dir, smoke, eval_every, pool) -> d
       print(f"[{variant} seed {seed}] step {step + 1}: loss {m['loss']:.3f} contrastive "
             f"{m['contrastive_loss']:.3f} mvm {m['mvm_loss']:.3f}", flush=True)
     if (step + 1) % eval_every == 0 or step + 1 == steps:
-      r = retrieval(config, state.params, ev_f, ev_i)
+      r = retrieval(state.params, ev_f, ev_i)
       curve.append({"step": step + 1, **r})
       print(f"[{variant} seed {seed}] step {step + 1}: held-out t2v R@1 {r['t2v_R1']:.1f} "
             f"R@10 {r['t2v_R10']:.1f}", flush=True)
   jax.block_until_ready(state)
   t_end = time.time()
   from miles_jax.evaluation import retrieval as R
-  train_sub = retrieval(config, state.params, tr_f[:len(ev_f)], tr_i[:len(ev_f)])
+  train_sub = retrieval(state.params, tr_f[:len(ev_f)], tr_i[:len(ev_f)])
   result = {"step": steps, "retrieval": {k: v for k, v in curve[-1].items() if k != "step"},
             "curve": curve, "train_losses": losses,
             "train_subset_retrieval": train_sub,  # first clips of the train split (captions repeat)
