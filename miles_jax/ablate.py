@@ -291,19 +291,17 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if FLAGS.distractors < 0:
-    print(f"error: --distractors={FLAGS.distractors}: give 0 or more", file=sys.stderr)
-    return 2
-  if not 0.0 <= FLAGS.caption_noise < 1.0:
-    print(f"error: --caption_noise={FLAGS.caption_noise}: give a fraction in [0, 1)",
-          file=sys.stderr)
+  from miles_jax.data import synthetic
+  try:  # before the re-exec and JAX: a bad data option fails at once
+    synthetic.check_options(FLAGS.distractors, FLAGS.caption_noise)
+  except ValueError as e:
+    print(f"error: --{e}", file=sys.stderr)
     return 2
   if allocator.reexec_exit_code(None):  # the demo's tiny models: `auto` gives them `hugepages`
     return 2
   import jax
   # Seeds of one variant compile to the same programs: reuse them across runs and invocations.
   jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.out, "jax_cache"))
-  from miles_jax.data import synthetic
   from miles_jax.train import loop
   data_params = SMOKE_DATA if FLAGS.smoke else {**DATA, "num_train": FLAGS.num_train}
   if FLAGS.distractors:

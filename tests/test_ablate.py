@@ -92,6 +92,8 @@ def test_bad_variant_is_exit_2(tmp_path):
   assert r.returncode == 2 and "nope" in r.stderr and "miles_intact_clip" in r.stderr
   r = _cli(f"--out={tmp_path}", "--smoke", "--set=optim.lr")
   assert r.returncode == 2 and "--set 'optim.lr'" in r.stderr and "KEY=VALUE" in r.stderr
+  r = _cli(f"--out={tmp_path}", "--smoke", "--caption_noise=1.5")
+  assert r.returncode == 2 and "--caption_noise=1.5" in r.stderr and "[0, 1)" in r.stderr
 
 
 def test_parse_overrides_literals_and_strings():

@@ -165,15 +165,20 @@ def examples(num: int, seed: int, size: int, frames: int, unique: bool = False,
     i += 1
 
 
-def generate(out: str, num_train: int = 1024, num_eval: int = 512, resolution: int = 32,
-             frames: int = 8, seed: int = 0, fps: float = 8.0, distractors: int = 0,
-             caption_noise: float = 0.0, verbose: bool = True) -> dict:
-  """Writes the dataset to `out`; returns the config paths {train, eval, tokenizer}."""
+def check_options(distractors: int = 0, caption_noise: float = 0.0) -> None:
+  """ValueError naming the option (`distractors=…`, `caption_noise=…`) when one is out of range."""
   if distractors < 0:
     raise ValueError(f"distractors={distractors}: give 0 or more static shapes per clip")
   if not 0.0 <= caption_noise < 1.0:
     raise ValueError(f"caption_noise={caption_noise}: give the fraction of train captions "
                      "replaced by a random one, in [0, 1)")
+
+
+def generate(out: str, num_train: int = 1024, num_eval: int = 512, resolution: int = 32,
+             frames: int = 8, seed: int = 0, fps: float = 8.0, distractors: int = 0,
+             caption_noise: float = 0.0, verbose: bool = True) -> dict:
+  """Writes the dataset to `out`; returns the config paths {train, eval, tokenizer}."""
+  check_options(distractors, caption_noise)
   from miles_jax.data import prepare, schema
   os.makedirs(out, exist_ok=True)
   t0 = time.time()
