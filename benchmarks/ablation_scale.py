@@ -27,6 +27,7 @@ the time left is shorter than the longest run so far (so a time-limited job retu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -64,32 +65,34 @@ def scale_config(variant: str, seed: int, steps: int, smoke: bool):
   return config_lib.override(c, {**ablate.VARIANTS[variant], "seed": seed})
 
 
+@functools.lru_cache(maxsize=1)
+def _vocab() -> dict:
+  from miles_jax.data import synthetic
+  return {w: i for i, w in enumerate(synthetic.vocabulary())}
+
+
 def token_ids(caption: str) -> list:
   """[CLS] words [SEP] [PAD]... (MAX_LEN ids): what the BERT WordPiece tokenizer gives with the
   synthetic vocabulary, whose every word is one token (tests/test_ablation_scale.py checks)."""
-  from miles_jax.data import synthetic
-  vocab = {w: i for i, w in enumerate(synthetic.vocabulary())}
+  vocab = _vocab()
   tok = [vocab["[CLS]"]] + [vocab[w] for w in caption.split()][:MAX_LEN - 2] + [vocab["[SEP]"]]
   return tok + [vocab["[PAD]"]] * (MAX_LEN - len(tok))
 
 
 def make_data(params: dict):
-  """(train frames uint8 [N, 8, S, S, 3], train ids, eval frames, eval ids, eval captions)."""
+  """(train frames uint8 [N, 8, S, S, 3], train ids int32 [N, L], eval frames, eval ids)."""
   from miles_jax.data import synthetic
 
   def split(num, seed, unique):
-    frames, ids, caps = [], [], []
+    frames, ids = [], []
     for _, cap, clip in synthetic.examples(num, seed, params["resolution"], params["frames"],
                                            unique=unique):
       ids.append(token_ids(cap))
       frames.append(clip)
-      caps.append(cap)
-    return np.stack(frames), np.asarray(ids, np.int32), caps
+    return np.stack(frames), np.asarray(ids, np.int32)
 
   s = params["seed"]  # the synthetic generator's split seeds
-  tr_f, tr_i, tr_c = split(params["num_train"], s * 2, False)
-  ev_f, ev_i, ev_c = split(params["num_eval"], s * 2 + 1, True)
-  return tr_f, tr_i, tr_c, ev_f, ev_i, ev_c
+  return (*split(params["num_train"], s * 2, False), *split(params["num_eval"], s * 2 + 1, True))
 
 
 def _masks_for_step(args):
@@ -140,7 +143,7 @@ def train_run(variant, seed, steps, data, out_dir, smoke, eval_every, pool) -> d
   from miles_jax import parallel
   from miles_jax.train.state import create_train_state
   from miles_jax.train.step import make_train_step, batch_keys
-  tr_f, tr_i, _, ev_f, ev_i, _ = data
+  tr_f, tr_i, ev_f, ev_i = data
   config = scale_config(variant, seed, steps, smoke)
   mesh = parallel.mesh_from_config(config)
   rules = parallel.logical_rules(config.sharding.rules, mesh)
@@ -157,11 +160,11 @@ def train_run(variant, seed, steps, data, out_dir, smoke, eval_every, pool) -> d
                      chunksize=8) if mvm else None)
   rng = np.random.default_rng([seed, 1])
   starts, ends = _segments(tr_f.shape[1])
-  order, pos, epoch = rng.permutation(len(tr_f)), 0, 0
+  order, pos = rng.permutation(len(tr_f)), 0
   curve, losses, t_first = [], [], None
   for step in range(steps):
     if pos + b > len(order):
-      order, pos, epoch = rng.permutation(len(tr_f)), 0, epoch + 1
+      order, pos = rng.permutation(len(tr_f)), 0
     rows = order[pos:pos + b]
     pos += b
     frame_idx = starts[None] + (rng.random((b, NUM_FRAMES)) * (ends - starts)[None]).astype(int)
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
   params = SMOKE_DATA if args.smoke else SCALE
   t0 = time.time()
   data = make_data(params)
-  print(f"data: {len(data[0])} train + {len(data[3])} eval clips {data[0].shape[1:]} in "
+  print(f"data: {len(data[0])} train + {len(data[2])} eval clips {data[0].shape[1:]} in "
         f"{time.time() - t0:.1f} s", flush=True)
   longest, done = 0.0, {}
   with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
