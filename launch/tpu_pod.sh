@@ -1,27 +1,56 @@
 #!/usr/bin/env bash
-# Pre-train on a Cloud TPU VM slice (one host or a pod slice): create it, install miles_jax on
-# every worker, start the same training command on all workers (--worker=all), follow the
-# logs, and delete the slice afterwards.
+# Pre-train on Cloud TPU VM slices: obtain a slice (queued resources by default on v5e / v5p /
+# v6e), ship this checkout to every worker, check the run's inputs, start the same training
+# command on all workers, and keep the run alive through Spot preemptions (`supervise`).
 #
 #   ZONE=us-central2-b TPU_NAME=miles-v4-32 ACCELERATOR=v4-32 \
 #   WORKDIR=gs://my-bucket/miles/pretrain DATA=gs://my-bucket/shards \
-#     bash launch/tpu_pod.sh [--dry-run] create|setup|train|logs|stop|delete|all \
-#       [extra --config.* overrides, e.g. --config.mesh.shape='(2,-1)']
+#     bash launch/tpu_pod.sh [--dry-run] ACTION [extra --config.* overrides]
 #
-# --dry-run (or DRY_RUN=1) prints every gcloud command instead of running it.
-# RUNTIME follows the accelerator generation (Google's "TPU software versions" table):
-# v6e -> v2-alpha-tpuv6e, v5p -> v2-alpha-tpuv5, v5e (v5litepod-*) -> v2-alpha-tpuv5-lite,
-# v4 and older -> tpu-ubuntu2204-base. These images ship Python 3.10; `setup` installs 3.11
-# (jax 0.10 / numpy 2.4 need >= 3.11) and builds the venv with it.
-# `train` kills stale processes holding the TPU on every worker, then starts the job detached
-# from the ssh session (nohup setsid): each worker logs to ~/miles_logs/train-HOSTNAME.log.
-# Every host runs the same command; jax.distributed is initialised from the TPU VM metadata and
-# each process prints one start-up line (process i/N, local and global device counts).
-# Checkpoints, exports and metrics go to $WORKDIR (gs:// works throughout); re-running `train`
-# resumes. Spot slices receive SIGTERM: the loop saves and exits 0, so `train` can be re-run.
+# ACTION: create | setup | train | supervise | logs | stop | delete | all | plan
+#   all        create, setup, train (the slice keeps billing after training: prefer `supervise`
+#              with AUTO_DELETE=1)
+#   supervise  a loop reading the slice's state: PREEMPTED / TERMINATED / SUSPENDED / FAILED /
+#              missing -> delete, create, setup, train; READY with no trainer on worker 0 and no
+#              export in WORKDIR -> train; export present -> done (AUTO_DELETE=1 deletes the slice)
+#              and exit 0. Every action is logged with a UTC timestamp. POLL_S (60) between reads.
+#   plan       runs `python -m miles_jax.plan` locally (no TPU) for CONFIG on ACCELERATOR.
+#
+# --dry-run (or DRY_RUN=1) prints every command instead of running it (state queries and waits
+# are printed once).
+#
+# Capacity (gcloud docs: https://cloud.google.com/tpu/docs/queued-resources,
+# https://cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/create):
+#   QUEUED=1 (default for v5e / v5p / v6e; 0 elsewhere) creates through
+#   `gcloud compute tpus queued-resources create`, waits (printing the state) until ACTIVE, and
+#   deletes through `queued-resources delete --force --async`. SPOT=1 -> --spot, RESERVED=1 ->
+#   --reserved, VALID_UNTIL=6h -> --valid-until-duration. QUEUED=0: `tpu-vm create` (--spot).
+#   NODE_COUNT=N > 1 (multislice, queued only) -> --node-count=N --node-prefix=TPU_NAME: slices
+#   TPU_NAME-0 .. TPU_NAME-(N-1), and the trainer gets --config.mesh.num_slices=N.
+#   AUTOCHECKPOINT=1 (default where the docs list support: v2-v4, v5e) adds
+#   --autocheckpoint-enabled, an alpha flag, so the command becomes `gcloud alpha ...`
+#   (https://cloud.google.com/tpu/docs/autocheckpoint): on a maintenance event the VMs receive
+#   SIGTERM, which the training loop answers with a collective save.
+# RUNTIME follows the generation ("TPU software versions"): v6e -> v2-alpha-tpuv6e,
+#   v5p -> v2-alpha-tpuv5, v5e (v5litepod-*) -> v2-alpha-tpuv5-lite, v4 and older ->
+#   tpu-ubuntu2204-base. These images ship Python 3.10; `setup` installs 3.11.
+#
+# Code: by default the committed HEAD of this checkout is shipped (`git archive`, copied with
+#   `tpu-vm scp --worker=all` into ~/miles_jax, the venv kept) by `setup` and again by `train`;
+#   a tree with uncommitted changes is refused unless ALLOW_DIRTY=1 (then the tracked changes are
+#   shipped too; untracked files never are). The commit and the dirty flag reach the run's
+#   config.json as code.commit / code.dirty. REPO=URL [BRANCH=main] clones instead.
+# Preflight before `train` starts anything: a non-gs:// WORKDIR on a multi-host slice is refused
+#   (SHARED_WORKDIR=1 if it is a shared mount: passes --config.train.shared_workdir=True), DATA is
+#   required by the pre-training configs and must exist, WORKDIR must take a write. After the
+#   start, `train` waits (STARTUP_TIMEOUT_S, 900) for worker 0's first progress line or an error
+#   line, and exits 1 printing the error.
+# `train` stops stale trainers first; `stop` sends TERM (the loop saves), waits up to
+#   STOP_TIMEOUT_S (300) for the trainers to exit, then KILLs what is left.
+# Each worker logs to ~/miles_logs/train-HOSTNAME.log; checkpoints, exports, TensorBoard and the
+#   compilation cache live in WORKDIR, so a re-created slice resumes where the last one saved.
 # Local files named by --config.train.init_from / init.video / init.text are copied to every
-# worker (~/miles_init/) and the override rewritten; gs:// paths for train.init_from are read
-# directly.
+#   worker (~/miles_init/) and the override rewritten.
 set -euo pipefail
 
 DRY_RUN="${DRY_RUN:-}"
@@ -29,18 +58,37 @@ if [ "${1:-}" = "--dry-run" ]; then
   DRY_RUN=1
   shift
 fi
-ZONE="${ZONE:?set ZONE, e.g. us-central2-b}"
-TPU_NAME="${TPU_NAME:?set TPU_NAME}"
-ACCELERATOR="${ACCELERATOR:-v4-32}"
-REPO="${REPO:-https://github.com/YOUR_ORG/miles_jax.git}"
-BRANCH="${BRANCH:-main}"
-CONFIG="${CONFIG:-configs/pretrain_miles.py:base}"
-WORKDIR="${WORKDIR:?set WORKDIR, e.g. gs://bucket/miles/run1}"
-DATA="${DATA:-}"
-PYTHON="${PYTHON:-python3.11}"
 ACTION="${1:-all}"
 shift || true
 EXTRA=("$@")
+ACCELERATOR="${ACCELERATOR:-v4-32}"
+CONFIG="${CONFIG:-configs/pretrain_miles.py:base}"
+DATA="${DATA:-}"
+NODE_COUNT="${NODE_COUNT:-1}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+die() { echo "error: $*" >&2; exit 2; }
+
+plan() {  # deviceless: the compiled step's memory and collectives for CONFIG on ACCELERATOR
+  local args=("${LOCAL_PYTHON:-python3}" -m miles_jax.plan "--config=$CONFIG"
+              "--topology=$ACCELERATOR")
+  if [ "$NODE_COUNT" -gt 1 ]; then args+=("--config.mesh.num_slices=$NODE_COUNT"); fi
+  args+=("${EXTRA[@]}")
+  if [ -n "$DRY_RUN" ]; then printf '%q ' "${args[@]}"; echo; return; fi
+  (cd "$HERE" && PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "${args[@]}")
+}
+if [ "$ACTION" = plan ]; then plan; exit 0; fi
+
+ZONE="${ZONE:?set ZONE, e.g. us-central2-b}"
+TPU_NAME="${TPU_NAME:?set TPU_NAME}"
+WORKDIR="${WORKDIR:?set WORKDIR, e.g. gs://bucket/miles/run1}"
+REPO="${REPO:-}"
+BRANCH="${BRANCH:-main}"
+PYTHON="${PYTHON:-python3.11}"
+POLL_S="${POLL_S:-60}"
+STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-300}"
+STARTUP_TIMEOUT_S="${STARTUP_TIMEOUT_S:-900}"
+MAX_ROUNDS="${MAX_ROUNDS:-0}"  # supervise: stop after this many state reads (0: until done)
 
 runtime_for() {
   case "$1" in
@@ -48,11 +96,31 @@ runtime_for() {
     v5p*) echo v2-alpha-tpuv5 ;;
     v5litepod*|v5e*) echo v2-alpha-tpuv5-lite ;;
     v2*|v3*|v4*) echo tpu-ubuntu2204-base ;;
-    *) echo "unknown ACCELERATOR=$1 (v4-N, v5litepod-N, v5p-N, v6e-N); set RUNTIME" >&2
+    *) echo "error: unknown ACCELERATOR=$1 (v4-N, v5litepod-N, v5p-N, v6e-N); set RUNTIME" >&2
        return 2 ;;
   esac
 }
 RUNTIME="${RUNTIME:-$(runtime_for "$ACCELERATOR")}"
+case "$ACCELERATOR" in
+  v5*|v6e*) QUEUED="${QUEUED:-1}" ;;
+  *) QUEUED="${QUEUED:-0}" ;;
+esac
+case "$ACCELERATOR" in  # Autocheckpoint: "only TPUs (v2-v4, and v5e)" (autocheckpoint docs)
+  v2*|v3*|v4*|v5litepod*|v5e*) AUTOCHECKPOINT="${AUTOCHECKPOINT:-1}" ;;
+  *) AUTOCHECKPOINT="${AUTOCHECKPOINT:-0}" ;;
+esac
+case "$NODE_COUNT" in ''|*[!0-9]*|0) die "NODE_COUNT=$NODE_COUNT: give the number of slices, e.g. 2" ;; esac
+if [ "$NODE_COUNT" -gt 1 ] && [ "$QUEUED" != 1 ]; then
+  die "NODE_COUNT=$NODE_COUNT needs queued resources: set QUEUED=1 (multislice is created through queued-resources --node-count)"
+fi
+QR_ID="${QR_ID:-$TPU_NAME}"
+NODES=("$TPU_NAME")
+if [ "$NODE_COUNT" -gt 1 ]; then
+  NODES=()
+  for ((i = 0; i < NODE_COUNT; i++)); do NODES+=("$TPU_NAME-$i"); done
+fi
+
+log() { echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $*"; }
 
 run() {  # prints the command (shell-quoted, one line) on --dry-run, else runs it
   if [ -n "$DRY_RUN" ]; then
@@ -63,22 +131,165 @@ run() {  # prints the command (shell-quoted, one line) on --dry-run, else runs i
   fi
 }
 
-ssh_all() {
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$1"
+gcloud_track() {  # `gcloud alpha` where an alpha-only flag is used
+  if [ "$AUTOCHECKPOINT" = 1 ]; then echo "gcloud alpha"; else echo gcloud; fi
 }
 
+ssh_all() {  # every worker of every slice
+  local node
+  for node in "${NODES[@]}"; do
+    run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" --worker=all --command="$1"
+  done
+}
+
+ssh_0() {  # worker 0 of the first slice (jax process 0: the progress lines)
+  run gcloud compute tpus tpu-vm ssh "${NODES[0]}" --zone="$ZONE" --worker=0 --command="$1"
+}
+
+scp_all() {  # scp_all LOCAL REMOTE_PATH [--recurse]
+  local node
+  for node in "${NODES[@]}"; do
+    run gcloud compute tpus tpu-vm scp "${@:3}" "$1" "$node:$2" --zone="$ZONE" --worker=all
+  done
+}
+
+multi_host() {  # more than one VM: a pod slice (more than 8 chips / cores) or several slices
+  local n="${ACCELERATOR##*-}"
+  [ "$NODE_COUNT" -gt 1 ] || { [ -n "${n//[0-9]/}" ] || [ "$n" -gt 8 ]; }
+}
+
+# ---- slice state -------------------------------------------------------------------------
+node_state() {  # READY, PREEMPTED, TERMINATED, CREATING, ... or MISSING
+  gcloud compute tpus tpu-vm describe "$1" --zone="$ZONE" --format="value(state)" 2>/dev/null \
+    || echo MISSING
+}
+
+slice_state() {  # one word for the whole run: READY, WAITING, PREEMPTED, ..., MISSING
+  local s node
+  if [ "$QUEUED" = 1 ]; then
+    s="$(gcloud compute tpus queued-resources describe "$QR_ID" --zone="$ZONE" \
+           --format="value(state.state)" 2>/dev/null || echo MISSING)"
+    case "$s" in
+      ACTIVE) ;;
+      WAITING_FOR_RESOURCES|ACCEPTED|PROVISIONING|CREATING) echo WAITING; return ;;
+      *) echo "$s"; return ;;  # FAILED, SUSPENDING, SUSPENDED, DELETING, MISSING
+    esac
+  fi
+  for node in "${NODES[@]}"; do
+    s="$(node_state "$node")"
+    if [ "$s" != READY ]; then echo "$s"; return; fi
+  done
+  echo READY
+}
+
+wait_ready() {  # until the slice is usable; a request that fails ends the launch
+  if [ -n "$DRY_RUN" ]; then
+    if [ "$QUEUED" = 1 ]; then
+      run gcloud compute tpus queued-resources describe "$QR_ID" --zone="$ZONE" \
+        --format="value(state.state)"
+    else
+      run gcloud compute tpus tpu-vm describe "${NODES[0]}" --zone="$ZONE" --format="value(state)"
+    fi
+    return
+  fi
+  local s last=""
+  while true; do
+    s="$(slice_state)"
+    if [ "$s" != "$last" ]; then log "$TPU_NAME: $s"; last="$s"; fi
+    case "$s" in
+      READY) return 0 ;;
+      FAILED|SUSPENDED|PREEMPTED|TERMINATED|MISSING)
+        echo "error: $TPU_NAME is $s while waiting for it to become ready" >&2; return 1 ;;
+    esac
+    sleep "$POLL_S"
+  done
+}
+
+wait_gone() {  # a deleted name can be reused only once the deletion has finished
+  [ -n "$DRY_RUN" ] && return 0
+  local s
+  while true; do
+    s="$(slice_state)"
+    [ "$s" = MISSING ] && return 0
+    sleep "$POLL_S"
+  done
+}
+
+# ---- create / delete ---------------------------------------------------------------------
 create() {
-  local spot=()
-  if [ -n "${SPOT:-}" ]; then spot=(--spot); fi
-  run gcloud compute tpus tpu-vm create "$TPU_NAME" --zone="$ZONE" \
-    --accelerator-type="$ACCELERATOR" --version="$RUNTIME" "${spot[@]}"
+  if [ -z "$DRY_RUN" ]; then
+    local s
+    s="$(slice_state)"
+    case "$s" in
+      MISSING) ;;
+      READY|WAITING) log "$TPU_NAME exists ($s): not created again"; wait_ready; return ;;
+      *) log "$TPU_NAME is $s: deleting it first (a preempted TPU cannot be restarted)"
+         delete; wait_gone ;;
+    esac
+  fi
+  local ac=() tier=()
+  if [ "$AUTOCHECKPOINT" = 1 ]; then ac=(--autocheckpoint-enabled); fi
+  if [ -n "${SPOT:-}" ]; then tier=(--spot); fi
+  if [ "$QUEUED" = 1 ]; then
+    if [ -n "${RESERVED:-}" ]; then tier+=(--reserved); fi
+    if [ -n "${VALID_UNTIL:-}" ]; then tier+=("--valid-until-duration=$VALID_UNTIL"); fi
+    local nodes=("--node-id=$TPU_NAME")
+    if [ "$NODE_COUNT" -gt 1 ]; then nodes=("--node-count=$NODE_COUNT" "--node-prefix=$TPU_NAME"); fi
+    # shellcheck disable=SC2046  # "gcloud" or "gcloud alpha"
+    run $(gcloud_track) compute tpus queued-resources create "$QR_ID" --zone="$ZONE" \
+      --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME" "${nodes[@]}" \
+      "${tier[@]}" "${ac[@]}"
+  else
+    # shellcheck disable=SC2046
+    run $(gcloud_track) compute tpus tpu-vm create "$TPU_NAME" --zone="$ZONE" \
+      --accelerator-type="$ACCELERATOR" --version="$RUNTIME" "${tier[@]}" "${ac[@]}"
+  fi
+  wait_ready
+}
+
+delete() {
+  if [ "$QUEUED" = 1 ]; then  # --force: the nodes first, then the request
+    run gcloud compute tpus queued-resources delete "$QR_ID" --zone="$ZONE" --force --async \
+      --quiet
+  else
+    run gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" --quiet
+  fi
+}
+
+# ---- code --------------------------------------------------------------------------------
+CODE_COMMIT=""
+CODE_DIRTY=False
+
+ship() {  # the checkout's HEAD (with ALLOW_DIRTY=1: plus tracked changes) into ~/miles_jax
+  if [ -n "$REPO" ]; then
+    case "$REPO" in *YOUR_ORG*) die "REPO=$REPO is the placeholder: unset REPO to ship this checkout, or give your fork's URL" ;; esac
+    ssh_all "set -e; [ -d miles_jax/.git ] || git clone -b $BRANCH $REPO miles_jax; \
+      cd miles_jax && git fetch -q origin $BRANCH && git checkout -q FETCH_HEAD"
+    return
+  fi
+  git -C "$HERE" rev-parse --git-dir >/dev/null 2>&1 \
+    || die "$HERE is not a git checkout: set REPO=URL to clone on the workers instead"
+  CODE_COMMIT="$(git -C "$HERE" rev-parse HEAD)"
+  local tree="$CODE_COMMIT"
+  if [ -n "$(git -C "$HERE" status --porcelain --untracked-files=no)" ]; then
+    [ -n "${ALLOW_DIRTY:-}" ] \
+      || die "$HERE has uncommitted changes: commit them (the run records the commit) or set ALLOW_DIRTY=1"
+    CODE_DIRTY=True
+    tree="$(git -C "$HERE" stash create)"  # a commit of the working tree; the tree is untouched
+  fi
+  local archive="${TMPDIR:-/tmp}/miles_jax-$TPU_NAME.tar.gz"
+  run git -C "$HERE" archive --format=tar.gz -o "$archive" "$tree"
+  scp_all "$archive" miles_jax.tar.gz  # relative: the home folder
+  ssh_all "set -e; mkdir -p ~/miles_jax; \
+    find ~/miles_jax -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +; \
+    tar -xzf ~/miles_jax.tar.gz -C ~/miles_jax; echo '$CODE_COMMIT dirty=$CODE_DIRTY' > ~/miles_jax/SHIPPED"
 }
 
 setup() {
+  ship
   ssh_all "set -e; if ! command -v $PYTHON >/dev/null; then \
     sudo apt-get update -q && sudo apt-get install -y -q ${PYTHON}-venv ${PYTHON}-dev; fi; \
-    [ -d miles_jax ] || git clone -b $BRANCH $REPO miles_jax; \
-    cd miles_jax && git pull --ff-only; $PYTHON -m venv .venv; . .venv/bin/activate; \
+    cd miles_jax; $PYTHON -m venv .venv; . .venv/bin/activate; \
     pip install -q -U pip; pip install -q -e . 'jax[tpu]==0.10.2'"
 }
 
@@ -93,36 +304,105 @@ copy_local_inputs() {
         value="${arg#*=}"
         if [ -n "$value" ] && [ "${value#*://}" = "$value" ]; then
           ssh_all "mkdir -p ~/miles_init"
-          run gcloud compute tpus tpu-vm scp --recurse "$value" "$TPU_NAME:~/miles_init/" \
-            --zone="$ZONE" --worker=all
+          scp_all "$value" miles_init/ --recurse
           EXTRA[i]="$key=../miles_init/$(basename "$value")"  # relative to ~/miles_jax
         fi ;;
     esac
   done
 }
 
+reads_data_root() {  # the pre-training configs take the data root as their second argument
+  case "$CONFIG" in
+    *pretrain_miles.py*|*pretrain_mac.py*) [ "${CONFIG#*,}" = "$CONFIG" ] ;;
+    *) return 1 ;;
+  esac
+}
+
 train_command() {  # the command every worker runs; each argument quoted for the remote shell
   local config="$CONFIG" data_flags=()
   if [ -n "$DATA" ]; then
-    case "$CONFIG" in
-      # weighted WebVid/CC3M sources: the config's second argument is their root
-      *pretrain_miles.py:*|*pretrain_mac.py:*) config="$CONFIG,$DATA" ;;
-      *) data_flags=("--config.data.train=$DATA/train-*.tfrecord"
-                     "--config.data.tokenizer=$DATA/vocab.txt") ;;
-    esac
+    if reads_data_root; then
+      config="$CONFIG,$DATA"  # weighted WebVid/CC3M sources: the config's second argument
+    else
+      data_flags=("--config.data.train=$DATA/train-*.tfrecord"
+                  "--config.data.tokenizer=$DATA/vocab.txt")
+    fi
   fi
   local args=(python -m miles_jax.train "--config=$config" "--workdir=$WORKDIR" "${data_flags[@]}")
+  if [ "$NODE_COUNT" -gt 1 ]; then args+=("--config.mesh.num_slices=$NODE_COUNT"); fi
+  if [ -n "${SHARED_WORKDIR:-}" ]; then args+=("--config.train.shared_workdir=True"); fi
+  if [ -n "$CODE_COMMIT" ]; then
+    args+=("--config.code.commit=$CODE_COMMIT" "--config.code.dirty=$CODE_DIRTY")
+  fi
   args+=("${EXTRA[@]}")
   printf '%q ' "${args[@]}"
 }
 
-stop() {  # stale processes holding the TPU (a crashed or earlier run) block a new start
-  ssh_all "sudo fuser -k -TERM /dev/accel* /dev/vfio/[0-9]* 2>/dev/null || true; sleep 5; \
+# ---- preflight ---------------------------------------------------------------------------
+exists_remote() {  # a gs:// path: gcloud storage; else a path on worker 0 (relative: ~/miles_jax)
+  case "$1" in
+    gs://*) run gcloud storage ls "$1" >/dev/null ;;
+    *) ssh_0 "cd miles_jax && ls -d $1 >/dev/null" ;;
+  esac
+}
+
+preflight() {
+  case "$WORKDIR" in
+    gs://*) ;;
+    *) if multi_host && [ -z "${SHARED_WORKDIR:-}" ]; then
+         die "WORKDIR=$WORKDIR is local but $ACCELERATOR x$NODE_COUNT has several hosts (each would hold part of every checkpoint): use gs://BUCKET/PATH, or SHARED_WORKDIR=1 for a mount every host shares"
+       fi ;;
+  esac
+  if [ -z "$DATA" ] && reads_data_root; then
+    die "DATA is empty but $CONFIG reads its data root from it: set DATA=gs://BUCKET/shards (or CONFIG=...:ARG,ROOT)"
+  fi
+  if [ -n "$DATA" ]; then
+    exists_remote "$DATA" || die "DATA=$DATA does not exist (or is not readable): check the path"
+  fi
+  local probe="$WORKDIR/.launch_probe_$$"
+  case "$WORKDIR" in
+    gs://*) { echo probe | run gcloud storage cp - "$probe" >/dev/null \
+                && run gcloud storage rm "$probe" >/dev/null; } \
+              || die "WORKDIR=$WORKDIR does not take a write: check the bucket and its permissions" ;;
+    *) ssh_0 "cd miles_jax && mkdir -p $WORKDIR && touch $probe && rm $probe" \
+         || die "WORKDIR=$WORKDIR does not take a write on worker 0" ;;
+  esac
+}
+
+wait_started() {  # worker 0's first progress line, or its first error
+  local pattern='^(initialised a new run|resumed .* from step|.*already trained to step|error: |Traceback)'
+  local cmd="grep -m1 -E '$pattern' ~/miles_logs/train-*.log"
+  if [ -n "$DRY_RUN" ]; then ssh_0 "$cmd"; return; fi
+  local waited=0 line
+  while [ "$waited" -lt "$STARTUP_TIMEOUT_S" ]; do
+    line="$(ssh_0 "$cmd" 2>/dev/null || true)"
+    case "$line" in
+      error:*|Traceback*)
+        echo "error: the trainer on ${NODES[0]} worker 0 failed at start-up: $line" >&2
+        echo "  (full log: bash launch/tpu_pod.sh logs)" >&2
+        return 1 ;;
+      ?*) log "worker 0: $line"; return 0 ;;
+    esac
+    sleep "$POLL_S"
+    waited=$((waited + POLL_S))
+    if [ "$POLL_S" -eq 0 ]; then waited=$((waited + 1)); fi
+  done
+  echo "error: no progress line from worker 0 within ${STARTUP_TIMEOUT_S}s: see bash launch/tpu_pod.sh logs" >&2
+  return 1
+}
+
+# ---- train / stop ------------------------------------------------------------------------
+stop() {  # TERM (the loop saves), wait for the trainers, then KILL what is left
+  ssh_all "sudo fuser -k -TERM /dev/accel* /dev/vfio/[0-9]* 2>/dev/null || true; \
+    for _ in \$(seq $STOP_TIMEOUT_S); do \
+      sudo fuser /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1 || break; sleep 1; done; \
     sudo fuser -k -KILL /dev/accel* /dev/vfio/[0-9]* 2>/dev/null || true; \
     sudo rm -f /tmp/libtpu_lockfile"
 }
 
 train() {
+  preflight
+  ship
   copy_local_inputs
   stop
   local cmd
@@ -130,25 +410,72 @@ train() {
   ssh_all "mkdir -p ~/miles_logs && cd miles_jax && . .venv/bin/activate && \
     nohup setsid $cmd > ~/miles_logs/train-\$(hostname).log 2>&1 < /dev/null & \
     echo \"started on \$(hostname): log ~/miles_logs/train-\$(hostname).log\""
+  wait_started
 }
 
-logs() {  # worker 0's log (the only one with progress lines); other workers: --worker=N
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker="${WORKER:-0}" \
+logs() {  # worker 0's log (the only one with progress lines); other workers: WORKER=N
+  run gcloud compute tpus tpu-vm ssh "${NODES[0]}" --zone="$ZONE" --worker="${WORKER:-0}" \
     --command="tail -n 100 -f ~/miles_logs/train-*.log"
 }
 
-delete() {
-  run gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" --quiet
+# ---- supervise ---------------------------------------------------------------------------
+finished() {  # the run's export exists (written once, after the last step)
+  case "$WORKDIR" in
+    gs://*) gcloud storage ls "$WORKDIR/export/" >/dev/null 2>&1 ;;
+    *) ssh_0 "test -d miles_jax/$WORKDIR/export || test -d $WORKDIR/export" >/dev/null 2>&1 ;;
+  esac
+}
+
+trainer_running() {  # a trainer process on worker 0
+  [ "$(ssh_0 "pgrep -f 'miles_jax[.]train' >/dev/null && echo running || echo idle" \
+        2>/dev/null)" = running ]
+}
+
+supervise() {
+  [ -z "$DRY_RUN" ] || die "supervise reads live state and has no --dry-run; use --dry-run create / train to see its commands"
+  local rounds=0 s
+  log "supervise $TPU_NAME ($ACCELERATOR x$NODE_COUNT, queued=$QUEUED, spot=${SPOT:-0}): reading its state every ${POLL_S}s"
+  while true; do
+    rounds=$((rounds + 1))
+    s="$(slice_state)"
+    case "$s" in
+      PREEMPTED|TERMINATED|SUSPENDED|SUSPENDING|FAILED|MISSING)
+        log "state $s: recreating the slice (delete, create, setup, train)"
+        if [ "$s" != MISSING ]; then delete; wait_gone; fi
+        create
+        setup
+        log "starting the trainer"
+        train || log "train failed to start (see above); retrying next round" ;;
+      READY)
+        if finished; then
+          log "state READY, $WORKDIR/export exists: training finished"
+          if [ -n "${AUTO_DELETE:-}" ]; then log "AUTO_DELETE=1: deleting $TPU_NAME"; delete; fi
+          return 0
+        elif trainer_running; then
+          log "state READY, trainer running on worker 0"
+        else
+          log "state READY, no trainer on worker 0 and no export: starting the trainer"
+          train || log "train failed to start (see above); retrying next round"
+        fi ;;
+      *) log "state $s: waiting" ;;
+    esac
+    if [ "$MAX_ROUNDS" -gt 0 ] && [ "$rounds" -ge "$MAX_ROUNDS" ]; then
+      log "MAX_ROUNDS=$MAX_ROUNDS reached: exiting"
+      return 0
+    fi
+    sleep "$POLL_S"
+  done
 }
 
 case "$ACTION" in
   create) create ;;
   setup) setup ;;
   train) train ;;
+  supervise) supervise ;;
   logs) logs ;;
   stop) stop ;;
   delete) delete ;;
   all) create; setup; train ;;
-  *) echo "usage: $0 [--dry-run] create|setup|train|logs|stop|delete|all [--config.* overrides]" >&2
+  *) echo "usage: $0 [--dry-run] create|setup|train|supervise|logs|stop|delete|all|plan [--config.* overrides]" >&2
      exit 2 ;;
 esac
