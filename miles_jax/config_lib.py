@@ -217,15 +217,29 @@ def default_config() -> ml_collections.ConfigDict:
   # JAX_COMPILATION_CACHE_DIR is set), '' = off, or any directory / gs:// path.
   c.train.compilation_cache = "auto"
   # (first, last): a jax.profiler trace of steps first+1..last in WORKDIR/profile; () = none.
+  # Traced on process 0 only (train.profile_all_hosts=True: every host); each step carries a
+  # jax.profiler.StepTraceAnnotation marker.
   c.train.profile_steps = ()
+  c.train.profile_all_hosts = False
+  # With several processes a workdir must be one place every host sees (gs://...); a local path
+  # is refused unless this says it is a shared mount (NFS, Filestore, gcsfuse).
+  c.train.shared_workdir = False
   # An ablation.json (python -m miles_jax.ablate) whose contrastive-only row is printed next to
   # the final retrieval table when it was measured on the same held-out split (the demo's).
   c.train.compare_to = ""
   c.evaluators = "retrieval"  # comma list run on data.eval: retrieval, zeroshot
 
+  # The code that ran, recorded in WORKDIR/config.json (launch/tpu_pod.sh sets both).
+  c.code = ml_collections.ConfigDict()
+  c.code.commit = ""
+  c.code.dirty = False
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)  # -1: all remaining devices
   c.mesh.axes = ("data",)
+  # TPU slices joined over the data-centre network (multislice): the `data` axis is split
+  # across slices, every other axis stays inside a slice (parallel.make_mesh).
+  c.mesh.num_slices = 1
   # logical axis -> mesh axis (None: replicated). Batch goes over `batch`.
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = (

@@ -20,12 +20,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 Rules = tuple[tuple[str, Any], ...]
 
 
-def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
+def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None,
+              num_slices: int = 1) -> Mesh:
   """A mesh of `devices` (default: all) with one -1 entry meaning 'all remaining devices'.
 
   Axis types are Auto (classic jit + NamedSharding), unlike `jax.make_mesh`'s Explicit default.
+  `num_slices` > 1 (multislice): the `data` axis spans the slices (device_grid).
   """
   devices = list(jax.devices() if devices is None else devices)
+  return Mesh(device_grid(shape, axes, devices, num_slices), tuple(axes))
+
+
+def device_grid(shape: Sequence[int], axes: Sequence[str], devices: Sequence,
+                num_slices: int = 1) -> np.ndarray:
+  """The devices arranged as the mesh `shape` (one -1 entry allowed).
+
+  One slice: on TPU `mesh_utils.create_device_mesh` follows the ICI torus, elsewhere row-major.
+  Several slices (`mesh.num_slices`, devices carrying `slice_index`): the `data` axis is split
+  into num_slices blocks that cross the data-centre network (DCN) and every other axis stays
+  inside a slice, as `mesh_utils.create_hybrid_device_mesh` builds it; only the data-parallel
+  gradient all-reduce then crosses slices.
+  """
+  devices = list(devices)
   shape, axes = tuple(int(s) for s in shape), tuple(axes)
   if len(shape) != len(axes):
     raise ValueError(f"mesh.shape={shape} and mesh.axes={axes} must have the same length")
@@ -43,15 +59,41 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
     raise ValueError(f"mesh.shape={shape} has {math.prod(shape)} slots but there are "
                      f"{len(devices)} devices: make the product equal the device count "
                      "or use -1 for one axis")
-  device_array = np.asarray(devices).reshape(shape)
-  if devices[0].platform == "tpu":  # ICI topology matters there; elsewhere row-major is fine
-    from jax.experimental import mesh_utils
-    device_array = mesh_utils.create_device_mesh(shape, devices)
-  return Mesh(device_array, axes)
+  num_slices = int(num_slices)
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  if num_slices < 1:
+    raise ValueError(f"mesh.num_slices={num_slices} must be >= 1")
+  if num_slices == 1:
+    if len(slices) > 1:
+      raise ValueError(f"the {len(devices)} devices span {len(slices)} TPU slices but "
+                       f"mesh.num_slices=1: set mesh.num_slices={len(slices)}")
+    if devices[0].platform == "tpu":  # ICI topology matters there; elsewhere row-major is fine
+      from jax.experimental import mesh_utils
+      return mesh_utils.create_device_mesh(shape, devices)
+    return np.asarray(devices).reshape(shape)
+  if None in slices:
+    raise ValueError(f"mesh.num_slices={num_slices} needs devices that carry slice_index (TPU "
+                     f"multislice); these {devices[0].platform} devices do not: set "
+                     "mesh.num_slices=1")
+  if len(slices) != num_slices:
+    raise ValueError(f"mesh.num_slices={num_slices} but the {len(devices)} devices belong to "
+                     f"{len(slices)} slice(s): set mesh.num_slices={len(slices)}")
+  if "data" not in axes:
+    raise ValueError(f"mesh.num_slices={num_slices} splits the 'data' axis across slices but "
+                     f"mesh.axes={axes} has none: add 'data'")
+  i = axes.index("data")
+  if shape[i] % num_slices:
+    raise ValueError(f"mesh.shape={shape}: the data axis ({shape[i]}) must be a multiple of "
+                     f"mesh.num_slices={num_slices}")
+  per_slice = tuple(s // num_slices if j == i else s for j, s in enumerate(shape))
+  dcn = tuple(num_slices if j == i else 1 for j in range(len(shape)))
+  from jax.experimental import mesh_utils
+  return mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices)
 
 
 def mesh_from_config(config, devices=None) -> Mesh:
-  return make_mesh(config.mesh.shape, config.mesh.axes, devices)
+  return make_mesh(config.mesh.shape, config.mesh.axes, devices,
+                   num_slices=config.mesh.get("num_slices", 1))
 
 
 def logical_rules(rules, mesh: Mesh) -> Rules:

@@ -212,9 +212,25 @@ def test_prefetcher_hands_out_batches_in_order_with_their_data_state():
   p.close()
 
 
+def _tb_scalars(logdir: str) -> dict:
+  """{tag: [(step, value)]} from every TensorBoard event file under `logdir`."""
+  import tensorflow as tf
+  out = {}
+  for name in sorted(os.listdir(logdir)):
+    if "tfevents" not in name:
+      continue
+    for e in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+      for v in e.summary.value:
+        value = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+        out.setdefault(v.tag, []).append((e.step, value))
+  return out
+
+
 def test_metrics_read_at_log_steps_profile_and_compile_cache(data_dir, tmp_path):
   """log_every=4 over 4 steps: one metrics row; `train.profile_steps` writes a jax.profiler
-  trace; the persistent compilation cache lands under the workdir by default."""
+  trace with step markers; the persistent compilation cache lands under the workdir by default;
+  throughput, wall-clock and restarts reach TensorBoard (perf/*), and a resume counts a
+  restart."""
   wd = str(tmp_path / "prof")
   env = _env(1)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -225,10 +241,28 @@ def test_metrics_read_at_log_steps_profile_and_compile_cache(data_dir, tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert [x["step"] for x in rows if x["kind"] == "train"] == [4]
-  traces = [f for _, _, fs in os.walk(os.path.join(wd, "profile")) for f in fs
+  traces = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(wd, "profile")) for f in fs
             if f.endswith(".xplane.pb")]
   assert traces, os.listdir(wd)
+  assert any(b"step_num" in open(t, "rb").read() for t in traces)  # StepTraceAnnotation
   assert os.listdir(os.path.join(wd, "compilation_cache"))
+  r = _run(_cmd(data_dir, wd, *_overrides(steps=6, **{"train.log_every": 2,
+                                                      "train.checkpoint_every": 6})), env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  tb = _tb_scalars(os.path.join(wd, "tensorboard"))
+  for tag in ("steps_per_sec", "clips_per_sec", "clips_per_sec_per_chip", "wall_clock_hours",
+              "restarts", "eta_hours"):
+    assert [s for s, _ in tb[f"perf/{tag}"]] == [4, 6], tag
+  assert [v for _, v in tb["perf/restarts"]] == [0, 1]
+  for (_, sps), (_, cps), (_, per_chip) in zip(tb["perf/steps_per_sec"], tb["perf/clips_per_sec"],
+                                               tb["perf/clips_per_sec_per_chip"]):
+    assert sps > 0 and cps == pytest.approx(8 * sps, rel=1e-5)  # data.batch_size=8
+    assert per_chip == pytest.approx(cps, rel=1e-5)  # one device
+  assert tb["perf/wall_clock_hours"][1][1] > tb["perf/wall_clock_hours"][0][1] > 0
+  assert tb["perf/eta_hours"][1][1] == 0.0
+  last = [r for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))
+          if r["kind"] == "train"][-1]
+  assert last["step"] == 6 and last["perf"]["restarts"] == 1
 
 
 def test_video_only_mvm_stage_then_miles_from_it(data_dir, tmp_path, capsys):

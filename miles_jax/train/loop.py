@@ -133,13 +133,17 @@ class _Prefetcher:
 
 
 class _Profile:
-  """`train.profile_steps=(a, b)`: a jax.profiler trace of steps a+1..b in WORKDIR/profile."""
+  """`train.profile_steps=(a, b)`: a jax.profiler trace of steps a+1..b in WORKDIR/profile,
+  on process 0 only unless `train.profile_all_hosts` (every host's trace of a pod is the same
+  program; one is what a reader opens). Steps carry StepTraceAnnotation markers (the loop)."""
 
   def __init__(self, config, workdir: str):
     steps = tuple(int(x) for x in (config.train.get("profile_steps", ()) or ()))
     if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
       raise ValueError(f"config.train.profile_steps={steps}: give (first, last) step numbers "
                        "with first < last, e.g. (10, 13), or () for no trace")
+    if not (_is_main() or config.train.get("profile_all_hosts", False)):
+      steps = ()
     self.steps, self.dir, self.active = steps, paths.join(workdir, "profile"), False
 
   def before(self, step: int):
@@ -162,13 +166,14 @@ class _Profile:
 
 def _compilation_cache(config, workdir: str):
   """Persistent XLA cache (`train.compilation_cache`): restarts and preemption resumes skip the
-  compile. 'auto': WORKDIR/compilation_cache unless JAX_COMPILATION_CACHE_DIR is set; '': off."""
+  compile. 'auto': WORKDIR/compilation_cache (a gs:// workdir too: JAX reaches it through
+  etils.epath) unless JAX_COMPILATION_CACHE_DIR is set; '': off. JAX writes an entry from one
+  process and every process reads it."""
   path = str(config.train.get("compilation_cache", "auto"))
   if path == "auto":
-    if (os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
-        or paths.is_uri(workdir)):  # a bucket workdir: set JAX_COMPILATION_CACHE_DIR yourself
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
       return
-    path = os.path.join(workdir, "compilation_cache")
+    path = paths.join(workdir, "compilation_cache")
   if path:
     jax.config.update("jax_compilation_cache_dir", path)
 
@@ -215,15 +220,22 @@ class MetricWriter:
           self._lines = [paths.read_text(self.jsonl)]
       self._tb = tf.summary.create_file_writer(local)
 
-  def write(self, step: int, scalars: dict, kind: str = "train"):
+  def write(self, step: int, scalars: dict, kind: str = "train", perf: dict | None = None):
+    """`scalars` as KIND/NAME tags; `perf` (throughput) as perf/NAME tags, kept in the same
+    metrics.jsonl row under "perf"."""
     if not self.enabled:
       return
     import tensorflow as tf
     with self._tb.as_default():
       for k, v in scalars.items():
         tf.summary.scalar(f"{kind}/{k}", v, step=step)
+      for k, v in (perf or {}).items():
+        tf.summary.scalar(f"perf/{k}", v, step=step)
     self._tb.flush()
-    line = json.dumps({"step": step, "kind": kind, **scalars}) + "\n"
+    row = {"step": step, "kind": kind, **scalars}
+    if perf:
+      row["perf"] = perf
+    line = json.dumps(row) + "\n"
     if not self._remote:
       with open(self.jsonl, "a") as f:
         f.write(line)
@@ -231,6 +243,43 @@ class MetricWriter:
     self._lines.append(line)
     paths.write_text(self.jsonl, "".join(self._lines))
     paths.copy_tree(self._local_tb, self._tb_dir)
+
+
+def check_shared_workdir(config, workdir: str, hosts: list) -> None:
+  """Refuses a local `workdir` when the processes (`hosts`: each one's host name) run on more
+  than one machine: each host would write its own part of every checkpoint to its own disk and
+  a resume could not read them back. Processes of one machine share its disk."""
+  if paths.is_uri(workdir) or config.train.get("shared_workdir", False):
+    return
+  machines = sorted(set(hosts))
+  if len(machines) > 1:
+    raise ValueError(f"--workdir={workdir} is a local path but the {len(hosts)} processes run on "
+                     f"{len(machines)} hosts (each would keep part of every checkpoint): use "
+                     "gs://BUCKET/PATH, or --config.train.shared_workdir=True for a mount every "
+                     "host shares")
+
+
+def _host_names() -> list:
+  """Every process's host name (crc32 of it: the allgather moves numbers)."""
+  import socket
+  import zlib
+  mine = np.asarray([zlib.crc32(socket.gethostname().encode())], np.int64)
+  if jax.process_count() == 1:
+    return [int(mine[0])]
+  from jax.experimental import multihost_utils
+  return [int(v) for v in np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)]
+
+
+def _count_start(workdir: str, resumed: bool) -> tuple[int, float]:
+  """(restarts so far, when the run first started): WORKDIR/run_starts.json, process 0."""
+  record = paths.join(workdir, "run_starts.json")
+  now = time.time()
+  if not _is_main():
+    return 0, now
+  prev = json.loads(paths.read_text(record)) if resumed and paths.exists(record) else {}
+  info = {"starts": int(prev.get("starts", 0)) + 1, "first_start": prev.get("first_start", now)}
+  paths.write_text(record, json.dumps(info))
+  return info["starts"] - 1, float(info["first_start"])
 
 
 def _data_state_all_hosts(s: dict) -> list:
@@ -273,6 +322,8 @@ def train(config, workdir: str) -> dict:
 
 def _train(config, workdir: str, preempt: _Preemption) -> dict:
   config_lib.validate(config, workdir=workdir)
+  if jax.process_count() > 1:
+    check_shared_workdir(config, workdir, _host_names())
   mesh = parallel.mesh_from_config(config)
   rules = parallel.logical_rules(config.sharding.rules, mesh)
   _check_batch(config, mesh, rules)
@@ -314,6 +365,8 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
   total = int(config.train.steps)
   start = int(jax.device_get(state.step))
   clips_per_step = int(config.data.batch_size)
+  restarts, first_start = _count_start(workdir, resumed=latest is not None)
+  chips = jax.device_count()
   last, eval_metrics, skipped = {}, {}, [0]
   t0, window_start, window_steps = time.time(), time.time(), 0
   data_state = data.state()
@@ -375,7 +428,8 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
     for step in range(start, total):
       profile.before(step)
       batch, data_state = next(batches)
-      state, metrics = step_fn(state, batch)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, metrics = step_fn(state, batch)
       del batch
       done = step + 1
       pending.append((done, metrics))
@@ -389,7 +443,12 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
         eta = (total - done) / max(sps, 1e-9)
         _print(f"step {done}/{total} | {_fmt(last)} | {sps:.2f} steps/s | "
                f"{sps * clips_per_step:.1f} clips/s | ETA {_hms(eta)}")
-        writer.write(done, {k: last[k] for k in (*METRICS, "skipped_steps") if k in last})
+        writer.write(done, {k: last[k] for k in (*METRICS, "skipped_steps") if k in last},
+                     perf={"steps_per_sec": sps, "clips_per_sec": sps * clips_per_step,
+                           "clips_per_sec_per_chip": sps * clips_per_step / chips,
+                           "eta_hours": eta / 3600,
+                           "wall_clock_hours": (now - first_start) / 3600,
+                           "restarts": restarts})
         window_start, window_steps = now, 0
       if evaluators and config.train.eval_every and (done % config.train.eval_every == 0
                                                       or done == total):
