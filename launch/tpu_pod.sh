@@ -88,7 +88,7 @@ PYTHON="${PYTHON:-python3.11}"
 POLL_S="${POLL_S:-60}"
 STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-300}"
 STARTUP_TIMEOUT_S="${STARTUP_TIMEOUT_S:-900}"
-MAX_ROUNDS="${MAX_ROUNDS:-0}"  # supervise: stop after this many state reads (0: until done)
+MAX_ROUNDS="${MAX_ROUNDS:-0}"  # supervise: give up (exit 4) after this many state reads; 0: never
 
 runtime_for() {
   case "$1" in
@@ -164,22 +164,26 @@ node_state() {  # READY, PREEMPTED, TERMINATED, CREATING, ... or MISSING
     || echo MISSING
 }
 
-slice_state() {  # one word for the whole run: READY, WAITING, PREEMPTED, ..., MISSING
+slice_state() {  # READY when every VM is; else the request's state (WAITING_FOR_RESOURCES,
+  # PROVISIONING, FAILED, SUSPENDED, ...) or the first VM's that is not READY (PREEMPTED, ...)
   local s node
   if [ "$QUEUED" = 1 ]; then
     s="$(gcloud compute tpus queued-resources describe "$QR_ID" --zone="$ZONE" \
            --format="value(state.state)" 2>/dev/null || echo MISSING)"
-    case "$s" in
-      ACTIVE) ;;
-      WAITING_FOR_RESOURCES|ACCEPTED|PROVISIONING|CREATING) echo WAITING; return ;;
-      *) echo "$s"; return ;;  # FAILED, SUSPENDING, SUSPENDED, DELETING, MISSING
-    esac
+    if [ "$s" != ACTIVE ]; then echo "$s"; return; fi
   fi
   for node in "${NODES[@]}"; do
     s="$(node_state "$node")"
     if [ "$s" != READY ]; then echo "$s"; return; fi
   done
   echo READY
+}
+
+is_lost() {  # states a slice does not come back from: delete and create it again
+  case "$1" in
+    PREEMPTED|TERMINATED|STOPPED|FAILED|SUSPENDING|SUSPENDED) return 0 ;;
+    *) return 1 ;;
+  esac
 }
 
 wait_ready() {  # until the slice is usable; a request that fails ends the launch
@@ -196,11 +200,11 @@ wait_ready() {  # until the slice is usable; a request that fails ends the launc
   while true; do
     s="$(slice_state)"
     if [ "$s" != "$last" ]; then log "$TPU_NAME: $s"; last="$s"; fi
-    case "$s" in
-      READY) return 0 ;;
-      FAILED|SUSPENDED|PREEMPTED|TERMINATED|MISSING)
-        echo "error: $TPU_NAME is $s while waiting for it to become ready" >&2; return 1 ;;
-    esac
+    if [ "$s" = READY ]; then return 0; fi
+    if [ "$s" = MISSING ] || is_lost "$s"; then
+      echo "error: $TPU_NAME is $s while waiting for it to become ready" >&2
+      return 1
+    fi
     sleep "$POLL_S"
   done
 }
@@ -220,12 +224,17 @@ create() {
   if [ -z "$DRY_RUN" ]; then
     local s
     s="$(slice_state)"
-    case "$s" in
-      MISSING) ;;
-      READY|WAITING) log "$TPU_NAME exists ($s): not created again"; wait_ready; return ;;
-      *) log "$TPU_NAME is $s: deleting it first (a preempted TPU cannot be restarted)"
-         delete; wait_gone ;;
-    esac
+    if is_lost "$s"; then
+      log "$TPU_NAME is $s: deleting it first (a preempted TPU cannot be restarted)"
+      delete
+      wait_gone
+    elif [ "$s" = DELETING ]; then
+      wait_gone
+    elif [ "$s" != MISSING ]; then
+      log "$TPU_NAME exists ($s): not created again"
+      wait_ready
+      return
+    fi
   fi
   local ac=() tier=()
   if [ "$AUTOCHECKPOINT" = 1 ]; then ac=(--autocheckpoint-enabled); fi
@@ -378,9 +387,8 @@ wait_started() {  # worker 0's first progress line, or its first error
     line="$(ssh_0 "$cmd" 2>/dev/null || true)"
     case "$line" in
       error:*|Traceback*)
-        echo "error: the trainer on ${NODES[0]} worker 0 failed at start-up: $line" >&2
-        echo "  (full log: bash launch/tpu_pod.sh logs)" >&2
-        return 1 ;;
+        echo "error: the trainer on ${NODES[0]} worker 0 failed at start-up: $line (full log: bash launch/tpu_pod.sh logs)" >&2
+        return 3 ;;
       ?*) log "worker 0: $line"; return 0 ;;
     esac
     sleep "$POLL_S"
@@ -388,7 +396,7 @@ wait_started() {  # worker 0's first progress line, or its first error
     if [ "$POLL_S" -eq 0 ]; then waited=$((waited + 1)); fi
   done
   echo "error: no progress line from worker 0 within ${STARTUP_TIMEOUT_S}s: see bash launch/tpu_pod.sh logs" >&2
-  return 1
+  return 3
 }
 
 # ---- train / stop ------------------------------------------------------------------------
@@ -431,37 +439,43 @@ trainer_running() {  # a trainer process on worker 0
         2>/dev/null)" = running ]
 }
 
+child() {  # this script as a separate process (its own errexit), same settings and overrides
+  "${BASH:-bash}" "$HERE/launch/$(basename "${BASH_SOURCE[0]}")" "$@" "${EXTRA[@]}"
+}
+
 supervise() {
   [ -z "$DRY_RUN" ] || die "supervise reads live state and has no --dry-run; use --dry-run create / train to see its commands"
-  local rounds=0 s
+  local rounds=0 s rc
   log "supervise $TPU_NAME ($ACCELERATOR x$NODE_COUNT, queued=$QUEUED, spot=${SPOT:-0}): reading its state every ${POLL_S}s"
   while true; do
     rounds=$((rounds + 1))
     s="$(slice_state)"
-    case "$s" in
-      PREEMPTED|TERMINATED|SUSPENDED|SUSPENDING|FAILED|MISSING)
-        log "state $s: recreating the slice (delete, create, setup, train)"
-        if [ "$s" != MISSING ]; then delete; wait_gone; fi
-        create
-        setup
-        log "starting the trainer"
-        train || log "train failed to start (see above); retrying next round" ;;
-      READY)
-        if finished; then
-          log "state READY, $WORKDIR/export exists: training finished"
-          if [ -n "${AUTO_DELETE:-}" ]; then log "AUTO_DELETE=1: deleting $TPU_NAME"; delete; fi
-          return 0
-        elif trainer_running; then
-          log "state READY, trainer running on worker 0"
-        else
-          log "state READY, no trainer on worker 0 and no export: starting the trainer"
-          train || log "train failed to start (see above); retrying next round"
-        fi ;;
-      *) log "state $s: waiting" ;;
+    rc=0
+    if [ "$s" = MISSING ] || is_lost "$s"; then
+      log "state $s: recreating the slice (delete, create, setup, train)"
+      child create && child setup && child train || rc=$?
+    elif [ "$s" = READY ]; then
+      if finished; then
+        log "state READY, $WORKDIR/export exists: training finished"
+        if [ -n "${AUTO_DELETE:-}" ]; then log "AUTO_DELETE=1: deleting $TPU_NAME"; delete; fi
+        return 0
+      elif trainer_running; then
+        log "state READY, trainer running on worker 0"
+      else
+        log "state READY, no trainer on worker 0 and no export: starting the trainer"
+        child train || rc=$?
+      fi
+    else
+      log "state $s: waiting"
+    fi
+    case "$rc" in
+      0) ;;
+      2|3) log "stopping: the run cannot start as configured (exit $rc, error above)"; return "$rc" ;;
+      *) log "that step failed (exit $rc): trying again next round" ;;
     esac
     if [ "$MAX_ROUNDS" -gt 0 ] && [ "$rounds" -ge "$MAX_ROUNDS" ]; then
-      log "MAX_ROUNDS=$MAX_ROUNDS reached: exiting"
-      return 0
+      log "MAX_ROUNDS=$MAX_ROUNDS reached before the run finished: exiting"
+      return 4
     fi
     sleep "$POLL_S"
   done
