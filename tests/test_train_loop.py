@@ -300,3 +300,19 @@ def test_video_only_mvm_stage_then_miles_from_it(data_dir, tmp_path, capsys):
   # the EMA of two equal trees: equal up to the rounding of m*x + (1-m)*x
   helpers.assert_trees_equal(jax.device_get(state.snapshot_params["video"]), stage1["video"],
                              atol=1e-6)
+
+
+def test_local_workdir_is_refused_across_hosts_unless_shared():
+  """Several processes on one machine share its disk (the 2-process tests here); on several
+  machines a local workdir would scatter every checkpoint, so it is refused in one line."""
+  from miles_jax.train.loop import check_shared_workdir
+  c = config_lib.default_config()
+  check_shared_workdir(c, "/tmp/run", [7, 7, 7, 7])  # one machine
+  check_shared_workdir(c, "gs://bucket/run", [1, 2])  # a bucket: every host sees it
+  with pytest.raises(ValueError) as e:
+    check_shared_workdir(c, "/tmp/run", [1, 1, 2, 2])
+  msg = str(e.value)
+  assert "--workdir=/tmp/run" in msg and "2 hosts" in msg and "shared_workdir" in msg
+  assert "\n" not in msg
+  c.train.shared_workdir = True
+  check_shared_workdir(c, "/tmp/run", [1, 2])
