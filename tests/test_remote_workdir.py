@@ -99,6 +99,8 @@ def _train_kill_resume(gcs, data_dir, workdir, nproc, extra):
   for name in ("config.json", "metrics.jsonl", "results.json", "best.json", "loss.png",
                "export/model_config.json", "best/model_config.json"):
     assert paths.exists(f"{workdir}/{name}"), name
+  # the persistent compilation cache lives in the bucket too (a restart skips the compiles)
+  assert list(paths.Path(f"{workdir}/compilation_cache").iterdir())
   events = [p for p in paths.Path(f"{workdir}/tensorboard").iterdir()
             if "tfevents" in p.name]
   assert events, "no TensorBoard event file on the bucket"
