@@ -131,19 +131,25 @@ run() {  # prints the command (shell-quoted, one line) on --dry-run, else runs i
   fi
 }
 
+run_quiet() {  # `run` with the output dropped (the command itself is still printed on --dry-run)
+  if [ -n "$DRY_RUN" ]; then run "$@"; else "$@" >/dev/null; fi
+}
+
 gcloud_track() {  # `gcloud alpha` where an alpha-only flag is used
   if [ "$AUTOCHECKPOINT" = 1 ]; then echo "gcloud alpha"; else echo gcloud; fi
 }
 
-ssh_all() {  # every worker of every slice
-  local node
+ssh_all() {  # every worker of every slice (runs of spaces from line continuations squeezed)
+  local node cmd
+  cmd="$(tr -s ' ' <<<"$1")"
   for node in "${NODES[@]}"; do
-    run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" --worker=all --command="$1"
+    run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" --worker=all --command="$cmd"
   done
 }
 
 ssh_0() {  # worker 0 of the first slice (jax process 0: the progress lines)
-  run gcloud compute tpus tpu-vm ssh "${NODES[0]}" --zone="$ZONE" --worker=0 --command="$1"
+  run gcloud compute tpus tpu-vm ssh "${NODES[0]}" --zone="$ZONE" --worker=0 \
+    --command="$(tr -s ' ' <<<"$1")"
 }
 
 scp_all() {  # scp_all LOCAL REMOTE_PATH [--recurse]
@@ -268,10 +274,14 @@ delete() {
 # ---- code --------------------------------------------------------------------------------
 CODE_COMMIT=""
 CODE_DIRTY=False
+SHIPPED=""
+CHECKED_BUCKETS=""
 
 ship() {  # the checkout's HEAD (with ALLOW_DIRTY=1: plus tracked changes) into ~/miles_jax
+  [ -z "$SHIPPED" ] || return 0  # once per invocation (`all`: setup, then train)
+  SHIPPED=1
   if [ -n "$REPO" ]; then
-    case "$REPO" in *YOUR_ORG*) die "REPO=$REPO is the placeholder: unset REPO to ship this checkout, or give your fork's URL" ;; esac
+    check_repo
     ssh_all "set -e; [ -d miles_jax/.git ] || git clone -b $BRANCH $REPO miles_jax; \
       cd miles_jax && git fetch -q origin $BRANCH && git checkout -q FETCH_HEAD"
     return
@@ -350,12 +360,17 @@ train_command() {  # the command every worker runs; each argument quoted for the
 # ---- preflight ---------------------------------------------------------------------------
 exists_remote() {  # a gs:// path: gcloud storage; else a path on worker 0 (relative: ~/miles_jax)
   case "$1" in
-    gs://*) run gcloud storage ls "$1" >/dev/null ;;
+    gs://*) run_quiet gcloud storage ls "$1" ;;
     *) ssh_0 "cd miles_jax && ls -d $1 >/dev/null" ;;
   esac
 }
 
-preflight() {
+check_repo() {
+  case "$REPO" in *YOUR_ORG*) die "REPO=$REPO is the placeholder: unset REPO to ship this checkout, or give your fork's URL" ;; esac
+}
+
+preflight() {  # `preflight early`: only what needs no slice (before `create`)
+  check_repo
   case "$WORKDIR" in
     gs://*) ;;
     *) if multi_host && [ -z "${SHARED_WORKDIR:-}" ]; then
@@ -365,17 +380,24 @@ preflight() {
   if [ -z "$DATA" ] && reads_data_root; then
     die "DATA is empty but $CONFIG reads its data root from it: set DATA=gs://BUCKET/shards (or CONFIG=...:ARG,ROOT)"
   fi
-  if [ -n "$DATA" ]; then
+  local probe="$WORKDIR/.launch_probe_$$"
+  if [ -n "$CHECKED_BUCKETS" ]; then  # `all`: the gs:// paths were checked before `create`
+    case "$DATA" in gs://*|'') ;; *) exists_remote "$DATA" || die "DATA=$DATA does not exist on worker 0: check the path" ;; esac
+    case "$WORKDIR" in gs://*) return 0 ;; esac
+  elif [ "${1:-}" = early ]; then  # local paths are checked on worker 0 once it exists
+    case "$DATA" in gs://*) exists_remote "$DATA" || die "DATA=$DATA does not exist (or is not readable): check the path" ;; esac
+    case "$WORKDIR" in gs://*) ;; *) return 0 ;; esac
+  elif [ -n "$DATA" ]; then
     exists_remote "$DATA" || die "DATA=$DATA does not exist (or is not readable): check the path"
   fi
-  local probe="$WORKDIR/.launch_probe_$$"
   case "$WORKDIR" in
-    gs://*) { echo probe | run gcloud storage cp - "$probe" >/dev/null \
-                && run gcloud storage rm "$probe" >/dev/null; } \
+    gs://*) { echo probe | run_quiet gcloud storage cp - "$probe" \
+                && run_quiet gcloud storage rm "$probe"; } \
               || die "WORKDIR=$WORKDIR does not take a write: check the bucket and its permissions" ;;
     *) ssh_0 "cd miles_jax && mkdir -p $WORKDIR && touch $probe && rm $probe" \
          || die "WORKDIR=$WORKDIR does not take a write on worker 0" ;;
   esac
+  if [ "${1:-}" = early ]; then CHECKED_BUCKETS=1; fi
 }
 
 wait_started() {  # worker 0's first progress line, or its first error
@@ -446,6 +468,7 @@ child() {  # this script as a separate process (its own errexit), same settings 
 supervise() {
   [ -z "$DRY_RUN" ] || die "supervise reads live state and has no --dry-run; use --dry-run create / train to see its commands"
   local rounds=0 s rc
+  preflight early  # a run that cannot start is refused before any slice is paid for
   log "supervise $TPU_NAME ($ACCELERATOR x$NODE_COUNT, queued=$QUEUED, spot=${SPOT:-0}): reading its state every ${POLL_S}s"
   while true; do
     rounds=$((rounds + 1))
@@ -489,7 +512,7 @@ case "$ACTION" in
   logs) logs ;;
   stop) stop ;;
   delete) delete ;;
-  all) create; setup; train ;;
+  all) preflight early; create; setup; train ;;
   *) echo "usage: $0 [--dry-run] create|setup|train|supervise|logs|stop|delete|all|plan [--config.* overrides]" >&2
      exit 2 ;;
 esac

@@ -240,11 +240,22 @@ def test_tpu_plan_runs_locally_with_the_launch_settings():
     ({"DATA": "", "CONFIG": "configs/pretrain_miles.py:base"}, "DATA"),
     ({"REPO": "https://github.com/YOUR_ORG/miles_jax.git"}, "REPO="),
 ])
-def test_tpu_preflight_refusals(env, needle):
-  r, lines = _tpu_dry_run("train", **env)
+@pytest.mark.parametrize("action", ["train", "all"])
+def test_tpu_preflight_refusals(env, needle, action):
+  r, lines = _tpu_dry_run(action, **env)
   assert r.returncode == 2, r.stdout + r.stderr
   assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and needle in r.stderr
-  assert not [a for a in lines if "ssh" in a or "create" in a]  # nothing started
+  assert not [a for a in lines if "ssh" in a or "create" in a]  # nothing created or started
+
+
+def test_tpu_all_checks_the_buckets_before_creating_the_slice():
+  r, lines = _tpu_dry_run("all", ACCELERATOR="v5litepod-16", SPOT="1")
+  assert r.returncode == 0, r.stderr
+  names = [" ".join(a[:4]) for a in lines]
+  assert names.index("gcloud storage ls gs://bucket/shards") < next(
+      i for i, n in enumerate(names) if "create" in lines[i])
+  assert names.count("gcloud storage ls gs://bucket/shards") == 1  # not again before train
+  assert sum("archive" in a for a in lines) == 1  # shipped once (setup), not again by train
 
 
 def test_tpu_preflight_accepts_what_it_should():
