@@ -69,12 +69,29 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 die() { echo "error: $*" >&2; exit 2; }
 
+quote() {  # one argument for a shell, readably: bare, '...', or %q when it holds a '
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then printf '%s' "$1"
+  elif [[ "$1" != *"'"* ]]; then printf "'%s'" "$1"
+  else printf '%q' "$1"
+  fi
+}
+
+run() {  # prints the command (shell-quoted, one line) on --dry-run, else runs it
+  if [ -n "$DRY_RUN" ]; then
+    local a line=""
+    for a in "$@"; do line+="$(quote "$a") "; done
+    echo "${line% }"
+  else
+    "$@"
+  fi
+}
+
 plan() {  # deviceless: the compiled step's memory and collectives for CONFIG on ACCELERATOR
   local args=("${LOCAL_PYTHON:-python3}" -m miles_jax.plan "--config=$CONFIG"
               "--topology=$ACCELERATOR")
   if [ "$NODE_COUNT" -gt 1 ]; then args+=("--config.mesh.num_slices=$NODE_COUNT"); fi
   args+=("${EXTRA[@]}")
-  if [ -n "$DRY_RUN" ]; then printf '%q ' "${args[@]}"; echo; return; fi
+  if [ -n "$DRY_RUN" ]; then run "${args[@]}"; return; fi
   (cd "$HERE" && PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "${args[@]}")
 }
 if [ "$ACTION" = plan ]; then plan; exit 0; fi
@@ -121,15 +138,6 @@ if [ "$NODE_COUNT" -gt 1 ]; then
 fi
 
 log() { echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $*"; }
-
-run() {  # prints the command (shell-quoted, one line) on --dry-run, else runs it
-  if [ -n "$DRY_RUN" ]; then
-    printf '%q ' "$@"
-    echo
-  else
-    "$@"
-  fi
-}
 
 run_quiet() {  # `run` with the output dropped (the command itself is still printed on --dry-run)
   if [ -n "$DRY_RUN" ]; then run "$@"; else "$@" >/dev/null; fi
@@ -301,7 +309,7 @@ ship() {  # the checkout's HEAD (with ALLOW_DIRTY=1: plus tracked changes) into 
   scp_all "$archive" miles_jax.tar.gz  # relative: the home folder
   ssh_all "set -e; mkdir -p ~/miles_jax; \
     find ~/miles_jax -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +; \
-    tar -xzf ~/miles_jax.tar.gz -C ~/miles_jax; echo '$CODE_COMMIT dirty=$CODE_DIRTY' > ~/miles_jax/SHIPPED"
+    tar -xzf ~/miles_jax.tar.gz -C ~/miles_jax; echo \"$CODE_COMMIT dirty=$CODE_DIRTY\" > ~/miles_jax/SHIPPED"
 }
 
 setup() {
@@ -309,7 +317,7 @@ setup() {
   ssh_all "set -e; if ! command -v $PYTHON >/dev/null; then \
     sudo apt-get update -q && sudo apt-get install -y -q ${PYTHON}-venv ${PYTHON}-dev; fi; \
     cd miles_jax; $PYTHON -m venv .venv; . .venv/bin/activate; \
-    pip install -q -U pip; pip install -q -e . 'jax[tpu]==0.10.2'"
+    pip install -q -U pip; pip install -q -e . \"jax[tpu]==0.10.2\""
 }
 
 # Overrides naming local files: copy them to every worker and point the override there.
@@ -380,7 +388,7 @@ preflight() {  # `preflight early`: only what needs no slice (before `create`)
   if [ -z "$DATA" ] && reads_data_root; then
     die "DATA is empty but $CONFIG reads its data root from it: set DATA=gs://BUCKET/shards (or CONFIG=...:ARG,ROOT)"
   fi
-  local probe="$WORKDIR/.launch_probe_$$"
+  local probe="$WORKDIR/.launch_write_probe"
   if [ -n "$CHECKED_BUCKETS" ]; then  # `all`: the gs:// paths were checked before `create`
     case "$DATA" in gs://*|'') ;; *) exists_remote "$DATA" || die "DATA=$DATA does not exist on worker 0: check the path" ;; esac
     case "$WORKDIR" in gs://*) return 0 ;; esac
@@ -402,7 +410,7 @@ preflight() {  # `preflight early`: only what needs no slice (before `create`)
 
 wait_started() {  # worker 0's first progress line, or its first error
   local pattern='^(initialised a new run|resumed .* from step|.*already trained to step|error: |Traceback)'
-  local cmd="grep -m1 -E '$pattern' ~/miles_logs/train-*.log"
+  local cmd="grep -m1 -E \"$pattern\" ~/miles_logs/train-*.log"
   if [ -n "$DRY_RUN" ]; then ssh_0 "$cmd"; return; fi
   local waited=0 line
   while [ "$waited" -lt "$STARTUP_TIMEOUT_S" ]; do
