@@ -443,3 +443,16 @@ def test_tpu_preflight_checks_data_and_workdir_through_gcloud(tmp_path, world, n
   assert r.returncode == 2, r.stdout + r.stderr
   assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and needle in r.stderr
   assert not [c for c in calls() if "ssh" in c]
+
+
+def test_docs_transcript_is_what_the_script_prints(tmp_path):
+  """docs/launch.md's dry-run of a queued Spot `all`, regenerated from a clean checkout."""
+  repo, script, head = _checkout(tmp_path)
+  r, _ = _tpu_dry_run("all", script=script, ZONE="us-west4-a", TPU_NAME="miles-v5e",
+                      ACCELERATOR="v5litepod-16", SPOT="1", TMPDIR="/tmp", ALLOW_DIRTY=None,
+                      WORKDIR="gs://my-bucket/miles/pretrain", DATA="gs://my-bucket/shards")
+  assert r.returncode == 0, r.stderr
+  got = r.stdout.replace(head, "COMMIT").replace(str(repo), "CHECKOUT").strip()
+  doc = open(os.path.join(ROOT, "docs", "launch.md")).read()
+  block = doc.split("<!-- transcript: queued spot all -->\n```\n", 1)[1].split("\n```", 1)[0]
+  assert block.strip() == got
