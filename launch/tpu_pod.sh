@@ -15,12 +15,15 @@
 #              export in WORKDIR -> train; export present -> done (AUTO_DELETE=1 deletes the slice)
 #              and exit 0. Every action is logged with a UTC timestamp. POLL_S (60) between reads.
 #   plan       runs `python -m miles_jax.plan` locally (no TPU) for CONFIG on ACCELERATOR.
+# docs/launch.md tells the whole story (the Spot cycle, every setting, a dry-run transcript).
 #
 # --dry-run (or DRY_RUN=1) prints every command instead of running it (state queries and waits
 # are printed once).
 #
 # Capacity (gcloud docs: https://cloud.google.com/tpu/docs/queued-resources,
-# https://cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/create):
+# https://cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/create and
+# .../queued-resources/delete, https://cloud.google.com/tpu/docs/spot; the alpha create's
+# --autocheckpoint-enabled: .../sdk/gcloud/reference/alpha/compute/tpus/queued-resources/create):
 #   QUEUED=1 (default for v5e / v5p / v6e; 0 elsewhere) creates through
 #   `gcloud compute tpus queued-resources create`, waits (printing the state) until ACTIVE, and
 #   deletes through `queued-resources delete --force --async`. SPOT=1 -> --spot, RESERVED=1 ->
@@ -42,9 +45,10 @@
 #   config.json as code.commit / code.dirty. REPO=URL [BRANCH=main] clones instead.
 # Preflight before `train` starts anything: a non-gs:// WORKDIR on a multi-host slice is refused
 #   (SHARED_WORKDIR=1 if it is a shared mount: passes --config.train.shared_workdir=True), DATA is
-#   required by the pre-training configs and must exist, WORKDIR must take a write. After the
+#   required by the pre-training configs and must exist, WORKDIR must take a write (`all` and
+#   `supervise` check the gs:// paths before creating anything). Refusals exit 2. After the
 #   start, `train` waits (STARTUP_TIMEOUT_S, 900) for worker 0's first progress line or an error
-#   line, and exits 1 printing the error.
+#   line, and exits 3 printing the error.
 # `train` stops stale trainers first; `stop` sends TERM (the loop saves), waits up to
 #   STOP_TIMEOUT_S (300) for the trainers to exit, then KILLs what is left.
 # Each worker logs to ~/miles_logs/train-HOSTNAME.log; checkpoints, exports, TensorBoard and the
@@ -147,6 +151,8 @@ gcloud_track() {  # `gcloud alpha` where an alpha-only flag is used
   if [ "$AUTOCHECKPOINT" = 1 ]; then echo "gcloud alpha"; else echo gcloud; fi
 }
 
+# ssh / scp --worker=all|N, --command, --recurse: gcloud reference pages
+# https://cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/ssh and .../tpu-vm/scp
 ssh_all() {  # every worker of every slice (runs of spaces from line continuations squeezed)
   local node cmd
   cmd="$(tr -s ' ' <<<"$1")"
@@ -173,6 +179,8 @@ multi_host() {  # more than one VM: a pod slice (more than 8 chips / cores) or s
 }
 
 # ---- slice state -------------------------------------------------------------------------
+# describe + --format (a gcloud-wide flag): .../reference/compute/tpus/tpu-vm/describe and
+# .../queued-resources/describe; the states: https://cloud.google.com/tpu/docs/queued-resources
 node_state() {  # READY, PREEMPTED, TERMINATED, CREATING, ... or MISSING
   gcloud compute tpus tpu-vm describe "$1" --zone="$ZONE" --format="value(state)" 2>/dev/null \
     || echo MISSING
@@ -366,6 +374,7 @@ train_command() {  # the command every worker runs; each argument quoted for the
 }
 
 # ---- preflight ---------------------------------------------------------------------------
+# gcloud storage ls / cp / rm: https://cloud.google.com/sdk/gcloud/reference/storage/ls, .../cp, .../rm
 exists_remote() {  # a gs:// path: gcloud storage; else a path on worker 0 (relative: ~/miles_jax)
   case "$1" in
     gs://*) run_quiet gcloud storage ls "$1" ;;
@@ -399,7 +408,7 @@ preflight() {  # `preflight early`: only what needs no slice (before `create`)
     exists_remote "$DATA" || die "DATA=$DATA does not exist (or is not readable): check the path"
   fi
   case "$WORKDIR" in
-    gs://*) { echo probe | run_quiet gcloud storage cp - "$probe" \
+    gs://*) { run_quiet gcloud storage cp "$HERE/launch/tpu_pod.sh" "$probe" \
                 && run_quiet gcloud storage rm "$probe"; } \
               || die "WORKDIR=$WORKDIR does not take a write: check the bucket and its permissions" ;;
     *) ssh_0 "cd miles_jax && mkdir -p $WORKDIR && touch $probe && rm $probe" \

@@ -86,7 +86,6 @@ def main(argv):
     elif target in w.get("missing", []):
       code = 1
   elif words[:2] == ["storage", "cp"]:
-    sys.stdin.read()
     code = 1 if w.get("readonly") else 0
   with open(path, "w") as f:
     json.dump(w, f)
