@@ -322,7 +322,7 @@ def train(config, workdir: str) -> dict:
 
 def _train(config, workdir: str, preempt: _Preemption) -> dict:
   config_lib.validate(config, workdir=workdir)
-  if jax.process_count() > 1:
+  if jax.process_count() > 1 and not paths.is_uri(workdir):
     check_shared_workdir(config, workdir, _host_names())
   mesh = parallel.mesh_from_config(config)
   rules = parallel.logical_rules(config.sharding.rules, mesh)
