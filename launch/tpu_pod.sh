@@ -11,9 +11,10 @@
 #   all        create, setup, train (the slice keeps billing after training: prefer `supervise`
 #              with AUTO_DELETE=1)
 #   supervise  a loop reading the slice's state: PREEMPTED / TERMINATED / SUSPENDED / FAILED /
-#              missing -> delete, create, setup, train; READY with no trainer on worker 0 and no
-#              export in WORKDIR -> train; export present -> done (AUTO_DELETE=1 deletes the slice)
-#              and exit 0. Every action is logged with a UTC timestamp. POLL_S (60) between reads.
+#              missing -> delete, create, setup, train; READY with no trainer on worker 0, no
+#              export in WORKDIR and no error in worker 0's log -> train (with an error: exit 3);
+#              export present -> done (AUTO_DELETE=1 deletes the slice) and exit 0. Every action
+#              is logged with a UTC timestamp. POLL_S (60) between reads.
 #   plan       runs `python -m miles_jax.plan` locally (no TPU) for CONFIG on ACCELERATOR.
 # docs/launch.md tells the whole story (the Spot cycle, every setting, a dry-run transcript).
 #
@@ -482,9 +483,13 @@ child() {  # this script as a separate process (its own errexit), same settings 
   "${BASH:-bash}" "$HERE/launch/$(basename "${BASH_SOURCE[0]}")" "$@" "${EXTRA[@]}"
 }
 
+trainer_error() {  # the error a trainer that exited on its own left in worker 0's log, if any
+  ssh_0 "grep -m1 -E \"^(error: |Traceback)\" ~/miles_logs/train-*.log" 2>/dev/null || true
+}
+
 supervise() {
   [ -z "$DRY_RUN" ] || die "supervise reads live state and has no --dry-run; use --dry-run create / train to see its commands"
-  local rounds=0 s rc
+  local rounds=0 s rc err
   preflight early  # a run that cannot start is refused before any slice is paid for
   log "supervise $TPU_NAME ($ACCELERATOR x$NODE_COUNT, queued=$QUEUED, spot=${SPOT:-0}): reading its state every ${POLL_S}s"
   while true; do
@@ -501,6 +506,10 @@ supervise() {
         return 0
       elif trainer_running; then
         log "state READY, trainer running on worker 0"
+      elif err="$(trainer_error)" && [ -n "$err" ]; then  # e.g. a NaN stop: a restart repeats it
+        log "state READY, the trainer exited with an error: not restarting it"
+        echo "error: the trainer on ${NODES[0]} worker 0 stopped: $err (full log: bash launch/tpu_pod.sh logs)" >&2
+        return 3
       else
         log "state READY, no trainer on worker 0 and no export: starting the trainer"
         child train || rc=$?

@@ -10,6 +10,7 @@ world.json keys:
   finish_after  export checks a running trainer survives; then it exits, the export written
   export      whether WORKDIR/export exists
   startup     the line worker 0's log shows after a start
+  log_error   the error line an exited trainer left in worker 0's log ("": none)
   missing     gs:// paths `storage ls` does not find;  readonly: `storage cp` fails
 Every call is appended to calls.jsonl as its argument list. Nothing leaves the machine.
 """
@@ -70,8 +71,10 @@ def main(argv):
       cmd = flags.get("command", "")
       if "pgrep" in cmd:
         out = w.get("trainer", "idle")
-      elif "grep -m1" in cmd:
+      elif "grep -m1" in cmd and "initialised" in cmd:  # train: the start-up line
         out = w.get("startup", "initialised a new run in gs://b/run on mesh {'data': 32}")
+      elif "grep -m1" in cmd:  # supervise: an error a finished trainer left in its log
+        out = w.get("log_error", "")
       elif "nohup setsid" in cmd:
         w["trainer"] = "running"
         out = "started on t1v-0"

@@ -429,6 +429,12 @@ def test_supervise_and_train_stop_on_a_trainer_error_line(tmp_path):
   r = subprocess.run(["bash", script, "train"], env=dict(env, ACCELERATOR="v4-32"),
                      capture_output=True, text=True, timeout=60)
   assert r.returncode == 3 and err in r.stderr and r.stderr.count("\n") == 1
+  # a trainer that stopped on its own with an error (a NaN stop) is not restarted
+  nan = "error: step 812: loss is nan (...); stopped without saving"
+  env, calls = _fake_world(tmp_path, script, node="READY", trainer="idle", log_error=nan)
+  r = _supervise(script, env, ACCELERATOR="v4-32")
+  assert r.returncode == 3 and nan in r.stderr, r.stdout + r.stderr
+  assert "vm ssh:start" not in _verbs(calls())
 
 
 @pytest.mark.parametrize("world,needle", [
