@@ -135,6 +135,9 @@ case "$NODE_COUNT" in ''|*[!0-9]*|0) die "NODE_COUNT=$NODE_COUNT: give the numbe
 if [ "$NODE_COUNT" -gt 1 ] && [ "$QUEUED" != 1 ]; then
   die "NODE_COUNT=$NODE_COUNT needs queued resources: set QUEUED=1 (multislice is created through queued-resources --node-count)"
 fi
+if [ -n "${SPOT:-}" ] && [ -n "${RESERVED:-}" ]; then
+  die "SPOT=1 and RESERVED=1 are two different capacity tiers: set one of them"
+fi
 QR_ID="${QR_ID:-$TPU_NAME}"
 NODES=("$TPU_NAME")
 if [ "$NODE_COUNT" -gt 1 ]; then

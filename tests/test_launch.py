@@ -96,6 +96,8 @@ def test_tpu_queued_spot_create_and_delete_transcript():
                      "--zone=us-central2-b", "--force", "--async", "--quiet"]]
   r, lines = _tpu_dry_run("create", ACCELERATOR="v6e-16", RESERVED="1")
   assert "--reserved" in lines[0] and "--spot" not in lines[0]
+  r, _ = _tpu_dry_run("create", ACCELERATOR="v6e-16", RESERVED="1", SPOT="1")
+  assert r.returncode == 2 and r.stderr.count("\n") == 1 and "SPOT=1 and RESERVED=1" in r.stderr
   r, lines = _tpu_dry_run("create", ACCELERATOR="v4-32", QUEUED="1", AUTOCHECKPOINT="0")
   assert lines[0][:4] == ["gcloud", "compute", "tpus", "queued-resources"]
   r, lines = _tpu_dry_run("delete", ACCELERATOR="v4-32")  # not queued: the VM itself
