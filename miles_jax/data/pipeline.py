@@ -516,6 +516,8 @@ class EvalSet:
   num_clips: int = 1              # K test-time clips per video (rows of clips are clip-major)
   positions: Optional[dict] = None  # this host's frame positions: exact or nearest stored
   truncated: int = 0              # captions longer than the eval caption length
+  expected_videos: int = 0        # videos of the published split (shards' expected_items; 0 =
+                                  # unknown)
 
   def batches(self, batch_size: Optional[int] = None):
     """This host's clips in order, padded: {frames, video_index (-1 = pad), valid}.
@@ -549,16 +551,17 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
   def meta(position, raw):
     _, ex = _parse_valid(position, raw)
     return {"position": position, "video_id": ex["video_id"], "label": ex["label"],
-            "num_frames": tf.size(ex["frames"]),
+            "num_frames": tf.size(ex["frames"]), "expected": ex["expected_items"],
             "captions": tf.strings.reduce_join(ex["captions"], separator="\x00")}
 
   video_ids, texts, t2v, labels, valid_pos, skipped = [], [], [], [], [], []
-  expected = 0
+  expected, expected_videos = 0, 0
   for m in records.map(meta, num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True) \
       .as_numpy_iterator():
     for p in range(expected, int(m["position"])):
       skipped.append({"position": p, "video_id": None, "reason": "unparseable record"})
     expected = int(m["position"]) + 1
+    expected_videos = max(expected_videos, int(m["expected"]))
     vid = m["video_id"].decode("utf-8", "replace")
     caps = [c for c in m["captions"].decode("utf-8", "replace").split("\x00") if c.strip()]
     reason = "no frames" if m["num_frames"] == 0 else "no captions" if not caps else None
@@ -645,4 +648,4 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
                  clip_index=np.asarray(mine, np.int32), labels=labels_arr,
                  class_names=class_names, skipped=skipped, failed=failed,
                  per_host=per_host, batch_size=b, num_clips=num_clips, positions=positions,
-                 truncated=truncated)
+                 truncated=truncated, expected_videos=expected_videos)

@@ -22,12 +22,15 @@ file; other splits keep annotation order (item i to shard `i % num_shards`). Sha
 under a
 temporary name and renamed when complete, with a `.{shard}.json` sidecar; a rerun skips shards
 whose file and sidecar exist for the same items. Missing files, empty captions and unreadable
-videos are skipped and listed in `out/report.json` (one entry per split), never fatal. Ids of
+videos are skipped and listed in `out/report.json` (one entry per split). The run ends with
+"N of EXPECTED": a split of known size (the benchmark's published test set, `--video_list`,
+`--expected_items`) written short is an error (exit 2) unless `--allow_missing`. Ids of
 `--video_list` that the annotations lack are an error (exit 2) unless `--allow_missing`; their
 count is in report.json either way. Formats and the downloaded files they read: docs/data.md.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -252,43 +255,60 @@ def _sidecar(out: str, name: str) -> str:
   return os.path.join(out, f".{name}.json")
 
 
+def encode_item(item: "readers.Item", frames_per_clip: int, resolution: int,
+                jpeg_quality: int = 90, eval_frames=(), expected_items: int = 0,
+                local_path: Optional[str] = None) -> dict:
+  """One item -> {"record": serialized SequenceExample or None, "skipped": reason or None,
+  "short": stored frame count when the source has fewer frames than wanted, else None}.
+
+  The per-item step of `process_shard` (and of any other runner): never raises for bad media.
+  `local_path`: the media already on local disk (e.g. read from a tar); else `item.path`."""
+  from miles_jax.data import schema
+  out = {"record": None, "skipped": None, "short": None}
+  if not item.captions:
+    out["skipped"] = "no captions (empty caption field)"
+    return out
+  if local_path == readers.MISSING or (local_path is None
+                                       and not readers.media_exists(item.path)):
+    out["skipped"] = f"missing file {item.path}"
+    return out
+  try:
+    with (contextlib.nullcontext(local_path) if local_path is not None
+          else readers.local_media(item.path)) as local:
+      frames, times, fps, index, count = decode_video(
+          local, frames_per_clip, resolution, item.is_image, item.max_seconds, eval_frames)
+  except Exception as e:  # any decoder failure means: skip and report this item
+    out["skipped"] = f"unreadable media: {type(e).__name__}: {e}"
+    return out
+  want = max(eval_frames) if eval_frames else frames_per_clip
+  if want > 0 and not item.is_image and count < want:
+    out["short"] = len(frames)
+  out["record"] = schema.make_example(
+      item.video_id, item.captions, frames, timestamps=times, label=item.label, fps=fps,
+      jpeg_quality=jpeg_quality, frame_index=index, source_frames=count,
+      expected_items=expected_items).SerializeToString()
+  return out
+
+
 def process_shard(task: dict) -> dict:
   """Decodes and writes one shard; returns its report (also saved as the sidecar)."""
-  from miles_jax.data import schema
   out, name, items = task["out"], task["name"], task["items"]
   written, skipped, short = [], [], []
 
   def records():
-    for it in items:
-      item = readers.Item(**it)
-      reason = None
-      if not item.captions:
-        reason = "no captions (empty caption field)"
-      elif not readers.media_exists(item.path):
-        reason = f"missing file {item.path}"
-      else:
-        try:
-          with readers.local_media(item.path) as local:
-            frames, times, fps, index, count = decode_video(
-                local, task["frames_per_clip"], task["resolution"], item.is_image,
-                item.max_seconds, task.get("eval_frames", ()))
-        except Exception as e:  # any decoder failure means: skip and report this item
-          reason = f"unreadable media: {type(e).__name__}: {e}"
+    for item, local in readers.iter_local_media([readers.Item(**it) for it in items]):
+      res = encode_item(item, task["frames_per_clip"], task["resolution"], task["jpeg_quality"],
+                        task.get("eval_frames", ()), task.get("expected_items", 0), local)
       if _progress is not None:
         with _progress.get_lock():
           _progress.value += 1
-      if reason:
-        skipped.append({"video_id": item.video_id, "path": item.path, "reason": reason})
+      if res["skipped"]:
+        skipped.append({"video_id": item.video_id, "path": item.path, "reason": res["skipped"]})
         continue
-      want = (max(task["eval_frames"]) if task.get("eval_frames")
-              else task["frames_per_clip"])
-      if want > 0 and not item.is_image and count < want:
-        short.append({"video_id": item.video_id, "frames": len(frames)})
-      ex = schema.make_example(item.video_id, item.captions, frames, timestamps=times,
-                               label=item.label, fps=fps, jpeg_quality=task["jpeg_quality"],
-                               frame_index=index, source_frames=count)
+      if res["short"] is not None:
+        short.append({"video_id": item.video_id, "frames": res["short"]})
       written.append(item.video_id)
-      yield ex.SerializeToString()
+      yield res["record"]
 
   write_records(os.path.join(out, name), records())
   report = {"shard": name, "items": [it["video_id"] for it in items], "written": written,
@@ -310,8 +330,12 @@ def shard_order(num_items: int, split: str, seed: int = 0) -> np.ndarray:
 def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
             frames_per_clip: int = 16, resolution: int = 256, workers: int = 1,
             jpeg_quality: int = 90, verbose: bool = True,
-            missing_annotations: Optional[list] = None, eval_frames=()) -> dict:
+            missing_annotations: Optional[list] = None, eval_frames=(),
+            expected_items: int = 0) -> dict:
   """Writes `items` as shards `out/{split}-XXXXX-of-N.tfrecord`; returns the report dict.
+
+  `expected_items`: videos of the published split (readers.expected_size), stored in every
+  record and in the report; 0 = unknown, the annotated items are then the expected count.
 
   `missing_annotations`: video-list ids the reader found no annotation for (recorded).
   `eval_frames` (e.g. (4, 8, 16)): store the eval positions for these frame counts instead of
@@ -335,7 +359,8 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
         continue
     tasks.append({"out": out, "name": name, "items": shard_items,
                   "frames_per_clip": frames_per_clip, "resolution": resolution,
-                  "jpeg_quality": jpeg_quality, "eval_frames": eval_frames})
+                  "jpeg_quality": jpeg_quality, "eval_frames": eval_frames,
+                  "expected_items": int(expected_items)})
   total = sum(len(t["items"]) for t in tasks)
   t0 = time.time()
 
@@ -380,6 +405,8 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
       "missing_annotations": {"count": len(missing_annotations or []),
                               "video_ids": list(missing_annotations or [])},
       "frames": _frames_key(frames_per_clip, eval_frames),
+      "expected": int(expected_items) or len(items) + len(missing_annotations or []),
+      "expected_from": "benchmark" if expected_items else "annotations",
       "seconds": round(time.time() - t0, 2),
   }
   path = os.path.join(out, "report.json")
@@ -396,6 +423,8 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
     for s in report["skipped"]:
       print(f"  skipped {s['video_id']}: {s['reason']}")
     print(f"[prepare {split}] report: {path}")
+    print(f"[prepare {split}] {report['written']} of {report['expected']} expected "
+          f"({'the published split' if expected_items else 'annotated items'}) written")
   return report
 
 
@@ -430,11 +459,18 @@ def define_flags(fv):
   flags.DEFINE_string("video_list", None, "Keep only these video ids, in this order: one per "
                       "line (e.g. Frozen's val_list_jsfusion.txt, MSVD test_list.txt) or a csv "
                       "with a video_id column (CLIP4Clip's MSRVTT_train.9k.csv).", flag_values=fv)
-  flags.DEFINE_bool("allow_missing", False, "Go on when --video_list names ids the annotations "
-                    "lack (they are counted in report.json); without it that is an error "
-                    "(exit 2).", flag_values=fv)
+  flags.DEFINE_bool("allow_missing", False, "Accept a partial split: --video_list ids the "
+                    "annotations lack, and fewer clips written than expected (missing or "
+                    "unreadable files), are counted in report.json; without it either is an "
+                    "error (exit 2).", flag_values=fv)
   flags.DEFINE_string("caption_index", None, "msrvtt: Frozen's jsfusion_val_caption_idx.pkl "
-                      "(one caption per video).", flag_values=fv)
+                      "(one caption per video; found beside MSR_VTT.json's split lists by "
+                      "default for val/test); 'none' keeps every caption.", flag_values=fv)
+  flags.DEFINE_integer("expected_items", 0, "Videos the split should have; 0 = the benchmark's "
+                       "published test-set size (MSR-VTT 1k-A 1000, MSVD 670, LSMDC 1000, "
+                       "DiDeMo 1004, HMDB51 1530, UCF101 3783/3734/3696), else the --video_list "
+                       "length. Fewer written is an error unless --allow_missing.",
+                       flag_values=fv)
   flags.mark_flags_as_required(["format", "annotations", "media_dir", "out"], flag_values=fv)
 
 
@@ -449,6 +485,7 @@ def run(a) -> int:
             file=sys.stderr)
       return 2
     folds = [1, 2, 3] if a.fold == "all" else [int(a.fold)]
+  status = 0
   for fold in folds:
     missing: list = []
     try:
@@ -470,9 +507,37 @@ def run(a) -> int:
             file=sys.stderr)
       return 2
     split = f"{a.split}{fold}" if fold else a.split
-    prepare(items, a.out, split, a.num_shards, a.frames_per_clip, a.resolution, a.workers,
-            a.jpeg_quality, missing_annotations=missing, eval_frames=eval_frames)
-  return 0
+    expected = a.expected_items or readers.expected_size(a.format, split)
+    if not expected and a.video_list:
+      expected = len(items) + len(missing)
+    report = prepare(items, a.out, split, a.num_shards, a.frames_per_clip, a.resolution,
+                     a.workers, a.jpeg_quality, missing_annotations=missing,
+                     eval_frames=eval_frames, expected_items=expected)
+    status = max(status, check_expected(report, a.format, a.allow_missing,
+                                        os.path.join(a.out, "report.json")))
+  return status
+
+
+def check_expected(report: dict, fmt: str, allow_missing: bool, report_path: str) -> int:
+  """0, or 2 with one line on stderr when a split with a known size (report["expected_from"]
+  == "benchmark") got fewer clips than expected (unless `allow_missing`) or more."""
+  written, expected, split = report["written"], report["expected"], report["split"]
+  if report.get("expected_from") != "benchmark" or written == expected:
+    return 0
+  if written > expected:
+    print(f"error: [prepare {split}] {written} clips written, but --format={fmt} {split} has "
+          f"{expected}: pass the split's list (--video_list) or --expected_items={written} if "
+          "this is another split", file=sys.stderr)
+    return 2
+  if allow_missing:
+    print(f"warning: [prepare {split}] only {written} of {expected} expected written "
+          f"(--allow_missing); recall on it does not compare with published numbers",
+          file=sys.stderr)
+    return 0
+  print(f"error: [prepare {split}] only {written} of {expected} expected written "
+        f"({expected - written} missing or unreadable, listed in {report_path}): add the files, "
+        "or pass --allow_missing to keep the partial split", file=sys.stderr)
+  return 2
 
 
 # `main([...])` in-process (scripts, tests); `_cli()` for `python -m miles_jax.data.prepare`.
