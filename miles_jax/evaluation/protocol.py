@@ -83,7 +83,11 @@ def describe(config, eval_set, files: list, split: str) -> dict:
       "num_frames": int(d.num_frames),
       "num_clips": int(eval_set.num_clips),
       "frame_positions": eval_set.positions,
-      "crop": f"centre square of the short side, resized to {size}x{size} (antialiased)",
+      "frames": pipeline.eval_protocol(config),
+      "crop": (f"centre square of the short side (offsets rounded half to even), resized to "
+               f"{size}x{size} bilinear without antialias (torchvision CenterCrop/Resize on "
+               "tensors, as the MILES release)" if pipeline.eval_protocol(config) == "miles"
+               else f"centre square of the short side, resized to {size}x{size} (antialiased)"),
       "normalisation": "ImageNet mean/std",
       "caption_length": pipeline.eval_max_len(config),
       "captions_at_length_limit": int(eval_set.truncated),
