@@ -472,7 +472,7 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
                               "video_ids": list(missing_annotations or [])},
       "frames": _frames_key(frames_per_clip, eval_frames, eval_protocol),
       "expected": int(expected_items) or len(items) + len(missing_annotations or []),
-      "expected_from": "benchmark" if expected_items else "annotations",
+      "expected_from": "split" if expected_items else "annotations",
       "seconds": round(time.time() - t0, 2),
   }
   path = os.path.join(out, "report.json")
@@ -591,10 +591,11 @@ def run(a) -> int:
 
 
 def check_expected(report: dict, fmt: str, allow_missing: bool, report_path: str) -> int:
-  """0, or 2 with one line on stderr when a split with a known size (report["expected_from"]
-  == "benchmark") got fewer clips than expected (unless `allow_missing`) or more."""
+  """0, or 2 with one line on stderr when a split of known size (report["expected_from"] ==
+  "split": the benchmark's published size, --expected_items or the --video_list length) got
+  fewer clips than expected (unless `allow_missing`) or more."""
   written, expected, split = report["written"], report["expected"], report["split"]
-  if report.get("expected_from") != "benchmark" or written == expected:
+  if report.get("expected_from") != "split" or written == expected:
     return 0
   if written > expected:
     print(f"error: [prepare {split}] {written} clips written, but --format={fmt} {split} has "
