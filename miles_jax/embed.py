@@ -42,6 +42,62 @@ class UsageError(ValueError):
   """Bad command-line input: reported as one line, exit code 2."""
 
 
+class CorruptShard(UsageError):
+  """An index shard that does not read back (truncated or damaged): one line naming it; a rerun
+  of embed rebuilds it."""
+
+  def __init__(self, path: str, err: Exception):
+    super().__init__(f"{path} is truncated or corrupt ({type(err).__name__}: {err}): rerun "
+                     "python -m miles_jax.embed with the same arguments to rebuild it")
+    self.path = path
+
+
+def read_shard(path: str) -> tuple:
+  """(embeddings float32 [n, P], ids int32 [n], failed_ids, failed_errors) of one shard file;
+  CorruptShard when it does not read back."""
+  import zipfile
+  try:
+    with np.load(path) as z:
+      out = (z["embeddings"], z["ids"], z["failed_ids"], z["failed_errors"])
+  except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:
+    raise CorruptShard(path, e) from None
+  if out[0].ndim != 2 or len(out[0]) != len(out[1]):
+    raise CorruptShard(path, ValueError(f"embeddings {out[0].shape} for {len(out[1])} ids"))
+  return out
+
+
+def read_json(path: str, what: str) -> dict:
+  """A JSON file of the index; a one-line UsageError naming it when it is not JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise UsageError(f"{path} is not valid JSON ({e}): {what}") from None
+
+
+# Below these sizes a model is the demo's (configs/demo.py: a vocabulary of a few dozen words,
+# 32-px frames), not one trained on real video.
+DEMO_MAX_VOCAB, DEMO_MAX_IMG_SIZE = 1000, 64
+
+
+def demo_model_note(model) -> str | None:
+  """A one-line note when `model` is a tiny demo model whose rankings of real videos mean
+  nothing (the export's tokenizer has < DEMO_MAX_VOCAB entries or its frames are <= 64 px)."""
+  size = int(model.preprocessing.get("img_size", 0) or 0)
+  vocab = 0
+  path = getattr(model, "tokenizer_path", None)
+  if path and str(path).endswith(".txt") and os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      vocab = sum(1 for _ in f)
+  if not ((vocab and vocab < DEMO_MAX_VOCAB) or (size and size <= DEMO_MAX_IMG_SIZE)):
+    return None
+  what = ", ".join(x for x in (f"a {vocab}-token vocabulary" if vocab else "",
+                               f"{size}-px frames" if size else "") if x)
+  return (f"note: this is a tiny demo model ({what}): its results on real videos are not "
+          "meaningful; for real search use the released MILES weights (README \"Converting "
+          "and using the released weights\")")
+
+
 # --- inputs ---------------------------------------------------------------------------------
 
 def list_videos(spec: str) -> list:
@@ -93,8 +149,7 @@ class Index:
     if not os.path.exists(path):
       raise FileNotFoundError(f"--index={directory} is not an index (no {INDEX_FILE}); build one "
                               "with python -m miles_jax.embed")
-    with open(path) as f:
-      self.meta = json.load(f)
+    self.meta = read_json(path, "rebuild the index with python -m miles_jax.embed --overwrite")
     with open(os.path.join(directory, FILES_FILE)) as f:
       self.paths = [line.rstrip("\n") for line in f]
 
@@ -106,8 +161,8 @@ class Index:
   def shards(self):
     """Yields (embeddings float32 [n, P], ids int32 [n]) per finished shard, in order."""
     for f in self.shard_files():
-      with np.load(f) as z:
-        yield z["embeddings"], z["ids"]
+      emb, ids, _, _ = read_shard(f)
+      yield emb, ids
 
   def ids(self) -> np.ndarray:
     parts = [ids for _, ids in self.shards()]
@@ -126,9 +181,10 @@ class Index:
 
 def _check_or_start(out: str, meta: dict, paths: list, overwrite: bool) -> None:
   index_file = os.path.join(out, INDEX_FILE)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UsageError(f"--out={out} is a file: give a folder for the index (it is created)")
   if os.path.exists(index_file) and not overwrite:
-    with open(index_file) as f:
-      old = json.load(f)
+    old = read_json(index_file, "pass --overwrite to rebuild the index, or another --out")
     keys = {"model fingerprint": ("model", "fingerprint"), "file list": ("inputs", "files_hash"),
             "shard size": ("shard_size",), "protocol": ("protocol",)}
     for what, key in keys.items():
@@ -199,6 +255,14 @@ def build_index(model, videos: str, out: str, *, checkpoint: str = "", shard_siz
       "embedding_dim": int(model.config.proj_dim), "normalised": False, "complete": False,
   }
   _check_or_start(out, meta, paths, overwrite)
+  for i in range(num_shards):  # a shard that does not read back is redone
+    f = os.path.join(out, shard_name(i, num_shards))
+    if os.path.exists(f):
+      try:
+        read_shard(f)
+      except CorruptShard as e:
+        print(f"note: {e.path} does not read back: rebuilding it", file=sys.stderr)
+        os.remove(f)
   todo = [i for i in range(num_shards)
           if not os.path.exists(os.path.join(out, shard_name(i, num_shards)))]
   if max_shards > 0:
@@ -219,7 +283,7 @@ def build_index(model, videos: str, out: str, *, checkpoint: str = "", shard_siz
   by_shard = collections.defaultdict(list)
   remaining = collections.Counter(i for i, _ in tasks)
   ctx = mp.get_context("spawn")  # no fork of a process holding JAX's threads
-  with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+  with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
     window = collections.deque()
     it = iter(tasks)
     limit = workers * 2 + batch_size
@@ -241,28 +305,49 @@ def build_index(model, videos: str, out: str, *, checkpoint: str = "", shard_siz
       for (shard, vid, _), e in zip(batch, emb):
         by_shard[shard].append((vid, e, None))
 
-    while window:
-      shard, vid, fut = window.popleft()
-      frames, jpeg, err = fut.result()
-      fill()
-      if err is None:
-        _write_bytes(thumb_path(out, vid), jpeg)
-        pending_batch.append((shard, vid, frames))
-      else:
-        by_shard[shard].append((vid, None, err))
-      remaining[shard] -= 1
-      if len(pending_batch) >= batch_size or remaining[shard] == 0:
-        flush(pending_batch)
-        embedded += len(pending_batch)
-        pending_batch = []
-      if remaining[shard] == 0:
-        _finish_shard(out, shard, num_shards, by_shard.pop(shard), meta["embedding_dim"])
-      if bar is not None:
-        bar.update(1)
+    try:
+      while window:
+        shard, vid, fut = window.popleft()
+        frames, jpeg, err = fut.result()
+        fill()
+        if err is None:
+          _write_bytes(thumb_path(out, vid), jpeg)
+          pending_batch.append((shard, vid, frames))
+        else:
+          by_shard[shard].append((vid, None, err))
+        remaining[shard] -= 1
+        if len(pending_batch) >= batch_size or remaining[shard] == 0:
+          flush(pending_batch)
+          embedded += len(pending_batch)
+          pending_batch = []
+        if remaining[shard] == 0:
+          _finish_shard(out, shard, num_shards, by_shard.pop(shard), meta["embedding_dim"])
+        if bar is not None:
+          bar.update(1)
+    except KeyboardInterrupt:
+      pool.shutdown(wait=False, cancel_futures=True)  # finished shards stay; a rerun resumes
+      raise
   if bar is not None:
     bar.close()
   seconds = time.time() - t0
   return _finalise(out, meta, paths, embedded, seconds)
+
+
+def _ignore_sigint():
+  """Decoding workers leave Ctrl-C to the main process (which reports and exits)."""
+  import signal
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def progress_line(out: str) -> str:
+  """'N of M shards done' of the index folder `out` (for the Ctrl-C message)."""
+  try:
+    meta = read_json(os.path.join(out, INDEX_FILE), "")
+    n = int(meta["num_shards"])
+  except (OSError, UsageError, KeyError, ValueError):
+    return "0 shards done"
+  done = sum(os.path.exists(os.path.join(out, shard_name(i, n))) for i in range(n))
+  return f"{done} of {n} shards done"
 
 
 def _finish_shard(out: str, shard: int, num_shards: int, rows: list, dim: int):
@@ -286,10 +371,10 @@ def _finalise(out: str, meta: dict, paths: list, embedded: int, seconds: float) 
     if not os.path.exists(f):
       continue
     finished += 1
-    with np.load(f) as z:
-      count += len(z["ids"])
-      failed += [{"path": paths[int(v)], "error": str(e)}
-                 for v, e in zip(z["failed_ids"], z["failed_errors"])]
+    _, ids, failed_ids, failed_errors = read_shard(f)
+    count += len(ids)
+    failed += [{"path": paths[int(v)], "error": str(e)}
+               for v, e in zip(failed_ids, failed_errors)]
   meta = dict(meta, complete=finished == n, num_embedded=count, num_failed=len(failed),
               failed=failed[:1000],
               last_run={"clips": embedded, "seconds": round(seconds, 2),
@@ -323,7 +408,12 @@ def main(argv):
       raise UsageError("--out (the index folder) is required")
     paths = list_videos(f.videos)  # fail on bad --videos before loading a model
     del paths
+    if os.path.exists(f.out) and not os.path.isdir(f.out):
+      raise UsageError(f"--out={f.out} is a file: give a folder for the index (it is created)")
     model = load_model(f.checkpoint, f.config if not os.path.isdir(f.checkpoint or "") else None)
+    note = demo_model_note(model)
+    if note:
+      print(note, file=sys.stderr)
     meta = build_index(model, f.videos, f.out, checkpoint=f.checkpoint,
                        shard_size=f.shard_size, batch_size=f.batch_size, workers=f.workers,
                        thumb_height=f.thumb_height, overwrite=f.overwrite,
@@ -331,6 +421,10 @@ def main(argv):
   except (UsageError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"\ninterrupted: {progress_line(f.out)}; run the same command to resume",
+          file=sys.stderr)
+    return 130
   rate = meta["last_run"]["clips_per_s"]
   print(f"index: {f.out}: {meta['num_embedded']} videos embedded, {meta['num_failed']} skipped"
         + (f" (listed in {os.path.join(f.out, FAILED_FILE)})" if meta["num_failed"] else "")

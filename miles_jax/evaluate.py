@@ -136,6 +136,10 @@ def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) ->
     for ev in loop.build_evaluators(config, mesh, rules, pattern=pattern, split=name):
       res = ev.run(params, cache_dir=cache_dir, params_fp=params_fp)
       per_split.setdefault(ev.name, {})[name] = res
+      line, off = protocol.gallery_check(res["protocol"])
+      results.setdefault("gallery_size", {})[name] = {
+          "videos": int(res["protocol"]["num_videos"]),
+          "expected": int(res["protocol"].get("num_videos_expected", 0)), "differs": off}
       fingerprints.append(res["protocol"]["files_sha256"])
       title = f"{results['dataset']} {name} ({pattern})"
       if ev.name == "retrieval":
@@ -144,6 +148,10 @@ def evaluate(config, workdir=None, checkpoint=None, out=None, use_cache=True) ->
                                      f"{int(res['num_videos'])} videos"))
         if name == splits[0][0]:
           write_gallery(ev, params, cache_dir, params_fp, workdir, out)
+      print(f"{title} {line}")
+      if off:
+        print(f"WARNING: {title}: {line.split(' -- ')[0]}: recall is not comparable with "
+              "published numbers", file=sys.stderr)
       else:
         print(f"zero-shot classification, {title}: "
               + " ".join(f"{k}={v:.2f}" for k, v in res.items() if isinstance(v, float)))

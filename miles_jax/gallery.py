@@ -6,8 +6,10 @@ it opens from the file system with no server and no network. Written by
 (held-out queries, the correct clip marked: WORKDIR/gallery.html). Each
 clip also plays as a short loop of its frames beside the strip (CSS only).
 
-A script at the end of the page records, per query, how many results it shows and how many of
-their images decoded (naturalWidth > 0) in `<pre id="render-check">` (JSON), for headless tests.
+A script at the end of the page records, per query, how many results it shows, how many of
+their images decoded (naturalWidth > 0) and the page's scroll width in a hidden
+`<pre id="render-check">` (JSON, never shown), for headless tests. Strips scale down to the
+window, so the page fits 1280 px without horizontal scrolling.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import html
 import numpy as np
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
+body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222;
+ max-width:1400px;overflow-wrap:anywhere}
 h1{font-size:1.3em} .meta{color:#666;font-size:.85em}
 section{background:#fff;border:1px solid #ddd;border-radius:6px;margin:1em 0;padding:.6em 1em}
 h2{font-size:1.05em;margin:.2em 0 .6em} .q{font-style:italic}
@@ -28,7 +31,8 @@ li.correct{background:#e6f6e6;outline:2px solid #3a3}
 .score{width:4.5em;font-variant-numeric:tabular-nums;flex:none}
 .name{font-size:.85em;word-break:break-all;flex:1;min-width:6em}
 .tag{color:#181;font-weight:bold;font-size:.85em;flex:none}
-.strip{height:var(--h);display:block;flex:none;border:1px solid #ccc}
+.strip{height:auto;max-height:var(--h);max-width:calc(100vw - var(--w) - 22em);min-width:0;
+ display:block;flex:0 1 auto;border:1px solid #ccc}
 .loop{width:var(--w);height:var(--h);flex:none;border:1px solid #ccc;background-repeat:no-repeat;
  background-size:auto 100%;animation:frames var(--dur) steps(var(--n)) infinite}
 @keyframes frames{from{background-position-x:0}to{background-position-x:calc(-1*var(--n)*var(--w))}}
@@ -43,7 +47,8 @@ window.addEventListener('load', function () {
     imgs.forEach(function (im) { if (im.complete && im.naturalWidth > 0) loaded++; });
     out.push({query: s.dataset.query, results: s.querySelectorAll('li.result').length,
               images: imgs.length, loaded: loaded,
-              correct: s.querySelectorAll('li.result.correct').length});
+              correct: s.querySelectorAll('li.result.correct').length,
+              page_width: document.documentElement.scrollWidth});
   });
   document.getElementById('render-check').textContent = JSON.stringify(out);
 });
@@ -93,7 +98,7 @@ def write_page(out: str, title: str, queries: list, subtitle: str = "",
           f"<span class='name' title='{h(r.get('title', r['name']), quote=True)}'>"
           f"{h(r['name'])}</span>{tag}</li>")
     parts.append("</ol></section>")
-  parts.append(f"<pre id='render-check' class='meta'></pre><script>{_CHECK_JS}</script>")
+  parts.append(f"<pre id='render-check' hidden></pre><script>{_CHECK_JS}</script>")
   parts.append("</body></html>")
   from miles_jax import paths
   paths.write_text(out, "\n".join(p for p in parts if p))  # local or gs://, never half-written

@@ -16,6 +16,49 @@ import sys
 import numpy as np
 
 
+def unknown_words(model, query: str) -> tuple:
+  """(words of `query`, those the model's tokenizer maps only to [UNK]). Words are split as
+  BERT's basic tokenizer does (runs of letters/digits, each punctuation mark, each CJK
+  character). Only a WordPiece vocab.txt can tell; a sentencepiece model has no unknown words
+  here."""
+  import re
+  words = re.findall(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+|[^\w\s]", query.lower())
+  path = str(getattr(model, "tokenizer_path", "") or "")
+  if not words or not path.endswith(".txt"):
+    return words, []
+  with open(path, encoding="utf-8") as f:
+    vocab = [line.rstrip("\n") for line in f]
+  unk = vocab.index("[UNK]") if "[UNK]" in vocab else -1
+  ids, att = model.tokenizer.tokenize_numpy(words)
+  special = {model.tokenizer.bos_id, model.tokenizer.eos_id, model.tokenizer.pad_id}
+  unknown = []
+  for w, row, m in zip(words, ids, att):
+    pieces = [int(i) for i, a in zip(row, m) if a and int(i) not in special]
+    if not pieces or all(i == unk for i in pieces):
+      unknown.append(w)
+  return words, unknown
+
+
+def check_queries(model, queries: list) -> list:
+  """Refuses (UsageError) an empty or whitespace-only query and one whose words are all outside
+  the model's vocabulary; returns a warning line per query with some unknown words."""
+  from miles_jax import embed
+  notes = []
+  for q in queries:
+    if not q.strip():
+      raise embed.UsageError(f"--query={q!r} is empty: give a sentence, e.g. --query=\"a dog "
+                             "runs on a beach\"")
+    words, unknown = unknown_words(model, q)
+    shown = ", ".join(dict.fromkeys(unknown))
+    if words and len(unknown) == len(words):
+      raise embed.UsageError(
+          f"--query={q!r}: none of its words are in the model's vocabulary ({shown}), so it "
+          "would rank videos at random; use words the model was trained on")
+    if unknown:
+      notes.append(f"warning: --query={q!r}: unknown to the model, ignored: {shown}")
+  return notes
+
+
 def search(index, model, queries: list, query_videos: list, k: int):
   """-> [(query label, scores [k'], video ids [k'])] for text queries then video queries."""
   from miles_jax.evaluation import search as search_lib
@@ -89,6 +132,12 @@ def main(argv):
       import ml_collections
       config = ml_collections.ConfigDict(index.meta["model"]["config"])
     model = embed.load_model(checkpoint, config, f.tokenizer)
+    if f.query:
+      for note in check_queries(model, list(f.query)):
+        print(note, file=sys.stderr)
+    note = embed.demo_model_note(model)
+    if note:
+      print(note, file=sys.stderr)
     if model.fingerprint() != index.meta["model"]["fingerprint"]:
       raise embed.UsageError(
           f"--checkpoint={checkpoint} (fingerprint {model.fingerprint()}) is not the model "
@@ -98,11 +147,18 @@ def main(argv):
   except (embed.UsageError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("\ninterrupted: no results written", file=sys.stderr)
+    return 130
   if not index.meta.get("complete"):
     print(f"note: {f.index} is partial ({len(index.shard_files())} of "
           f"{index.meta['num_shards']} shards): rerun embed to finish it", file=sys.stderr)
   print(format_results(index, results))
   if f.html:
+    if os.path.isdir(f.html):
+      print(f"error: --html={f.html} is a folder: give a file name, e.g. {f.html}/results.html",
+            file=sys.stderr)
+      return 2
     print(f"page: {write_html(index, results, f.html)}")
   return 0
 

@@ -196,6 +196,7 @@ def test_eval_set(tmp_path):
   tmp = str(tmp_path)
   pattern = _write(tmp, "test", 5, 2, labels=True)
   c = _config(tmp, pattern)
+  c.eval.frames = "frozen"  # Frozen's segment centres themselves (eval.frames "miles": below)
   ev = pipeline.load_eval_set(pattern, c)
   # shard order: shard 0 holds clips 0, 2, 4; shard 1 holds 1, 3
   assert ev.video_ids == ["vid000", "vid002", "vid004", "vid001", "vid003"]
@@ -267,6 +268,7 @@ def test_eval_frames_from_source_positions_and_clips(tmp_path):
     f.write("\n".join(VOCAB + ["a", "very", "long", "caption", "word"]) + "\n")
   c = _config(tmp, os.path.join(tmp, "test-*.tfrecord"))
   c.model.text.max_len = 64
+  c.eval.frames = "frozen"
   ev = pipeline.load_eval_set(c.data.eval, c)
   brightness = ev.clips[0].mean(axis=(1, 2, 3)) / 5
   np.testing.assert_allclose(brightness, _frozen_uniform(n_src, 4), atol=0.5)  # 4,14,24,34
@@ -285,6 +287,13 @@ def test_eval_frames_from_source_positions_and_clips(tmp_path):
   c.data.eval_clips, c.data.num_frames = 1, 3
   ev3 = pipeline.load_eval_set(c.data.eval, c)
   assert not ev3.positions["exact"] and ev3.positions["max_offset_frames"] >= 1
+  # eval.frames "miles": each centre's previous source frame (3, 13, 23, 33), nearest stored
+  c.data.num_frames, c.eval.frames = 4, "miles"
+  ev4 = pipeline.load_eval_set(c.data.eval, c)
+  want = [max(i - 1, 0) for i in _frozen_uniform(n_src, 4)]
+  got = [min(stored_idx, key=lambda s: abs(s - w)) for w in want]
+  np.testing.assert_allclose(ev4.clips[0].mean(axis=(1, 2, 3)) / 5, got, atol=0.5)
+  assert ev4.positions["protocol"] == "miles"
 
 
 # --- pod scale: fewer shards than hosts, another host count on resume, weighted sources ---

@@ -128,9 +128,10 @@ def test_prepare_then_pipeline_frame_exact(media, tmp_path):
   ann = _csv(str(tmp_path), [("square.mp4", "a square clip")])
   out = str(tmp_path / "out")
   prepare.prepare(readers.read_items("csv", ann, media), out, "test", num_shards=1,
-                  resolution=32, verbose=False, eval_frames=(4,))
+                  resolution=32, verbose=False, eval_frames=(4,), eval_protocol="frozen")
   (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\na\nsquare\nclip\n")
   c = config_lib.default_config()
+  c.eval.frames = "frozen"
   c.model = config_lib.model_config("tiny")
   c.data.num_frames, c.data.max_len = 4, 8
   c.data.tokenizer = str(tmp_path / "vocab.txt")
@@ -179,7 +180,7 @@ def test_eval_frames_are_segment_centres_of_the_source_video(tmp_path):
   out = str(tmp_path / "out")
   prepare.main(["--format", "csv", "--annotations", ann, "--media-dir", str(media), "--out", out,
                 "--split", "test", "--num-shards", "1", "--resolution", "32", "--workers", "1",
-                "--eval-frames", "4,8"])
+                "--eval-frames", "4,8", "--eval_protocol", "frozen"])
   rec = schema.read_records(os.path.join(out, prepare.shard_name("test", 0, 1)))[0]
   bounds4, bounds8 = np.linspace(0, 40, 5).astype(int), np.linspace(0, 40, 9).astype(int)
   centres4 = [(a + b - 1) // 2 for a, b in zip(bounds4[:-1], bounds4[1:])]
@@ -193,12 +194,25 @@ def test_eval_frames_are_segment_centres_of_the_source_video(tmp_path):
   c = config_lib.default_config()
   c.model = config_lib.model_config("tiny")
   c.data.num_frames, c.data.tokenizer = 4, str(tmp_path / "vocab.txt")
+  c.eval.frames = "frozen"
   ev = pipeline.load_eval_set(os.path.join(out, "test-*.tfrecord"), c)
   assert _frame_numbers(ev.clips[0]) == centres4 and ev.positions["exact"]
   # two test-time clips of 4 frames: the centres of 8 segments, alternating
   c.data.eval_clips = 2
   ev = pipeline.load_eval_set(os.path.join(out, "test-*.tfrecord"), c)
   assert _frame_numbers(ev.clips[0]) == centres8[0::2] + centres8[1::2]
+  # the MILES release's protocol (the default): each centre's previous frame, which its
+  # `cap.set(CAP_PROP_POS_FRAMES, index - 1)` decodes, stored and read exactly
+  miles = str(tmp_path / "miles")
+  assert prepare.main(["--format", "csv", "--annotations", ann, "--media-dir", str(media),
+                       "--out", miles, "--split", "test", "--num-shards", "1", "--resolution",
+                       "32", "--workers", "1", "--eval-frames", "4,8"]) == 0
+  rec = schema.read_records(os.path.join(miles, prepare.shard_name("test", 0, 1)))[0]
+  assert rec["eval_protocol"] == b"miles"
+  assert rec["frame_index"].tolist() == sorted({i - 1 for i in centres4 + centres8})
+  c.eval.frames, c.data.eval_clips = "miles", 1
+  ev = pipeline.load_eval_set(os.path.join(miles, "test-*.tfrecord"), c)
+  assert _frame_numbers(ev.clips[0]) == [3, 13, 23, 33] and ev.positions["exact"]
   # the train split stores 16 evenly spaced frames by default (4 per segment of a 4-frame clip)
   prepare.main(["--format", "csv", "--annotations", ann, "--media-dir", str(media), "--out", out,
                 "--num-shards", "1", "--resolution", "32", "--workers", "1"])

@@ -161,13 +161,15 @@ def uniform_positions(num_source, count):
   return (bounds[:-1] + bounds[1:] - 1) // 2
 
 
-def eval_positions(ex: dict, num_frames: int, num_clips: int = 1):
+def eval_positions(ex: dict, num_frames: int, num_clips: int = 1, protocol: str = "frozen"):
   """(stored frame positions [K*T], wanted source indices [K*T], source indices got [K*T]).
 
   One clip (K=1): the centres of T equal segments of the source video. K clips: the centres of
   K*T equal segments; clip k takes segments k, k+K, k+2K, ... (each clip spans the whole video,
   shifted by a sub-segment). Rows are clip-major. Each wanted index is served by the stored
-  frame of nearest source index (exact when prepare stored the eval positions).
+  frame of nearest source index (exact when prepare stored the eval positions). Protocol
+  "miles": every wanted index is one earlier (0 stays 0), the frame the MILES release's cv2
+  seek decodes (prepare.miles_indices).
   """
   stored = tf.size(ex["frames"], out_type=tf.int64)
   index = ex.get("frame_index")
@@ -178,22 +180,39 @@ def eval_positions(ex: dict, num_frames: int, num_clips: int = 1):
   source = tf.where(source > 0, source, tf.reduce_max(index) + 1)
   count = num_frames * num_clips
   want = uniform_positions(source, count)
+  if protocol == "miles":
+    want = tf.maximum(want - 1, 0)
   want = tf.concat([want, tf.fill([count - tf.size(want)], want[-1])], 0)  # n < K*T: repeat
   want = tf.reshape(tf.transpose(tf.reshape(want, [num_frames, num_clips])), [count])
   pos = tf.argmin(tf.abs(index[None, :] - want[:, None]), axis=1)
   return pos, want, tf.gather(index, pos)
 
 
-def eval_clip(ex: dict, num_frames: int, size: int, num_clips: int = 1):
+def eval_clip(ex: dict, num_frames: int, size: int, num_clips: int = 1,
+              protocol: str = "frozen"):
   """Segment-centre frames (eval_positions); the centred square (short side) resized to size.
-  -> (uint8 [K*T, size, size, 3], wanted source indices [K*T], got source indices [K*T])."""
-  pos, want, got = eval_positions(ex, num_frames, num_clips)
+  -> (uint8 [K*T, size, size, 3], wanted source indices [K*T], got source indices [K*T]).
+
+  "frozen": crop offsets floored, antialiased resize. "miles": torchvision's CenterCrop offsets
+  (`round((h - side) / 2)`, half to even) and Resize (bilinear, no antialias), as the MILES
+  release applies them to frames whose short side prepare resized by its Resize(256) rule."""
+  pos, want, got = eval_positions(ex, num_frames, num_clips, protocol)
   jpegs = tf.gather(ex["frames"], pos)
   jpegs.set_shape([num_frames * num_clips])
   shape = tf.io.extract_jpeg_shape(jpegs[0])
   side = tf.minimum(shape[0], shape[1])
+  if protocol == "miles":
+    half = lambda d: tf.cast(tf.round(tf.cast(d, tf.float64) / 2.0), tf.int32)  # half to even
+    window = tf.stack([half(shape[0] - side), half(shape[1] - side), side, side])
+    return decode_frames(jpegs, window, size, antialias=False), want, got
   window = tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
   return decode_frames(jpegs, window, size, antialias=True), want, got
+
+
+def eval_protocol(config) -> str:
+  """config eval.frames: "miles" (default) or "frozen" (prepare.EVAL_PROTOCOLS)."""
+  ev = config.get("eval")
+  return str(ev.get("frames", "miles")) if ev is not None else "miles"
 
 
 def eval_max_len(config) -> int:
@@ -516,6 +535,8 @@ class EvalSet:
   num_clips: int = 1              # K test-time clips per video (rows of clips are clip-major)
   positions: Optional[dict] = None  # this host's frame positions: exact or nearest stored
   truncated: int = 0              # captions longer than the eval caption length
+  expected_videos: int = 0        # videos of the published split (shards' expected_items; 0 =
+                                  # unknown)
 
   def batches(self, batch_size: Optional[int] = None):
     """This host's clips in order, padded: {frames, video_index (-1 = pad), valid}.
@@ -549,16 +570,17 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
   def meta(position, raw):
     _, ex = _parse_valid(position, raw)
     return {"position": position, "video_id": ex["video_id"], "label": ex["label"],
-            "num_frames": tf.size(ex["frames"]),
+            "num_frames": tf.size(ex["frames"]), "expected": ex["expected_items"],
             "captions": tf.strings.reduce_join(ex["captions"], separator="\x00")}
 
   video_ids, texts, t2v, labels, valid_pos, skipped = [], [], [], [], [], []
-  expected = 0
+  expected, expected_videos = 0, 0
   for m in records.map(meta, num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True) \
       .as_numpy_iterator():
     for p in range(expected, int(m["position"])):
       skipped.append({"position": p, "video_id": None, "reason": "unparseable record"})
     expected = int(m["position"]) + 1
+    expected_videos = max(expected_videos, int(m["expected"]))
     vid = m["video_id"].decode("utf-8", "replace")
     caps = [c for c in m["captions"].decode("utf-8", "replace").split("\x00") if c.strip()]
     reason = "no frames" if m["num_frames"] == 0 else "no captions" if not caps else None
@@ -596,19 +618,33 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
   want = tf.constant([valid_pos[i] for i in mine] or [-1], tf.int64)
   local = records.filter(lambda p, r: tf.reduce_any(tf.equal(p, want)))
 
-  def clip(position, raw):
-    return (position,) + eval_clip(schema.parse_example(raw), num_frames, size, num_clips)
+  protocol = eval_protocol(config)
 
-  got, offsets = {}, []
-  for p, c, want, have in local.map(clip, num_parallel_calls=AUTOTUNE, deterministic=True) \
+  def clip(position, raw):
+    ex = schema.parse_example(raw)
+    return (position,) + eval_clip(ex, num_frames, size, num_clips, protocol) + (
+        ex["eval_protocol"],)
+
+  got, offsets, stored_as = {}, [], set()
+  for p, c, want, have, prot in local.map(clip, num_parallel_calls=AUTOTUNE,
+                                          deterministic=True) \
       .ignore_errors(log_warning=True).as_numpy_iterator():
     got[int(p)] = c
     offsets.append(int(np.abs(want - have).max()))
-  positions = {"rule": "centres of equal segments of the source video (Frozen 'uniform')"
-                       + (f"; {num_clips} clips, clip k = segments k, k+K, ... of K*T"
-                          if num_clips > 1 else ""),
+    stored_as.add(prot.decode() or "unrecorded")
+  rule = "centres of equal segments of the source video (Frozen 'uniform')"
+  if protocol == "miles":
+    rule += ", each one frame earlier as the MILES release's cv2 seek decodes it"
+  positions = {"rule": rule + (f"; {num_clips} clips, clip k = segments k, k+K, ... of K*T"
+                               if num_clips > 1 else ""),
+               "protocol": protocol, "shards_prepared_for": sorted(stored_as),
                "exact": all(o == 0 for o in offsets), "videos_off": sum(o > 0 for o in offsets),
                "max_offset_frames": max(offsets, default=0)}
+  if stored_as - {protocol, "unrecorded"}:
+    logging.warning("eval %s: config eval.frames=%s but the shards were prepared with "
+                    "--eval_protocol=%s (their resize differs): prepare the split again with "
+                    "--eval_protocol=%s, or set eval.frames to match", pattern, protocol,
+                    ",".join(sorted(stored_as)), protocol)
   if not positions["exact"]:
     logging.warning("eval %s: %d videos lack stored frames at the eval positions (nearest stored "
                     "frame used, up to %d frames away); prepare the split with --eval_frames "
@@ -645,4 +681,4 @@ def load_eval_set(pattern: str, config, tokenizer=None, *, process_index: int = 
                  clip_index=np.asarray(mine, np.int32), labels=labels_arr,
                  class_names=class_names, skipped=skipped, failed=failed,
                  per_host=per_host, batch_size=b, num_clips=num_clips, positions=positions,
-                 truncated=truncated)
+                 truncated=truncated, expected_videos=expected_videos)

@@ -22,12 +22,15 @@ file; other splits keep annotation order (item i to shard `i % num_shards`). Sha
 under a
 temporary name and renamed when complete, with a `.{shard}.json` sidecar; a rerun skips shards
 whose file and sidecar exist for the same items. Missing files, empty captions and unreadable
-videos are skipped and listed in `out/report.json` (one entry per split), never fatal. Ids of
+videos are skipped and listed in `out/report.json` (one entry per split). The run ends with
+"N of EXPECTED": a split of known size (the benchmark's published test set, `--video_list`,
+`--expected_items`) written short is an error (exit 2) unless `--allow_missing`. Ids of
 `--video_list` that the annotations lack are an error (exit 2) unless `--allow_missing`; their
 count is in report.json either way. Formats and the downloaded files they read: docs/data.md.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -86,24 +89,79 @@ def uniform_indices(n: int, t: int) -> list:
   return [int((a + b - 1) // 2) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def eval_indices(n: int, counts) -> list:
-  """Sorted union of `uniform_indices(n, T)` for every T in `counts`."""
-  return sorted({i for t in counts for i in uniform_indices(n, int(t))})
+# Eval frame protocols (config eval.frames, prepare --eval_protocol):
+# - "miles": what the MILES release feeds its encoder at test time: Frozen's segment centres,
+#   read by `cap.set(CAP_PROP_POS_FRAMES, index - 1); cap.read()`, which decodes source frame
+#   index - 1 (0 for index 0); torchvision Resize(256) (short side 256, long side `int()`,
+#   bilinear, no antialias on tensors), CenterCrop(256) (offsets rounded half to even),
+#   Resize(224) (bilinear, no antialias);
+# - "frozen": the segment centres themselves, swscale AREA resize, floor-centred crop,
+#   antialiased resize (this project's earlier protocol).
+EVAL_PROTOCOLS = ("miles", "frozen")
 
 
-def choose_indices(n: int, frames_per_clip: int, eval_frames=()) -> list:
+def miles_indices(n: int, t: int) -> list:
+  """The source frames the MILES release decodes for `uniform_indices(n, t)`: each one earlier
+  (its seek to index - 1), frame 0 staying 0."""
+  return [max(i - 1, 0) for i in uniform_indices(n, t)]
+
+
+def eval_indices(n: int, counts, protocol: str = "frozen") -> list:
+  """Sorted union of the eval positions for every T in `counts` (`uniform_indices`, or
+  `miles_indices` for protocol "miles")."""
+  pick = miles_indices if protocol == "miles" else uniform_indices
+  return sorted({i for t in counts for i in pick(n, int(t))})
+
+
+def choose_indices(n: int, frames_per_clip: int, eval_frames=(), protocol: str = "frozen"
+                   ) -> list:
   """The source frames prepare stores: eval positions when `eval_frames`, else evenly spaced."""
-  return eval_indices(n, eval_frames) if eval_frames else middle_indices(n, frames_per_clip)
+  if eval_frames:
+    return eval_indices(n, eval_frames, protocol)
+  return middle_indices(n, frames_per_clip)
 
 
-def _to_rgb(frame, resolution: int) -> np.ndarray:
+def torchvision_hw(height: int, width: int, size: int) -> tuple:
+  """torchvision Resize(size)'s output (h, w): short side = size, long side
+  `int(size * long / short)` (truncated, not rounded)."""
+  if height <= width:
+    return size, int(size * width / height)
+  return int(size * height / width), size
+
+
+def bilinear_resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
+  """uint8/float [H, W, C] -> float64 [h, w, C]: bilinear, half-pixel centres, no antialias
+  (PyTorch's interpolate(mode='bilinear', align_corners=False), which torchvision's tensor
+  Resize calls; the same as tf.image.resize(antialias=False))."""
+  x = np.asarray(img, np.float64)
+
+  def axis(n_in, n_out):
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, src - lo
+
+  lo, hi, f = axis(x.shape[0], h)
+  x = x[lo] * (1 - f)[:, None, None] + x[hi] * f[:, None, None]
+  lo, hi, f = axis(x.shape[1], w)
+  return x[:, lo] * (1 - f)[None, :, None] + x[:, hi] * f[None, :, None]
+
+
+def _to_rgb(frame, resolution: int, protocol: str = "frozen") -> np.ndarray:
+  if protocol == "miles" and resolution > 0:
+    h, w = torchvision_hw(frame.height, frame.width, resolution)
+    rgb = frame.to_ndarray(format="rgb24")
+    if (h, w) == rgb.shape[:2]:
+      return rgb
+    return np.clip(np.round(bilinear_resize(rgb, h, w)), 0, 255).astype(np.uint8)
   h, w = resized_hw(frame.height, frame.width, resolution)
   if (h, w) == (frame.height, frame.width):
     return frame.to_ndarray(format="rgb24")
   return frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
 
 
-def _decode_pass(path: str, keep: Optional[set], resolution: int, limit: int = 0):
+def _decode_pass(path: str, keep: Optional[set], resolution: int, limit: int = 0,
+                 protocol: str = "frozen"):
   import av
   frames, times, count = [], [], 0
   with av.open(path) as container:
@@ -116,18 +174,19 @@ def _decode_pass(path: str, keep: Optional[set], resolution: int, limit: int = 0
       if limit and count >= limit:
         break
       if keep is None or count in keep:
-        frames.append(_to_rgb(frame, resolution))
+        frames.append(_to_rgb(frame, resolution, protocol))
         times.append(float(frame.time) if frame.time is not None else count / (fps or 1.0))
       count += 1
   return frames, times, count, fps
 
 
 def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: bool = False,
-                 max_seconds: float = 0.0, eval_frames=()):
+                 max_seconds: float = 0.0, eval_frames=(), protocol: str = "frozen"):
   """PyAV decode -> (uint8 [K, h, w, 3], timestamps [K], fps, source indices [K], source frame
   count). Raises on unreadable media.
 
-  `max_seconds` > 0: the clip is only the source's frames before that time (DiDeMo's window)."""
+  `max_seconds` > 0: the clip is only the source's frames before that time (DiDeMo's window).
+  `protocol`: the eval frame protocol of `eval_frames` and of the resize (EVAL_PROTOCOLS)."""
   import av
   if is_image:
     frames, times, _, _ = _decode_pass(path, {0}, resolution)
@@ -145,13 +204,13 @@ def decode_video(path: str, frames_per_clip: int, resolution: int, is_image: boo
       n = sum(1 for p in container.demux(stream) if p.size and (
           max_seconds <= 0 or p.pts is None or float(p.pts * p.time_base) < max_seconds))
     limit = n if max_seconds > 0 else 0
-    keep = choose_indices(n, frames_per_clip, eval_frames)
+    keep = choose_indices(n, frames_per_clip, eval_frames, protocol)
   frames, times, count, fps = _decode_pass(path, None if keep is None else set(keep), resolution,
-                                           limit)
+                                           limit, protocol)
   if keep is not None and (len(frames) < min(len(keep), count) or count != n):
     # Another frame count decoded than packets counted: choose again from the true count.
-    keep = choose_indices(count, frames_per_clip, eval_frames)
-    frames, times, count, fps = _decode_pass(path, set(keep), resolution, limit)
+    keep = choose_indices(count, frames_per_clip, eval_frames, protocol)
+    frames, times, count, fps = _decode_pass(path, set(keep), resolution, limit, protocol)
   if not frames:
     raise ValueError("no decodable frames")
   index = keep if keep is not None else list(range(count))
@@ -241,10 +300,11 @@ class _BarCounter:
     self._value = v
 
 
-def _frames_key(frames_per_clip: int, eval_frames) -> str:
+def _frames_key(frames_per_clip: int, eval_frames, protocol: str = "frozen") -> str:
   """What a shard's frames are, so a rerun with other frame settings redoes it."""
   if eval_frames:
-    return "eval:" + ",".join(str(int(t)) for t in eval_frames)
+    key = "eval:" + ",".join(str(int(t)) for t in eval_frames)
+    return key if protocol == "frozen" else f"{key}:{protocol}"
   return f"even:{int(frames_per_clip)}"
 
 
@@ -252,48 +312,70 @@ def _sidecar(out: str, name: str) -> str:
   return os.path.join(out, f".{name}.json")
 
 
+def encode_item(item: "readers.Item", frames_per_clip: int, resolution: int,
+                jpeg_quality: int = 90, eval_frames=(), expected_items: int = 0,
+                local_path: Optional[str] = None, eval_protocol: str = "miles") -> dict:
+  """One item -> {"record": serialized SequenceExample or None, "skipped": reason or None,
+  "short": stored frame count when the source has fewer frames than wanted, else None}.
+
+  The per-item step of `process_shard` (and of any other runner): never raises for bad media.
+  `local_path`: the media already on local disk (e.g. read from a tar); else `item.path`.
+  `eval_protocol` (with `eval_frames`): which frames and resize (EVAL_PROTOCOLS)."""
+  from miles_jax.data import schema
+  out = {"record": None, "skipped": None, "short": None}
+  if not item.captions:
+    out["skipped"] = "no captions (empty caption field)"
+    return out
+  if local_path == readers.MISSING or (local_path is None
+                                       and not readers.media_exists(item.path)):
+    out["skipped"] = f"missing file {item.path}"
+    return out
+  try:
+    with (contextlib.nullcontext(local_path) if local_path is not None
+          else readers.local_media(item.path)) as local:
+      frames, times, fps, index, count = decode_video(
+          local, frames_per_clip, resolution, item.is_image, item.max_seconds, eval_frames,
+          eval_protocol if eval_frames else "frozen")
+  except Exception as e:  # any decoder failure means: skip and report this item
+    out["skipped"] = f"unreadable media: {type(e).__name__}: {e}"
+    return out
+  want = max(eval_frames) if eval_frames else frames_per_clip
+  if want > 0 and not item.is_image and count < want:
+    out["short"] = len(frames)
+  out["record"] = schema.make_example(
+      item.video_id, item.captions, frames, timestamps=times, label=item.label, fps=fps,
+      jpeg_quality=jpeg_quality, frame_index=index, source_frames=count,
+      expected_items=expected_items,
+      eval_protocol=eval_protocol if eval_frames else "").SerializeToString()
+  return out
+
+
 def process_shard(task: dict) -> dict:
   """Decodes and writes one shard; returns its report (also saved as the sidecar)."""
-  from miles_jax.data import schema
   out, name, items = task["out"], task["name"], task["items"]
   written, skipped, short = [], [], []
 
   def records():
-    for it in items:
-      item = readers.Item(**it)
-      reason = None
-      if not item.captions:
-        reason = "no captions (empty caption field)"
-      elif not readers.media_exists(item.path):
-        reason = f"missing file {item.path}"
-      else:
-        try:
-          with readers.local_media(item.path) as local:
-            frames, times, fps, index, count = decode_video(
-                local, task["frames_per_clip"], task["resolution"], item.is_image,
-                item.max_seconds, task.get("eval_frames", ()))
-        except Exception as e:  # any decoder failure means: skip and report this item
-          reason = f"unreadable media: {type(e).__name__}: {e}"
+    for item, local in readers.iter_local_media([readers.Item(**it) for it in items]):
+      res = encode_item(item, task["frames_per_clip"], task["resolution"], task["jpeg_quality"],
+                        task.get("eval_frames", ()), task.get("expected_items", 0), local,
+                        task.get("eval_protocol", "frozen"))
       if _progress is not None:
         with _progress.get_lock():
           _progress.value += 1
-      if reason:
-        skipped.append({"video_id": item.video_id, "path": item.path, "reason": reason})
+      if res["skipped"]:
+        skipped.append({"video_id": item.video_id, "path": item.path, "reason": res["skipped"]})
         continue
-      want = (max(task["eval_frames"]) if task.get("eval_frames")
-              else task["frames_per_clip"])
-      if want > 0 and not item.is_image and count < want:
-        short.append({"video_id": item.video_id, "frames": len(frames)})
-      ex = schema.make_example(item.video_id, item.captions, frames, timestamps=times,
-                               label=item.label, fps=fps, jpeg_quality=task["jpeg_quality"],
-                               frame_index=index, source_frames=count)
+      if res["short"] is not None:
+        short.append({"video_id": item.video_id, "frames": res["short"]})
       written.append(item.video_id)
-      yield ex.SerializeToString()
+      yield res["record"]
 
   write_records(os.path.join(out, name), records())
   report = {"shard": name, "items": [it["video_id"] for it in items], "written": written,
             "skipped": skipped, "short": short,
-            "frames": _frames_key(task["frames_per_clip"], task.get("eval_frames", ()))}
+            "frames": _frames_key(task["frames_per_clip"], task.get("eval_frames", ()),
+                                  task.get("eval_protocol", "frozen"))}
   with open(_sidecar(out, name), "w") as f:
     json.dump(report, f)
   return report
@@ -310,13 +392,21 @@ def shard_order(num_items: int, split: str, seed: int = 0) -> np.ndarray:
 def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
             frames_per_clip: int = 16, resolution: int = 256, workers: int = 1,
             jpeg_quality: int = 90, verbose: bool = True,
-            missing_annotations: Optional[list] = None, eval_frames=()) -> dict:
+            missing_annotations: Optional[list] = None, eval_frames=(),
+            expected_items: int = 0, eval_protocol: str = "miles") -> dict:
   """Writes `items` as shards `out/{split}-XXXXX-of-N.tfrecord`; returns the report dict.
+
+  `expected_items`: videos of the published split (readers.expected_size), stored in every
+  record and in the report; 0 = unknown, the annotated items are then the expected count.
+  `eval_protocol`: the frames and resize of `eval_frames` (EVAL_PROTOCOLS), stored in every
+  record.
 
   `missing_annotations`: video-list ids the reader found no annotation for (recorded).
   `eval_frames` (e.g. (4, 8, 16)): store the eval positions for these frame counts instead of
   `frames_per_clip` evenly spaced frames."""
   eval_frames = tuple(int(t) for t in eval_frames)
+  if eval_protocol not in EVAL_PROTOCOLS:
+    raise ValueError(f"--eval_protocol={eval_protocol!r}: use one of {EVAL_PROTOCOLS}")
   os.makedirs(out, exist_ok=True)
   if num_shards < 1:
     raise ValueError(f"--num_shards={num_shards} must be >= 1")
@@ -330,12 +420,13 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
       with open(side) as f:
         done = json.load(f)
       if (done.get("items") == [it["video_id"] for it in shard_items]
-          and done.get("frames") == _frames_key(frames_per_clip, eval_frames)):
+          and done.get("frames") == _frames_key(frames_per_clip, eval_frames, eval_protocol)):
         reused.append(done)
         continue
     tasks.append({"out": out, "name": name, "items": shard_items,
                   "frames_per_clip": frames_per_clip, "resolution": resolution,
-                  "jpeg_quality": jpeg_quality, "eval_frames": eval_frames})
+                  "jpeg_quality": jpeg_quality, "eval_frames": eval_frames,
+                  "expected_items": int(expected_items), "eval_protocol": eval_protocol})
   total = sum(len(t["items"]) for t in tasks)
   t0 = time.time()
 
@@ -379,7 +470,9 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
       "resumed_shards": sorted(r["shard"] for r in reused),
       "missing_annotations": {"count": len(missing_annotations or []),
                               "video_ids": list(missing_annotations or [])},
-      "frames": _frames_key(frames_per_clip, eval_frames),
+      "frames": _frames_key(frames_per_clip, eval_frames, eval_protocol),
+      "expected": int(expected_items) or len(items) + len(missing_annotations or []),
+      "expected_from": "split" if expected_items else "annotations",
       "seconds": round(time.time() - t0, 2),
   }
   path = os.path.join(out, "report.json")
@@ -396,6 +489,8 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
     for s in report["skipped"]:
       print(f"  skipped {s['video_id']}: {s['reason']}")
     print(f"[prepare {split}] report: {path}")
+    print(f"[prepare {split}] {report['written']} of {report['expected']} expected "
+          f"({'the published split' if expected_items else 'annotated items'}) written")
   return report
 
 
@@ -421,6 +516,11 @@ def define_flags(fv):
   flags.DEFINE_string("eval_frames", "4,8,16", "val/test splits: store the eval frame positions "
                       "for these frame counts (Frozen's segment centres); '' = use "
                       "--frames_per_clip instead.", flag_values=fv)
+  flags.DEFINE_enum("eval_protocol", "miles", list(EVAL_PROTOCOLS), "val/test splits: "
+                    "'miles' stores what the MILES release feeds its encoder (each segment "
+                    "centre's previous frame, as its cv2 seek decodes it; torchvision's Resize "
+                    "rounding and bilinear without antialias); 'frozen' the segment centres, "
+                    "AREA-resized. Evaluate with the same config eval.frames.", flag_values=fv)
   flags.DEFINE_integer("resolution", 256, "Short side in px; 0 = native.", flag_values=fv)
   flags.DEFINE_integer("workers", cpus, "Decoding processes.", flag_values=fv)
   flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames.", flag_values=fv)
@@ -430,11 +530,18 @@ def define_flags(fv):
   flags.DEFINE_string("video_list", None, "Keep only these video ids, in this order: one per "
                       "line (e.g. Frozen's val_list_jsfusion.txt, MSVD test_list.txt) or a csv "
                       "with a video_id column (CLIP4Clip's MSRVTT_train.9k.csv).", flag_values=fv)
-  flags.DEFINE_bool("allow_missing", False, "Go on when --video_list names ids the annotations "
-                    "lack (they are counted in report.json); without it that is an error "
-                    "(exit 2).", flag_values=fv)
+  flags.DEFINE_bool("allow_missing", False, "Accept a partial split: --video_list ids the "
+                    "annotations lack, and fewer clips written than expected (missing or "
+                    "unreadable files), are counted in report.json; without it either is an "
+                    "error (exit 2).", flag_values=fv)
   flags.DEFINE_string("caption_index", None, "msrvtt: Frozen's jsfusion_val_caption_idx.pkl "
-                      "(one caption per video).", flag_values=fv)
+                      "(one caption per video; found beside MSR_VTT.json's split lists by "
+                      "default for val/test); 'none' keeps every caption.", flag_values=fv)
+  flags.DEFINE_integer("expected_items", 0, "Videos the split should have; 0 = the benchmark's "
+                       "published test-set size (MSR-VTT 1k-A 1000, MSVD 670, LSMDC 1000, "
+                       "DiDeMo 1004, HMDB51 1530, UCF101 3783/3734/3696), else the --video_list "
+                       "length. Fewer written is an error unless --allow_missing.",
+                       flag_values=fv)
   flags.mark_flags_as_required(["format", "annotations", "media_dir", "out"], flag_values=fv)
 
 
@@ -449,6 +556,7 @@ def run(a) -> int:
             file=sys.stderr)
       return 2
     folds = [1, 2, 3] if a.fold == "all" else [int(a.fold)]
+  status = 0
   for fold in folds:
     missing: list = []
     try:
@@ -470,9 +578,39 @@ def run(a) -> int:
             file=sys.stderr)
       return 2
     split = f"{a.split}{fold}" if fold else a.split
-    prepare(items, a.out, split, a.num_shards, a.frames_per_clip, a.resolution, a.workers,
-            a.jpeg_quality, missing_annotations=missing, eval_frames=eval_frames)
-  return 0
+    expected = a.expected_items or readers.expected_size(a.format, split)
+    if not expected and a.video_list:
+      expected = len(items) + len(missing)
+    report = prepare(items, a.out, split, a.num_shards, a.frames_per_clip, a.resolution,
+                     a.workers, a.jpeg_quality, missing_annotations=missing,
+                     eval_frames=eval_frames, expected_items=expected,
+                     eval_protocol=a.eval_protocol)
+    status = max(status, check_expected(report, a.format, a.allow_missing,
+                                        os.path.join(a.out, "report.json")))
+  return status
+
+
+def check_expected(report: dict, fmt: str, allow_missing: bool, report_path: str) -> int:
+  """0, or 2 with one line on stderr when a split of known size (report["expected_from"] ==
+  "split": the benchmark's published size, --expected_items or the --video_list length) got
+  fewer clips than expected (unless `allow_missing`) or more."""
+  written, expected, split = report["written"], report["expected"], report["split"]
+  if report.get("expected_from") != "split" or written == expected:
+    return 0
+  if written > expected:
+    print(f"error: [prepare {split}] {written} clips written, but --format={fmt} {split} has "
+          f"{expected}: pass the split's list (--video_list) or --expected_items={written} if "
+          "this is another split", file=sys.stderr)
+    return 2
+  if allow_missing:
+    print(f"warning: [prepare {split}] only {written} of {expected} expected written "
+          f"(--allow_missing); recall on it does not compare with published numbers",
+          file=sys.stderr)
+    return 0
+  print(f"error: [prepare {split}] only {written} of {expected} expected written "
+        f"({expected - written} missing or unreadable, listed in {report_path}): add the files, "
+        "or pass --allow_missing to keep the partial split", file=sys.stderr)
+  return 2
 
 
 # `main([...])` in-process (scripts, tests); `_cli()` for `python -m miles_jax.data.prepare`.

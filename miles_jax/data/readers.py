@@ -23,7 +23,8 @@ import pickle
 import re
 from typing import Callable, Iterable, Optional
 
-VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".flv", ".mpg", ".3gp")
+VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp",
+              ".3g2", ".wmv", ".mts", ".m2ts")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
@@ -38,6 +39,22 @@ class Item:
 
 
 TAR_SEP = "::"
+
+# The published test sets: (format, split) -> videos (per official fold for hmdb51 / ucf101).
+# MSR-VTT 1k-A (JSFusion), MSVD (collaborative-experts' test_list.txt), LSMDC16 public test
+# (challenge_1000), DiDeMo test_list.txt, HMDB51 30 test clips x 51 classes per split,
+# UCF101 testlist01/02/03.txt.
+EXPECTED_SIZES = {
+    ("msrvtt", "test"): 1000, ("msvd", "test"): 670, ("lsmdc", "test"): 1000,
+    ("didemo", "test"): 1004, ("hmdb51", "test1"): 1530, ("hmdb51", "test2"): 1530,
+    ("hmdb51", "test3"): 1530, ("ucf101", "test1"): 3783, ("ucf101", "test2"): 3734,
+    ("ucf101", "test3"): 3696,
+}
+
+
+def expected_size(fmt: str, split: str) -> int:
+  """Videos of the benchmark's published `split` for reader `fmt`; 0 when there is none."""
+  return EXPECTED_SIZES.get((fmt, split), 0)
 
 
 def media_exists(path: str) -> bool:
@@ -70,6 +87,42 @@ def local_media(path: str):
     tmp.write(tf.extractfile(member).read())
     tmp.flush()
     yield tmp.name
+
+
+MISSING = ""  # iter_local_media's path for a tar member that is not in its archive
+
+
+def iter_local_media(items: list):
+  """Yields (item, local path) for every item: None for plain files (use `item.path`), a
+  temporary file for a member of a webdataset tar (`ARCHIVE.tar::MEMBER`), MISSING when the
+  archive or member does not exist. Plain files come first in order; then each archive's
+  members, read in one streaming pass per archive (in the archive's order), so a tar of N items
+  is read once, not N times. A temporary file lives until the next item is asked for."""
+  import tarfile
+  import tempfile
+  by_archive: dict = {}
+  for it in items:
+    if TAR_SEP in it.path:
+      archive, member = it.path.split(TAR_SEP, 1)
+      by_archive.setdefault(archive, {}).setdefault(member, []).append(it)
+    else:
+      yield it, None
+  for archive, wanted in by_archive.items():
+    if os.path.isfile(archive):
+      with tarfile.open(archive, "r|*") as tf, tempfile.TemporaryDirectory() as tmp:
+        for m in tf:
+          group = wanted.pop(m.name, None) if m.isfile() else None
+          if not group:
+            continue
+          local = os.path.join(tmp, "member" + os.path.splitext(m.name)[1])
+          with open(local, "wb") as f:
+            f.write(tf.extractfile(m).read())
+          for it in group:
+            yield it, local
+          os.remove(local)
+    for group in wanted.values():
+      for it in group:
+        yield it, MISSING
 
 
 # Globals a dataset pickle (raw-captions.pkl, jsfusion_val_caption_idx.pkl) may reference:
@@ -223,16 +276,22 @@ def read_img2dataset(annotations: str, media_dir: str = "", **_) -> list:
   for name in sorted(os.listdir(folder)):
     full = os.path.join(folder, name)
     if name.endswith(".tar") and os.path.isfile(full):
-      with tarfile.open(full) as tf:
-        members = {m.name: m for m in tf.getmembers() if m.isfile()}
-        for mname in sorted(members):
-          key, ext = os.path.splitext(mname)
-          if ext.lower() not in IMAGE_EXTS:
+      # one streaming pass: image member names and the .txt captions beside them
+      images, captions = [], {}
+      with tarfile.open(full, "r|*") as tf:
+        for m in tf:
+          if not m.isfile():
             continue
-          txt = members.get(key + ".txt")
-          cap = tf.extractfile(txt).read().decode("utf-8").strip() if txt else ""
-          items.append(Item(os.path.basename(key), full + TAR_SEP + mname, [cap] if cap else [],
-                            is_image=True))
+          key, ext = os.path.splitext(m.name)
+          if ext.lower() in IMAGE_EXTS:
+            images.append(m.name)
+          elif ext == ".txt":
+            captions[key] = tf.extractfile(m).read().decode("utf-8").strip()
+      for mname in sorted(images):
+        key = os.path.splitext(mname)[0]
+        cap = captions.get(key, "")
+        items.append(Item(os.path.basename(key), full + TAR_SEP + mname, [cap] if cap else [],
+                          is_image=True))
     elif os.path.isdir(full):
       for fname in sorted(os.listdir(full)):
         key, ext = os.path.splitext(fname)
@@ -247,9 +306,21 @@ def read_img2dataset(annotations: str, media_dir: str = "", **_) -> list:
   return items
 
 
+FROZEN_CAPTION_INDEX = "jsfusion_val_caption_idx.pkl"
+
+
+def frozen_caption_index(annotations: str, video_list: Optional[str]) -> list:
+  """Where Frozen keeps its 1k-A caption index for MSR_VTT.json: beside the split list, in
+  `../high-quality/structured-symlinks/` of `annotation/MSR_VTT.json`, or beside the json."""
+  ann_dir = os.path.dirname(os.path.abspath(annotations))
+  dirs = ([os.path.dirname(os.path.abspath(video_list))] if video_list else []) + [
+      os.path.join(os.path.dirname(ann_dir), "high-quality", "structured-symlinks"), ann_dir]
+  return [os.path.join(d, FROZEN_CAPTION_INDEX) for d in dirs]
+
+
 def read_msrvtt(annotations: str, media_dir: str, video_list: Optional[str] = None,
                 missing: Optional[list] = None, caption_index: Optional[str] = None,
-                **_) -> list:
+                split: str = "train", **_) -> list:
   """MSR-VTT, any of the published annotation files:
   - `MSRVTT_JSFUSION_test.csv` (key, vid_key, video_id, sentence): the 1k-A test pairs;
   - CLIP4Clip's `MSRVTT_data.json` / the original `train_val_videodatainfo.json`
@@ -257,7 +328,10 @@ def read_msrvtt(annotations: str, media_dir: str, video_list: Optional[str] = No
   - Frozen-in-Time's `MSR_VTT.json` (`annotations`: [{image_id, caption}]).
   `video_list`: Frozen's split file (`train_list_jsfusion.txt`, `val_list_jsfusion.txt`, ...) or
   CLIP4Clip's `MSRVTT_train.9k.csv`. `caption_index`: Frozen's `jsfusion_val_caption_idx.pkl`
-  ({video_id: index}) keeps that one caption per video, as Frozen's 1k-A test does.
+  ({video_id: index}) keeps that one caption per video, as Frozen's 1k-A test does. With
+  `MSR_VTT.json` and a val/test split it is applied by default, as Frozen always does there
+  (found by `frozen_caption_index`; missing is an error); `caption_index="none"` keeps every
+  caption.
   """
   media = lambda vid: find_media(media_dir, vid)
   if annotations.endswith(".csv"):
@@ -277,12 +351,22 @@ def read_msrvtt(annotations: str, media_dir: str, video_list: Optional[str] = No
       rows = [(s["video_id"], s["caption"]) for s in data["sentences"]]
     elif isinstance(data, dict) and "annotations" in data:  # Frozen's MSR_VTT.json
       rows = [(a["image_id"], a["caption"]) for a in data["annotations"]]
+      if caption_index is None and split != "train":
+        found = [p for p in frozen_caption_index(annotations, video_list) if os.path.isfile(p)]
+        if not found:
+          raise ValueError(
+              f"--annotations={annotations}: Frozen's {split} split (1k-A) keeps one caption per "
+              f"video by {FROZEN_CAPTION_INDEX}, not found in "
+              f"{', '.join(os.path.dirname(p) for p in frozen_caption_index(annotations, video_list))}"
+              f": pass --caption_index=PATH/{FROZEN_CAPTION_INDEX} "
+              "(or --caption_index=none for every caption)")
+        caption_index = found[0]
     else:
       keys = sorted(data) if isinstance(data, dict) else type(data).__name__
       raise ValueError(f"--annotations={annotations}: expected a 'sentences' (MSRVTT_data.json) "
                        f"or 'annotations' (Frozen's MSR_VTT.json) list, found {keys}")
   items = _select(_group(rows, media), video_list, missing)
-  if caption_index:
+  if caption_index and caption_index.lower() != "none":
     index = load_plain_pickle(caption_index)
     for it in items:
       if it.video_id not in index:
@@ -350,11 +434,32 @@ def read_lsmdc(annotations: str, media_dir: str, video_list: Optional[str] = Non
 DIDEMO_MAX_SECONDS = 32.0
 
 
+def didemo_media(media_dir: str, name: str) -> str:
+  """The file of DiDeMo video `name` (the json's `video` field): the name verbatim, as the
+  original download script and CLIP4Clip save it (`.mov`, `.wmv`, `.mts`, `.3g2`, a trailing
+  `.`, ...), then `name.mp4` and `<stem>.<ext>` (converted copies); the verbatim path if none
+  exists."""
+  stem = os.path.splitext(name)[0] if not name.endswith(".") else name.rstrip(".")
+  candidates = [os.path.join(media_dir, name), os.path.join(media_dir, name + ".mp4")]
+  candidates += [os.path.join(media_dir, stem + e) for e in VIDEO_EXTS]
+  for c in candidates:
+    if os.path.isfile(c):
+      return c
+  return candidates[0]
+
+
+def didemo_id(name: str) -> str:
+  """A DiDeMo video name without its extension (or trailing '.'): the id shards carry."""
+  return name.rstrip(".") if name.endswith(".") else os.path.splitext(name)[0]
+
+
 def read_didemo(annotations: str, media_dir: str, video_list: Optional[str] = None,
                 missing: Optional[list] = None, **_) -> list:
   """DiDeMo `{train,val,test}_data.json` (video, description, times, ...) with `--video_list`
   `{split}_list.txt`: one paragraph per video = all its descriptions joined in file order;
-  frames only from the first 32 s (DIDEMO_MAX_SECONDS, as CLIP4Clip reads them)."""
+  frames only from the first 32 s (DIDEMO_MAX_SECONDS, as CLIP4Clip reads them). Files are
+  found by `didemo_media`. Two names with one stem (`X.mov` and `X.mp4`) would give two
+  videos one id: an error naming them (the split list picks one)."""
   with open(annotations) as f:
     data = json.load(f)
   sentences: dict = {}
@@ -362,29 +467,37 @@ def read_didemo(annotations: str, media_dir: str, video_list: Optional[str] = No
     sentences.setdefault(ann["video"], []).append(ann["description"].strip())
   items = []
   for vid, sents in sentences.items():
-    stem = os.path.splitext(vid)[0]
-    path = find_media(media_dir, vid)
-    if not os.path.isfile(path):
-      path = find_media(media_dir, stem)
     para = " ".join(s for s in sents if s)
-    items.append(Item(vid, path, [para] if para else [], max_seconds=DIDEMO_MAX_SECONDS))
+    items.append(Item(vid, didemo_media(media_dir, vid), [para] if para else [],
+                      max_seconds=DIDEMO_MAX_SECONDS))
   # the lists and the json name videos with their extension ("...mov"): match on both
   if video_list:
     items = _select_didemo(items, video_list, missing)
+  names: dict = {}
   for it in items:
-    it.video_id = os.path.splitext(it.video_id)[0]
+    names.setdefault(didemo_id(it.video_id), []).append(it.video_id)
+  dups = {k: v for k, v in names.items() if len(v) > 1}
+  if dups:
+    shown = "; ".join(" / ".join(v) for v in list(dups.values())[:5])
+    raise ValueError(f"--annotations={annotations}: {len(dups)} video ids are shared by two "
+                     f"files ({shown}{'; ...' if len(dups) > 5 else ''}): pass the split's "
+                     "list (--video_list=test_list.txt) that names one of each")
+  for it in items:
+    it.video_id = didemo_id(it.video_id)
   return items
 
 
 def _select_didemo(items, video_list, missing):
   """`_select` matching names with or without their extension (the lists and the json differ)."""
   by_id = {it.video_id: it for it in items}
-  by_stem = {os.path.splitext(it.video_id)[0]: it for it in items}
+  by_stem: dict = {}
+  for it in items:
+    by_stem.setdefault(didemo_id(it.video_id), it)
   with open(video_list) as f:
     wanted = list(dict.fromkeys(line.strip() for line in f if line.strip()))
   out, lost = [], []
   for v in wanted:
-    it = by_id.get(v) or by_stem.get(os.path.splitext(v)[0])
+    it = by_id.get(v) or by_stem.get(didemo_id(v))
     if it:
       out.append(it)
     else:

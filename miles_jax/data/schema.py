@@ -6,6 +6,10 @@ context:  video_id  bytes        source name, unique within a dataset
           num_frames, height, width  int64   stored frames and their size
           fps       float        frame rate of the source (0 for images)
           source_frames int64    frames of the source video (0: unknown, e.g. older shards)
+          expected_items int64   videos of the whole split as the benchmark publishes it
+                                 (e.g. 1000 for MSR-VTT 1k-A; 0: unknown / not a benchmark)
+          eval_protocol bytes    eval frames' protocol, "miles" or "frozen" (prepare.py
+                                 EVAL_PROTOCOLS; "" for train frames and older shards)
 sequence: frames     bytes       one JPEG per stored frame
           timestamps float       seconds of each stored frame in the source
           frame_index int64      0-based index of each stored frame in the source video
@@ -28,6 +32,8 @@ CONTEXT_FEATURES = {
     "width": tf.io.FixedLenFeature([], tf.int64, default_value=0),
     "fps": tf.io.FixedLenFeature([], tf.float32, default_value=0.0),
     "source_frames": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    "expected_items": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    "eval_protocol": tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 SEQUENCE_FEATURES = {
     "frames": tf.io.FixedLenSequenceFeature([], tf.string, allow_missing=True),
@@ -46,7 +52,8 @@ def make_example(video_id: str, captions: Sequence[str], frames=None, *,
                  jpeg_frames: Sequence[bytes] | None = None, timestamps=None, label: int = -1,
                  fps: float = 0.0, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
                  height: int | None = None, width: int | None = None,
-                 frame_index=None, source_frames: int = 0) -> tf.train.SequenceExample:
+                 frame_index=None, source_frames: int = 0,
+                 expected_items: int = 0, eval_protocol: str = "") -> tf.train.SequenceExample:
   """Builds a clip record from uint8 frames [K, H, W, 3] (or already-encoded `jpeg_frames`)."""
   if (frames is None) == (jpeg_frames is None):
     raise ValueError("make_example: pass exactly one of frames= or jpeg_frames=")
@@ -78,6 +85,9 @@ def make_example(video_id: str, captions: Sequence[str], frames=None, *,
   ctx["width"].int64_list.value.append(int(width))
   ctx["fps"].float_list.value.append(float(fps))
   ctx["source_frames"].int64_list.value.append(int(source_frames))
+  ctx["expected_items"].int64_list.value.append(int(expected_items))
+  if eval_protocol:
+    ctx["eval_protocol"].bytes_list.value.append(eval_protocol.encode())
   fl = ex.feature_lists.feature_list
   for jpg in jpeg_frames:
     fl["frames"].feature.add().bytes_list.value.append(jpg)

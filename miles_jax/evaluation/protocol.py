@@ -75,12 +75,19 @@ def describe(config, eval_set, files: list, split: str) -> dict:
       "files_sha256": file_fingerprint(files),
       "num_texts": len(eval_set.texts),
       "num_videos": len(eval_set.video_ids),
+      # the published split's size as prepare recorded it (0: unknown): a smaller gallery
+      # makes retrieval easier, so recall is not comparable when the two differ
+      "num_videos_expected": int(getattr(eval_set, "expected_videos", 0)),
       "skipped_records": len(eval_set.skipped),
       "failed_videos": len(eval_set.failed),
       "num_frames": int(d.num_frames),
       "num_clips": int(eval_set.num_clips),
       "frame_positions": eval_set.positions,
-      "crop": f"centre square of the short side, resized to {size}x{size} (antialiased)",
+      "frames": pipeline.eval_protocol(config),
+      "crop": (f"centre square of the short side (offsets rounded half to even), resized to "
+               f"{size}x{size} bilinear without antialias (torchvision CenterCrop/Resize on "
+               "tensors, as the MILES release)" if pipeline.eval_protocol(config) == "miles"
+               else f"centre square of the short side, resized to {size}x{size} (antialiased)"),
       "normalisation": "ImageNet mean/std",
       "caption_length": pipeline.eval_max_len(config),
       "captions_at_length_limit": int(eval_set.truncated),
@@ -92,10 +99,24 @@ def describe(config, eval_set, files: list, split: str) -> dict:
   }
 
 
+def gallery_check(protocol: dict) -> tuple:
+  """(one line "gallery: N videos of E expected", True when N != E and E is known)."""
+  n, e = int(protocol["num_videos"]), int(protocol.get("num_videos_expected", 0))
+  if not e:
+    return f"gallery: {n} videos (expected size unknown: shards from before it was recorded, " \
+           "or not a published split)", False
+  if n == e:
+    return f"gallery: {n} videos of {e} expected", False
+  return (f"gallery: {n} videos of {e} expected -- WARNING: the gallery is "
+          f"{'smaller' if n < e else 'larger'} than the published split, so recall is NOT "
+          "comparable with published numbers (see the shards' report.json)"), True
+
+
 def cache_key(params_fp: str, protocol: dict, model_config) -> str:
   """Hex key of (params, protocol minus its free-text fields, model config)."""
   keyed = {k: v for k, v in protocol.items()
-           if k not in ("post_processing", "v2t_multi_caption", "dataset")}
+           if k not in ("post_processing", "v2t_multi_caption", "dataset",
+                        "num_videos_expected")}
   blob = json.dumps({"params": params_fp, "protocol": keyed,
                      "model": model_config.to_dict() if hasattr(model_config, "to_dict")
                      else dict(model_config)}, sort_keys=True, default=str)
