@@ -3,6 +3,9 @@ from setuptools import find_packages, setup
 
 # Pinned to a set checked to install together (see README "Install"). jax 0.10 needs numpy 2;
 # tensorflow-text needs the plain `tensorflow` wheel (never add tensorflow-cpu beside it).
+# No tensorflow-datasets: nothing reads or builds a TFDS dataset here. Shards are the clip schema
+# of miles_jax/data/schema.py read by tf.data directly, and large sets are built by prepare's own
+# Beam pipeline (the [beam] extra), which is what a TFDS Beam builder would wrap.
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
@@ -11,7 +14,6 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "tensorflow==2.21.0",
     "tensorflow-text==2.21.1",
-    "tensorflow-datasets==4.9.10",
     "tensorboard==2.21.0",
     "sentencepiece==0.2.3",
     "ml_collections==1.1.0",
