@@ -3,6 +3,8 @@ same tiny clips: the same shards record for record, the same sidecars and report
 idempotent rerun, gs:// output, and one-line exit-2 errors for a bad runner or a missing extra."""
 import json
 import os
+import shlex
+import subprocess
 import sys
 
 import pytest
@@ -40,8 +42,11 @@ def _args(media, out, *extra):
 def _shards(out):
   """{file name: [raw record bytes]} of every shard, and the hidden sidecar/count files' text."""
   names = sorted(paths.Path(out).iterdir(), key=str)
-  recs = {p.name: [r.numpy() for r in tf.data.TFRecordDataset(str(p))]
-          for p in names if p.name.endswith(".tfrecord")}
+  recs = {}
+  for p in names:
+    if p.name.endswith(".tfrecord"):
+      with paths.local_file(os.fspath(p)) as local:  # gs:// through the path layer
+        recs[p.name] = [r.numpy() for r in tf.data.TFRecordDataset(local)]
   hidden = {p.name: p.read_text() for p in names if p.name.startswith(".")}
   return recs, hidden
 
@@ -125,3 +130,47 @@ def test_runner_without_the_beam_extra_exits_2_saying_what_to_install(media, tmp
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["error: --runner=DataflowRunner needs Apache Beam, which is not installed: "
                  "pip install 'miles_jax[beam]' (apache-beam[gcp]==2.77.0)"]
+
+
+def _dataflow_dry_run(*args, **env):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PROJECT": "my-project", "BUCKET": "gs://my-bucket/", **env}
+  return subprocess.run(["bash", os.path.join(root, "launch", "prepare_dataflow.sh"),
+                         "--dry-run", *args], capture_output=True, text=True, env=env)
+
+
+def test_dataflow_launcher_dry_run_prints_a_command_prepare_and_beam_accept():
+  r = _dataflow_dry_run("--format=webvid", "--annotations=results_2M_train.csv",
+                        "--media_dir=gs://my-bucket/videos", "--out", "gs://my-bucket/shards",
+                        "--num_shards=4096", REGION="europe-west4", MACHINE_TYPE="c3-highcpu-22",
+                        MAX_WORKERS="50")
+  assert r.returncode == 0, r.stderr
+  argv = shlex.split(r.stdout)
+  assert argv[1:3] == ["-m", "miles_jax.data.prepare"]
+  from miles_jax import cli
+  from miles_jax.data import beam
+  a = cli.parse(prepare.define_flags, argv[3:], "prepare")  # exits 2 on any flag it rejects
+  assert a.runner == "DataflowRunner" and a.out == "gs://my-bucket/shards"
+  assert beam.check(a.runner, a.beam_option) is None
+  from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                    SetupOptions, StandardOptions,
+                                                    WorkerOptions)
+  opts = PipelineOptions(beam.pipeline_args(a.runner, a.beam_option, a.workers))
+  assert opts.view_as(StandardOptions).runner == "DataflowRunner"
+  cloud = opts.view_as(GoogleCloudOptions)
+  assert (cloud.project, cloud.region) == ("my-project", "europe-west4")
+  assert cloud.temp_location == "gs://my-bucket/dataflow/tmp"
+  worker = opts.view_as(WorkerOptions)
+  assert (worker.machine_type, worker.max_num_workers) == ("c3-highcpu-22", 50)
+  setup_file = opts.view_as(SetupOptions).setup_file
+  assert os.path.isfile(setup_file) and setup_file.endswith("setup.py")
+
+
+def test_dataflow_launcher_refuses_local_paths_and_needs_its_settings():
+  r = _dataflow_dry_run("--format=csv", "--annotations=a.csv", "--media_dir=/data/videos",
+                        "--out=gs://b/o")
+  assert r.returncode == 2 and "--media_dir=/data/videos" in r.stderr
+  r = _dataflow_dry_run("--format=csv", "--out", "shards/")
+  assert r.returncode == 2 and "--out=shards/" in r.stderr
+  r = _dataflow_dry_run("--format=csv", PROJECT="")
+  assert r.returncode != 0 and "PROJECT" in r.stderr
