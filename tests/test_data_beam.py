@@ -64,8 +64,15 @@ def _mtimes(out):
 
 @pytest.fixture(scope="module")
 def pool_out(media, tmp_path_factory):
+  """The pool path's output, written by the command in another process (another hash seed:
+  records must not depend on the process that serialized them)."""
   out = str(tmp_path_factory.mktemp("pool") / "out")
-  assert prepare.main(_args(media, out)) == 0
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONHASHSEED": "12345",
+         "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+  r = subprocess.run([sys.executable, "-m", "miles_jax.data.prepare", *_args(media, out)],
+                     env=env, capture_output=True, text=True, cwd=root)
+  assert r.returncode == 0, r.stderr[-2000:]
   return out
 
 

@@ -296,7 +296,9 @@ def process_item(it: dict, task: dict) -> tuple:
   ex = schema.make_example(item.video_id, item.captions, frames, timestamps=times,
                            label=item.label, fps=fps, jpeg_quality=task["jpeg_quality"],
                            frame_index=index, source_frames=count)
-  return ex.SerializeToString(), None, short
+  # deterministic: map fields in key order, so a shard's bytes do not depend on the process
+  # (hash seed) that wrote it — the pool and every Beam worker write identical records
+  return ex.SerializeToString(deterministic=True), None, short
 
 
 def process_shard(task: dict) -> dict:
