@@ -13,17 +13,19 @@ frames, `--resolution` px short side) into a fresh folder with `--workers` proce
 * pool: prepare's default multiprocessing pool;
 * beam: the same call with runner="DirectRunner", direct_running_mode=multi_processing,
   direct_num_workers=--workers (worker start-up included: that is what a user waits for).
-The two outputs are checked to hold the same records. videos/s is wall-clock; per core divides by
---workers (the machine should have that many idle cores; see `uptime` before trusting it).
-The table extrapolates the pool's per-core rate, scaled by clip length (decoding cost follows
-the number of frames), to WebVid-2M, WebVid-10M (average clip 18 s) and CC3M (images), with
-`--price` per vCPU-hour (a list-price assumption: pass your own).
+The outputs are checked to hold the same records. videos/s is wall-clock, worker start-up
+included (on a shared machine see the load average it prints). The per-core rate is measured
+apart, robust to other load: one in-process run (workers=1) after a warm-up, clips divided by
+its CPU seconds. The table extrapolates that rate, scaled by clip length (decoding cost follows
+the number of frames), to WebVid-2M, WebVid-10M (average clip 18 s) and CC3M (the image rate),
+with `--price` per vCPU-hour (a list-price assumption: pass your own).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -80,14 +82,22 @@ def make_media(root: str, a) -> tuple:
   return clips, images
 
 
-def timed(items, out, a, runner=None, options=()):
-  t0 = time.perf_counter()
+def cpu_seconds() -> float:
+  """CPU time of this process and of its finished children (pool / Beam worker processes)."""
+  me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(items, out, a, runner=None, options=(), workers=None):
+  """(wall seconds, CPU seconds) of one prepare run into a fresh folder."""
+  t0, c0 = time.perf_counter(), cpu_seconds()
   rep = prepare.prepare(items, out, "train", num_shards=a.shards,
                         frames_per_clip=a.frames_per_clip, resolution=a.resolution,
-                        workers=a.workers, verbose=False, runner=runner, beam_options=options)
-  seconds = time.perf_counter() - t0
+                        workers=workers or a.workers, verbose=False, runner=runner,
+                        beam_options=options)
+  seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
   assert rep["written"] == len(items), rep
-  return seconds
+  return seconds, cpu
 
 
 def records(out):
@@ -140,10 +150,14 @@ def main():
     clips, images = make_media(os.path.join(root, "media"), a)
     made = time.perf_counter() - t0
     options = ["direct_running_mode=multi_processing", f"direct_num_workers={a.workers}"]
-    pool_s = timed(clips, os.path.join(root, "pool"), a)
-    beam_s = timed(clips, os.path.join(root, "beam"), a, "DirectRunner", options)
-    same = records(os.path.join(root, "pool")) == records(os.path.join(root, "beam"))
-    image_s = timed(images, os.path.join(root, "images"), a) if images else float("nan")
+    timed(clips[:1], os.path.join(root, "warmup"), a, workers=1)  # imports, first decode
+    serial_s, serial_cpu = timed(clips, os.path.join(root, "serial"), a, workers=1)
+    pool_s, pool_cpu = timed(clips, os.path.join(root, "pool"), a)
+    beam_s, beam_cpu = timed(clips, os.path.join(root, "beam"), a, "DirectRunner", options)
+    same = (records(os.path.join(root, "pool")) == records(os.path.join(root, "beam"))
+            == records(os.path.join(root, "serial")))
+    image_s, image_cpu = (timed(images, os.path.join(root, "images"), a, workers=1) if images
+                          else (float("nan"), float("nan")))
     res = {
         "clips": a.clips, "clip_seconds": a.seconds, "size": f"{a.width}x{a.height}",
         "fps": a.fps, "frames_per_clip": a.frames_per_clip, "resolution": a.resolution,
@@ -152,9 +166,11 @@ def main():
         "pool_videos_per_s": round(a.clips / pool_s, 3),
         "beam_videos_per_s": round(a.clips / beam_s, 3),
         "beam_over_pool": round(pool_s / beam_s, 3),
-        "pool_videos_per_s_per_core": round(a.clips / pool_s / a.workers, 3),
+        "pool_cpu_seconds": round(pool_cpu, 1), "beam_cpu_seconds": round(beam_cpu, 1),
+        "serial_seconds": round(serial_s, 2), "serial_cpu_seconds": round(serial_cpu, 2),
+        "videos_per_cpu_s": round(a.clips / serial_cpu, 3),
         "images": a.images, "image_size": f"{a.image_width}x{a.image_height}",
-        "pool_images_per_s_per_core": round(a.images / image_s / a.workers, 2),
+        "images_per_cpu_s": round(a.images / image_cpu, 2),
         "same_records": same, "load_average": [round(x, 2) for x in os.getloadavg()],
     }
   finally:
@@ -166,12 +182,15 @@ def main():
   print(f"  DirectRunner multi_processing: {res['beam_videos_per_s']:.3f} videos/s "
         f"({res['beam_seconds']} s)")
   print(f"  beam / pool: {res['beam_over_pool']:.3f}   same records: {same}")
-  print(f"  per core (pool): {res['pool_videos_per_s_per_core']:.3f} videos/s, "
-        f"{res['pool_images_per_s_per_core']:.2f} images/s ({res['image_size']})")
+  print(f"  CPU seconds (with worker processes): pool {res['pool_cpu_seconds']}, "
+        f"beam {res['beam_cpu_seconds']}")
+  print(f"  per core, one process after warm-up: {res['videos_per_cpu_s']:.3f} videos per "
+        f"CPU-second, {res['images_per_cpu_s']:.2f} images per CPU-second "
+        f"({res['image_size']} JPEG)")
   print(f"  load average at the end: {res['load_average']}")
   if a.table:
-    print(table(res["pool_videos_per_s_per_core"], a.seconds,
-                res["pool_images_per_s_per_core"], a.price, a.cores))
+    print(table(res["videos_per_cpu_s"], a.seconds, res["images_per_cpu_s"], a.price,
+                a.cores))
   if a.json:
     print(json.dumps(res))
   return 0 if same else 1
