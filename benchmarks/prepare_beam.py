@@ -113,8 +113,9 @@ def table(per_core_clip: float, clip_seconds: float, per_core_image: float, pric
   for name, n, secs in DATASETS:
     rate = per_core_image if secs == 0 else per_core_clip * clip_seconds / secs
     cpu_h = n / rate / 3600
-    lines.append(f"| {name} | {n:,} | {cpu_h:,.0f} | {cpu_h / cores:,.1f} | "
-                 f"${cpu_h * price:,.0f} |")
+    hours, cost = cpu_h / cores, cpu_h * price
+    lines.append(f"| {name} | {n:,} | {cpu_h:,.{0 if cpu_h >= 10 else 1}f} | "
+                 f"{hours:,.{1 if hours >= 1 else 2}f} | ${cost:,.{0 if cost >= 10 else 2}f} |")
   return "\n".join(lines)
 
 
