@@ -115,6 +115,17 @@ def test_direct_runner_writes_to_gcs_through_the_path_layer(media, pool_out, gcs
   assert prepare.main(_args(media, out, "--runner=DirectRunner")) == 0
   assert _shards(out) == _shards(pool_out)
   assert _report(out) == _report(pool_out)
+  # and the videos read from the bucket too (what Dataflow workers do)
+  paths.copy_tree(media, "gs://bucket/media")
+  out = "gs://bucket/prepared_from_gcs"
+  args = _args(media, out, "--runner=DirectRunner")
+  args[args.index("--media_dir") + 1] = "gs://bucket/media"
+  assert prepare.main(args) == 0
+  assert _shards(out)[0] == _shards(pool_out)[0]
+  rep = _report(out)
+  assert rep["written"] == 3 and rep["short"] == _report(pool_out)["short"]
+  assert {s["video_id"]: s["reason"] for s in rep["skipped"]}["missing.mp4"] == (
+      "missing file gs://bucket/media/missing.mp4")
 
 
 @pytest.mark.parametrize("extra, says", [
