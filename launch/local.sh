@@ -22,6 +22,10 @@ fi
 # CPU demo (JAX and TensorFlow). The package keeps C++ start-up logs off the console;
 # MILES_JAX_VERBOSE=1 bash launch/local.sh shows them.
 export CUDA_VISIBLE_DEVICES="" JAX_PLATFORMS=cpu
+# glibc allocator tunables for the CPU processes below (miles_jax/allocator.py says why; the
+# demo's tiny model gets `hugepages`). MILES_JAX_MALLOC=off keeps the environment as it is.
+TUNING="$(python -c 'import sys; from miles_jax import allocator; sys.exit(allocator.print_exports(64))')"
+eval "$TUNING"
 DATA="${MILES_DEMO_DATA:-workdirs/synthetic}"
 if [ ! -f "$DATA/synthetic.json" ]; then
   python -m miles_jax.data.synthetic --out="$DATA"

@@ -24,6 +24,11 @@ few steps on a tiny set (the test).
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import json
 import os
 import sys
@@ -31,7 +36,7 @@ import time
 
 from absl import flags
 
-from miles_jax import allocator, cli, config_lib
+from miles_jax import cli, config_lib
 
 # Every variant sets all of these, so a run's identity does not depend on configs/demo.py's
 # choices for them (which follow this ablation's evidence).
@@ -296,8 +301,6 @@ def main(argv):
     synthetic.check_options(FLAGS.distractors, FLAGS.caption_noise)
   except ValueError as e:
     print(f"error: --{e}", file=sys.stderr)
-    return 2
-  if allocator.reexec_exit_code(None):  # the demo's tiny models: `auto` gives them `hugepages`
     return 2
   import jax
   # Seeds of one variant compile to the same programs: reuse them across runs and invocations.

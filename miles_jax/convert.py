@@ -32,6 +32,11 @@ the text encoder; see miles_jax/init_weights.py) writes the initialised model th
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import os
 import re
 import sys

@@ -12,6 +12,10 @@ matrix products; 2 x MACs is what XLA should report, plus a few % for LayerNorm,
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
 
 import json
 import math

@@ -28,6 +28,11 @@ count is in report.json either way. Formats and the downloaded files they read: 
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import json
 import multiprocessing as mp
 import os

@@ -7,6 +7,11 @@ describes a multi-host job, or explicitly with --coordinator_address/--num_proce
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import json
 import os
 import sys
@@ -14,7 +19,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import allocator, cli, cluster, paths
+from miles_jax import cli, cluster, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or "
                                 "configs/pretrain_miles.py:base; override any field with "
@@ -69,8 +74,6 @@ def main(argv):
     return 2
   if FLAGS.config is None or not FLAGS.workdir:
     print("error: --config and --workdir are required (see --help)", file=sys.stderr)
-    return 2
-  if allocator.reexec_exit_code(FLAGS.config.model.video.width):
     return 2
   if cluster.init_from_flags_exit_code():
     return 2
