@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from miles_jax import allocator, config_lib, masking, parallel  # noqa: E402
+from miles_jax.models.video import normalize_frames  # noqa: E402
 from miles_jax.train import state as state_lib  # noqa: E402
 from miles_jax.train import step as step_lib  # noqa: E402
 
@@ -174,7 +175,7 @@ class JaxStep:
     from miles_jax.models import dual_encoder
     model = dual_encoder.build(self.config.model)
     params = self.state.params
-    frames = jnp.asarray(step_lib.normalize_frames(self.batch["frames"]))
+    frames = normalize_frames(self.batch["frames"])
     fwd = jax.jit(lambda p, f: model.apply({"params": p}, f, method=model.encode_video)["embed"])
     compiled = fwd.lower(params, frames).compile()
     compiled(params, frames).block_until_ready()
@@ -226,6 +227,7 @@ def worker(framework: str, names: list, args) -> dict:
     out["device"], out["platform"] = device.device_kind, device.platform
     for name in names:
       j = JaxStep(name, args, device)
+      out["kernels"], out["low_precision"] = j.config.model.kernels, j.config.model.low_precision
       row = {"times": _times(j.run, args.runs), "compile_s": j.compile_s, "gflop": j.flops / 1e9}
       if name == "contrastive":
         fwd, fwd_flops = j.make_forward()
@@ -364,6 +366,7 @@ def main(argv=None):
          "size": args.size, "batch": args.batch, "dtype": args.dtype, "runs": args.runs, "rounds": args.rounds,
          "malloc": {fw: worker_environ(fw, args).get("GLIBC_TUNABLES", "")
                     for fw in ("jax", "torch")},
+         "kernels": jax_rounds[0].get("kernels"), "low_precision": jax_rounds[0].get("low_precision"),
          "matmul_n": n, "matmul_s": mm_s, "matmul_gflop_per_s": peak / 1e9,
          "matmul_gflop_per_s_all": [x / 1e9 for x in peaks],
          "rows": rows}
@@ -380,7 +383,8 @@ def main(argv=None):
   print(f"cpu: {out['cpu']} ({out['cores']} cores; {' '.join(out['cpu_flags']) or 'no bf16 units'})"
         f"; jax {jax.__version__}" + (f", torch {out['torch_version']} "
                                        f"({out['torch_threads']} threads)" if torch_rounds else ""))
-  print(f"model {args.size}, batch {args.batch}, {args.dtype}; median of {args.runs} runs x "
+  print(f"model {args.size}, batch {args.batch}, {args.dtype} (JAX: model.kernels="
+        f"{out['kernels']}, low_precision={out['low_precision']}); median of {args.runs} runs x "
         f"{args.rounds} alternating rounds")
   for fw, tunables in out["malloc"].items():
     print(f"{fw} workers: GLIBC_TUNABLES={tunables or '(unset)'}")

@@ -126,7 +126,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.snapshot.momentum = 0.999
   c.snapshot.schedule = "constant"  # constant | cosine (momentum -> 1.0)
 
-  # Start from public weights (miles_jax/init_weights.py, docs/init_viz_profile.md).
+  # Start from public weights (miles_jax/weights/public_init.py, docs/init_viz_profile.md).
   c.init = ml_collections.ConfigDict()
   c.init.video = ""  # ViT-B/16 .npz | timm .safetensors/.pth | OpenAI CLIP state_dict
   c.init.video_format = "auto"  # auto | vit_npz | timm | clip
@@ -205,22 +205,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.on_nonfinite = "stop"  # stop | skip
   c.train.best_metric = ""  # e.g. "retrieval/t2v_R1": also keep the best checkpoint by it
   c.train.init_from = ""  # exported model dir or .pth/.safetensors to start a new run from
-  c.train.inject_nan_at_step = -1  # fault-injection for tests: NaN loss at this step
   # Global batches built and put on the devices ahead of the step by a background thread
   # (0: built on demand between steps, the device idles meanwhile).
   c.train.prefetch = 2
-  # Read the step's metrics (and the non-finite check) after every step instead of only at
-  # log steps and before saves: a host<->device sync per step (debugging; the pre-prefetch loop).
-  c.train.sync_every_step = False
   # Persistent XLA compilation cache: 'auto' = WORKDIR/compilation_cache (unless
   # JAX_COMPILATION_CACHE_DIR is set), '' = off, or any directory / gs:// path.
   c.train.compilation_cache = "auto"
   # (first, last): a jax.profiler trace of steps first+1..last in WORKDIR/profile; () = none.
   c.train.profile_steps = ()
-  # An ablation.json (python -m miles_jax.ablate) whose contrastive-only row is printed next to
-  # the final retrieval table when it was measured on the same held-out split (the demo's).
-  c.train.compare_to = ""
   c.evaluators = "retrieval"  # comma list run on data.eval: retrieval, zeroshot
+
+  # Hooks for tests, debugging and the demo's printout; no training recipe sets them.
+  c.debug = ml_collections.ConfigDict()
+  c.debug.inject_nan_at_step = -1  # fault injection: the loss of this step index is NaN
+  # Read the step's metrics (and the non-finite check) after every step instead of only at
+  # log steps and before saves: a host<->device sync per step (the pre-prefetch loop).
+  c.debug.sync_every_step = False
+  # An ablation.json (python -m experiments.ablate) whose contrastive-only row is printed next to
+  # the final retrieval table when it was measured on the same held-out split (the demo's).
+  c.debug.compare_to = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)  # -1: all remaining devices

@@ -15,9 +15,31 @@ import jax.numpy as jnp
 import numpy as np
 import ml_collections
 
+from miles_jax import config_lib
 from miles_jax.models import layers
 
 Dtype = Any
+
+
+def normalize_frames(frames):
+  """The encoder's input: uint8 RGB `[..., H, W, 3]` -> float32 normalised with the ImageNet
+  statistics; float input is taken as already normalised (cast to float32). Used by training,
+  evaluation and `pretrained` alike; works under jit and on host arrays."""
+  frames = jnp.asarray(frames)
+  if frames.dtype != jnp.uint8:
+    return frames.astype(jnp.float32)
+  mean = jnp.asarray(config_lib.IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(config_lib.IMAGENET_STD, jnp.float32)
+  return (frames.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def patchify(frames, patch_size: int):
+  """`[B, T, H, W, C]` -> `[B, T*N, p*p*C]` in the video encoder's token order (frame-major,
+  patches row-major within a frame)."""
+  b, t, h, w, ch = frames.shape
+  p = patch_size
+  x = frames.reshape(b, t, h // p, p, w // p, p, ch).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t * (h // p) * (w // p), p * p * ch)
 
 
 class SpaceTimeBlock(nn.Module):

@@ -43,9 +43,8 @@ def report(result: dict, workdir: str):
     model = {k.split("/", 1)[1]: v for k, v in result["eval"].items() if k.startswith("retrieval/")}
     chance = retr[0].chance()
     print()
-    from miles_jax import ablate
-    reference = ablate.reference_rows(_repo_path(FLAGS.config.train.get("compare_to", "")),
-                                      int(model["num_texts"]))
+    compare_to = FLAGS.config.get("debug", {}).get("compare_to", "")
+    reference = retrieval.reference_rows(_repo_path(compare_to), int(model["num_texts"]))
     print(retrieval.format_table({"miles_jax": model, **reference, "random chance": chance},
                                  f"held-out retrieval ({int(model['num_texts'])} texts, "
                                  f"{int(model['num_videos'])} videos)"))
@@ -61,7 +60,7 @@ def report(result: dict, workdir: str):
 
 
 def _repo_path(path: str) -> str:
-  """A relative train.compare_to is looked up from the working directory, then the checkout."""
+  """A relative debug.compare_to is looked up from the working directory, then the checkout."""
   if not path or os.path.isabs(path) or os.path.exists(path):
     return path
   from miles_jax import config_lib
