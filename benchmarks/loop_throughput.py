@@ -7,7 +7,7 @@ r"""Train-loop throughput (issue 11 item 8) and compile time of scanned vs unrol
 Loop: the same run (configs/demo.py tiny model, synthetic data, same batch and seed) trained by
 `loop.train` in two modes, alternated round by round so machine load hits both alike:
 * `sync`: the pre-issue-11 loop — metrics fetched to the host after every step
-  (`train.sync_every_step=True`) and the next batch built and transferred only after that
+  (`debug.sync_every_step=True`) and the next batch built and transferred only after that
   (`train.prefetch=0`);
 * `async`: metrics read at log steps only, 2 global batches prefetched by a background thread.
 Each run logs twice (`log_every = steps / 2`); steps/s is the loop's own figure for the second
@@ -45,7 +45,7 @@ def _config(data: str, steps: int, mode: str):
   cfg.data.eval, cfg.data.batch_size, cfg.data.shuffle_buffer = "", 8, 64
   cfg.train.compilation_cache = ""
   cfg.train.prefetch = 0 if mode == "sync" else 2
-  cfg.train.sync_every_step = mode == "sync"
+  cfg.debug.sync_every_step = mode == "sync"
   return cfg
 
 
@@ -67,6 +67,7 @@ def compile_seconds(depth: int, scan: bool) -> float:
   import numpy as np
   c = config_lib.default_config()
   c.model = config_lib.model_config("tiny")
+  c.model.kernels = "xla_cpu"  # a CPU measurement: the CPU kernels (models/xla_cpu.py)
   c.model.video.depth = c.model.text.depth = depth
   c.model.scan_layers = scan
   c.data.num_frames, c.data.max_len, c.data.batch_size = 4, 16, 4

@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from miles_jax import allocator, config_lib, masking, parallel  # noqa: E402
+from miles_jax.models.video import normalize_frames  # noqa: E402
 from miles_jax.train import state as state_lib  # noqa: E402
 from miles_jax.train import step as step_lib  # noqa: E402
 
@@ -80,6 +81,11 @@ def make_config(size: str, batch: int, objectives: str, dtype: str):
   c = config_lib.default_config()
   c.model = config_lib.model_config(size)
   c.model.dtype = dtype
+  # The CPU kernels (models/xla_cpu.py) and, for bfloat16, bf16 dense matmuls around float32
+  # elementwise code: what a CPU run should use (configs/demo.py). --set=model.kernels=reference
+  # --set=model.low_precision=all times the reference (TPU) program on this CPU.
+  c.model.kernels = "xla_cpu"
+  c.model.low_precision = "matmuls"
   c.objectives = objectives
   c.data.batch_size = batch
   c.data.max_len = min(32, c.model.text.max_len)
@@ -169,7 +175,7 @@ class JaxStep:
     from miles_jax.models import dual_encoder
     model = dual_encoder.build(self.config.model)
     params = self.state.params
-    frames = jnp.asarray(step_lib.normalize_frames(self.batch["frames"]))
+    frames = normalize_frames(self.batch["frames"])
     fwd = jax.jit(lambda p, f: model.apply({"params": p}, f, method=model.encode_video)["embed"])
     compiled = fwd.lower(params, frames).compile()
     compiled(params, frames).block_until_ready()
@@ -221,6 +227,7 @@ def worker(framework: str, names: list, args) -> dict:
     out["device"], out["platform"] = device.device_kind, device.platform
     for name in names:
       j = JaxStep(name, args, device)
+      out["kernels"], out["low_precision"] = j.config.model.kernels, j.config.model.low_precision
       row = {"times": _times(j.run, args.runs), "compile_s": j.compile_s, "gflop": j.flops / 1e9}
       if name == "contrastive":
         fwd, fwd_flops = j.make_forward()
@@ -258,8 +265,8 @@ def run_worker(framework: str, names: list, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}",
          f"--size={args.size}", f"--batch={args.batch}", f"--runs={args.runs}",
          f"--warmup={args.warmup}", f"--dtype={args.dtype}", f"--objectives={','.join(names)}",
-         f"--matmul={args.matmul}"] + (["--quick"] if args.quick else []) + [
-             f"--set={x}" for x in args.set]
+         f"--matmul={args.matmul}"] + (["--quick"] if args.quick else []) + (
+             [] if args.torch else ["--no-torch"]) + [f"--set={x}" for x in args.set]
   r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=worker_environ(framework, args))
   if r.returncode != 0:
     raise SystemExit(f"error: the {framework} worker failed (exit {r.returncode}): "
@@ -313,7 +320,7 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="tiny model, 2 runs: a smoke test")
   p.add_argument("--json", action="store_true")
   p.add_argument("--set", action="append", default=[], help="a config override for the JAX "
-                 "step, KEY=VALUE (repeatable), e.g. --set=model.video.time_attention_vjp=autodiff")
+                 "step, KEY=VALUE (repeatable), e.g. --set=model.kernels=reference")
   p.add_argument("--malloc", default="auto", choices=allocator.MODES,
                  help="glibc allocator tunables of the JAX worker processes, as the miles_jax "
                  "CLIs set them (miles_jax/allocator.py; auto: resident for base size)")
@@ -327,7 +334,7 @@ def main(argv=None):
   for n in names:
     if n not in OBJECTIVES:
       p.error(f"--objectives: unknown {n!r}, use {', '.join(OBJECTIVES)}")
-  if args.torch:
+  if args.torch and args.worker != "jax":  # the JAX worker never imports torch
     try:
       import torch  # noqa: F401
       import transformers  # noqa: F401
@@ -359,6 +366,7 @@ def main(argv=None):
          "size": args.size, "batch": args.batch, "dtype": args.dtype, "runs": args.runs, "rounds": args.rounds,
          "malloc": {fw: worker_environ(fw, args).get("GLIBC_TUNABLES", "")
                     for fw in ("jax", "torch")},
+         "kernels": jax_rounds[0].get("kernels"), "low_precision": jax_rounds[0].get("low_precision"),
          "matmul_n": n, "matmul_s": mm_s, "matmul_gflop_per_s": peak / 1e9,
          "matmul_gflop_per_s_all": [x / 1e9 for x in peaks],
          "rows": rows}
@@ -375,7 +383,8 @@ def main(argv=None):
   print(f"cpu: {out['cpu']} ({out['cores']} cores; {' '.join(out['cpu_flags']) or 'no bf16 units'})"
         f"; jax {jax.__version__}" + (f", torch {out['torch_version']} "
                                        f"({out['torch_threads']} threads)" if torch_rounds else ""))
-  print(f"model {args.size}, batch {args.batch}, {args.dtype}; median of {args.runs} runs x "
+  print(f"model {args.size}, batch {args.batch}, {args.dtype} (JAX: model.kernels="
+        f"{out['kernels']}, low_precision={out['low_precision']}); median of {args.runs} runs x "
         f"{args.rounds} alternating rounds")
   for fw, tunables in out["malloc"].items():
     print(f"{fw} workers: GLIBC_TUNABLES={tunables or '(unset)'}")

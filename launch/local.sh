@@ -22,13 +22,19 @@ fi
 # CPU demo (JAX and TensorFlow). The package keeps C++ start-up logs off the console;
 # MILES_JAX_VERBOSE=1 bash launch/local.sh shows them.
 export CUDA_VISIBLE_DEVICES="" JAX_PLATFORMS=cpu
+# glibc allocator tunables for the CPU processes below (miles_jax/allocator.py says why; the
+# demo's tiny model gets `hugepages`). MILES_JAX_MALLOC=off keeps the environment as it is.
+TUNING="$(python -c 'import sys; from miles_jax import allocator; sys.exit(allocator.print_exports(64))')"
+eval "$TUNING"
 DATA="${MILES_DEMO_DATA:-workdirs/synthetic}"
 if [ ! -f "$DATA/synthetic.json" ]; then
   python -m miles_jax.data.synthetic --out="$DATA"
 fi
-python -m miles_jax.train --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "$@"
+# The XLA:CPU kernels (miles_jax/models/xla_cpu.py; configs/demo.py sets them too).
+CPU_KERNELS=(--config.model.kernels=xla_cpu)
+python -m miles_jax.train --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "${CPU_KERNELS[@]}" "$@"
 # Held-out captions and the clips the model retrieves for them, as a page.
-python -m miles_jax.evaluate --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "$@" \
+python -m miles_jax.evaluate --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "${CPU_KERNELS[@]}" "$@" \
   | grep -E '^(gallery|results):' || true
 echo
 echo "results: $WORKDIR/results.json | gallery: $WORKDIR/gallery.html | figures: $WORKDIR/loss.png $WORKDIR/recall.png | model: $WORKDIR/export (best eval: $WORKDIR/best)"

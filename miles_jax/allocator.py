@@ -18,10 +18,15 @@ per step and ~40 % of the step's wall time in the kernel. Two sets of glibc tuna
   and also what costs the tiny demo, whose tf.data threads then contend for that arena:
   5.3-5.9 steps/s. (`mallopt` cannot set a trim threshold above 2 GiB, hence the environment.)
 
-glibc reads GLIBC_TUNABLES only when a process starts, so `python -m miles_jax.train` /
-`.evaluate` / `.ablate` re-execute themselves once (same PID and arguments) with them when the
-run is CPU-only (JAX_PLATFORMS=cpu, or no TPU / GPU plugin installed) on glibc Linux and
-GLIBC_TUNABLES has no `glibc.malloc` setting of the user's. `MILES_JAX_MALLOC` picks the set:
+glibc reads GLIBC_TUNABLES only when a process starts. The package's commands leave the process
+as it is (no re-execution: a TPU / GPU run never needs this, and a command that replaces itself
+surprises debuggers and launchers); the two CPU places that start the processes set them:
+launch/local.sh exports them before the demo's commands (`print_exports`), and the benchmarks
+start their workers with them (`tuned_environ`, `reexec_with`). Either applies them only to a
+CPU-only run (JAX_PLATFORMS=cpu, or no TPU / GPU plugin installed) on glibc Linux, and not when
+GLIBC_TUNABLES has a `glibc.malloc` setting of the user's. A base-size CPU run by hand:
+`eval "$(python -c 'from miles_jax import allocator; allocator.print_exports(768)')"`.
+`MILES_JAX_MALLOC` picks the set:
 `auto` (default: `resident` for a video width >= 384 -- base-size models, whose step buffers
 dominate; `hugepages` for the tiny demo models), `hugepages`, `resident`, or `off`.
 The cost of `resident`: the process keeps its peak heap until it exits.
@@ -114,12 +119,17 @@ def reexec_with(chosen: str, video_width: int | None = None) -> None:
   reexec_if_needed(video_width)
 
 
-def reexec_exit_code(video_width: int | None = None) -> int:
-  """`reexec_if_needed()` for a CLI's main: 0 (or no return: re-executed), or 2 after printing a
-  bad MILES_JAX_MALLOC value to stderr."""
+def print_exports(video_width: int | None = None) -> int:
+  """Prints the shell line that exports `tuned_environ`'s tunables (nothing when the environment
+  should stay as it is), for `eval` in a launch script; 2 after printing a bad MILES_JAX_MALLOC
+  value to stderr, else 0."""
+  import shlex
   try:
-    reexec_if_needed(video_width)
+    env = tuned_environ(video_width=video_width)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if env is not None:
+    print(f"export GLIBC_TUNABLES={shlex.quote(env['GLIBC_TUNABLES'])} "
+          f"{_DONE}={shlex.quote(env[_DONE])}")
   return 0

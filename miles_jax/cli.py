@@ -5,12 +5,23 @@ import sys
 from typing import Callable
 
 
+def setup_process() -> None:
+  """The process set-up of every `python -m miles_jax.*` command, called before TensorFlow /
+  jaxlib load (at the top of each command module, and again by `run`; idempotent): the C++
+  start-up log filter (console.install) and the gs:// path settings (paths.configure).
+  Importing miles_jax does neither."""
+  from miles_jax import console, paths
+  console.install()
+  paths.configure()
+
+
 def run(main: Callable[[list[str]], int | None]) -> None:
   """absl's app.run, except that --help exits 0 (absl exits 1) and main's int is the exit code.
 
   Flags are spelled with underscores (`--num_shards`); the dashed spelling (`--num-shards`) is
   accepted as an alias. `--verbose` (or MILES_JAX_VERBOSE=1) keeps the C++ start-up logs and
   absl/orbax INFO lines that are hidden by default (see miles_jax/console.py)."""
+  setup_process()
   from absl import app, flags
 
   from miles_jax import console

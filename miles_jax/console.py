@@ -5,7 +5,8 @@ when it first looks for GPUs: `oneDNN custom operations are on`, `Could not find
 `failed call to cuInit` (an E line on every CPU machine) and `All log messages before
 absl::InitializeLog() ...`. They are written before absl logging is initialised, when absl
 prints every message whatever the level, so TF_CPP_MIN_LOG_LEVEL does not remove them. The only
-handle is the file descriptor: `install()` (run by `import miles_jax`) makes the first
+handle is the file descriptor: `install()` (run by every command's `cli.setup_process()`;
+importing the package does not) makes the first
 `import tensorflow` of the process run with fd 2 captured, also hides the GPUs from TensorFlow
 there (JAX owns them; tf.data runs on the host), and then writes back every captured line that
 is not an absl-format `I/W/E` log line, so Python warnings and tracebacks still show.
@@ -89,7 +90,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
 
 
 def install():
-  """Sets the logging environment before TensorFlow / jaxlib load; run once by `import miles_jax`."""
+  """Sets the logging environment before TensorFlow / jaxlib load (cli.setup_process)."""
   if any(a.lower() in ("--verbose", "--verbose=true", "--verbose=1") for a in sys.argv[1:]):
     os.environ[VERBOSE_ENV] = "1"  # inherited by worker processes
   if verbose():

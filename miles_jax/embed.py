@@ -21,6 +21,11 @@ index made by another model, file list, shard size or protocol is refused (exit 
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import collections
 import glob
 import hashlib

@@ -13,6 +13,11 @@ detection, or --coordinator_address/--num_processes/--process_id); process 0 wri
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import json
 import os
 import sys
@@ -22,7 +27,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import allocator, cli, cluster, paths
+from miles_jax import cli, cluster, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file whose data.eval / data.tokenizer / "
                                 "evaluators are used, e.g. configs/zeroshot.py:msrvtt.",
@@ -189,8 +194,6 @@ def main(argv):
     return 2
   if FLAGS.config is None or bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     print("error: give --config and exactly one of --workdir / --checkpoint", file=sys.stderr)
-    return 2
-  if allocator.reexec_exit_code(FLAGS.config.model.video.width):
     return 2
   if cluster.init_from_flags_exit_code():
     return 2

@@ -38,11 +38,6 @@ def l2_normalize(x, eps: float = 1e-8):
   return x / jnp.maximum(norm, eps)
 
 
-def cosine_similarity(a, b, eps: float = 1e-8):
-  """`[Ba, D] x [Bb, D] -> [Ba, Bb]` cosine similarities."""
-  return l2_normalize(a, eps) @ l2_normalize(b, eps).T
-
-
 def contrastive_loss(video_embed, text_embed, temperature: float, axis_name: str | None = None):
   """Symmetric NormSoftmax loss over the batch: v->t plus t->v cross-entropy on S/temperature.
 
@@ -51,7 +46,7 @@ def contrastive_loss(video_embed, text_embed, temperature: float, axis_name: str
   mean is taken over the global batch, so value and gradients equal the single-device loss.
   """
   if axis_name is None:
-    sim = cosine_similarity(video_embed, text_embed) / temperature  # [B, B]
+    sim = l2_normalize(video_embed) @ l2_normalize(text_embed).T / temperature  # [B, B] cosines
     v2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(sim, axis=1)))
     t2v = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(sim, axis=0)))
     return v2t + t2v

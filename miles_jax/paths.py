@@ -1,7 +1,8 @@
 """Every path the CLIs take — a local folder or a URI such as gs://bucket/run — through one layer.
 
 `etils.epath` is that layer (orbax uses it too, and tensorstore for the array bytes). Two
-settings make all of them agree on how gs:// is reached, set once when miles_jax is imported:
+settings make all of them agree on how gs:// is reached, set by `configure()` (which the CLIs'
+`cli.setup_process()` and the first `resolve()` of a URI call; nothing is set on import):
 
 - `EPATH_USE_TF=false`: with TensorFlow importable, etils would send gs:// through
   `tf.io.gfile`, whose GCS filesystem neither honours `STORAGE_EMULATOR_HOST` nor shares the
@@ -54,7 +55,10 @@ def is_uri(path) -> bool:
 def resolve(path) -> str:
   """A path as a string: URIs unchanged, local paths made absolute (orbax wants absolute)."""
   path = os.fspath(path)
-  return path if is_uri(path) else os.path.abspath(path)
+  if is_uri(path):
+    configure()
+    return path
+  return os.path.abspath(path)
 
 
 def join(*parts) -> str:
@@ -152,6 +156,3 @@ def local_dir(path):
     copy_tree(tmp, path)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-configure()

@@ -28,7 +28,9 @@ import ml_collections
 import numpy as np
 
 from miles_jax import checkpoints, config_lib, paths
+from miles_jax.evaluation.retrieval import cosine_similarity  # noqa: F401  (this API's)
 from miles_jax.models import dual_encoder
+from miles_jax.models.video import normalize_frames  # noqa: F401  (this API's)
 
 
 class NoTokenizer(ValueError):
@@ -148,22 +150,6 @@ class Pretrained:
     return self._fingerprint
 
 
-def normalize_frames(frames_uint8) -> np.ndarray:
-  """uint8 `[..., 3]` RGB -> float32 normalised with the ImageNet statistics."""
-  x = np.asarray(frames_uint8, np.float32) / 255.0
-  return (x - np.asarray(config_lib.IMAGENET_MEAN, np.float32)) / np.asarray(
-      config_lib.IMAGENET_STD, np.float32)
-
-
-def cosine_similarity(a, b) -> np.ndarray:
-  """`[N, P] x [M, P] -> [N, M]`, each vector divided by max(||x||, 1e-8)."""
-  a = np.asarray(a, np.float32)
-  b = np.asarray(b, np.float32)
-  a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-8)
-  b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-8)
-  return a @ b.T
-
-
 def load(path: str, config: ml_collections.ConfigDict | None = None,
          tokenizer: str | None = None) -> Pretrained:
   """Loads a `.pth`/`.safetensors` (PyTorch layout) or an exported orbax directory.
@@ -185,10 +171,10 @@ def load(path: str, config: ml_collections.ConfigDict | None = None,
     if pre is None and config is not None and "model" in config:
       pre = checkpoints.preprocessing_record(config)
     return Pretrained(model_config, params, pre, tokenizer, source=path)
-  from miles_jax import convert
+  from miles_jax.weights import torch_io
   model_config = model_config or config_lib.model_config("base")
   with paths.local_file(path) as local:  # gs:// too
-    params, _ = convert.convert_state_dict(convert.read_state_dict(local), model_config)
+    params, _ = torch_io.convert_state_dict(torch_io.read_state_dict(local), model_config)
   pre = checkpoints.preprocessing_record(config if config is not None and "model" in config
                                          else model_config)
   return Pretrained(model_config, jax.tree_util.tree_map(jnp.asarray, params), pre, tokenizer,

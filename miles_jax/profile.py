@@ -12,6 +12,11 @@ matrix products; 2 x MACs is what XLA should report, plus a few % for LayerNorm,
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import json
 import math
 
@@ -179,6 +184,7 @@ def loss_grad_flops(config, objective: str, batch: int = 2) -> float:
   frames_n, length, n = _shapes(c, batch)
   num_masked = int(round(c.mac.video_ratio * frames_n * n))
   snapshot = VideoEncoder(c.model.video, model.dtype, matmul_dtype=model.matmul_dtype,
+                          kernels=model.kernels,
                           scan_layers=bool(c.model.get("scan_layers", False)))
 
   def loss(p, sp, b):

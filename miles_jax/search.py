@@ -10,6 +10,11 @@ scores, file names) that opens from the file system with no server and no networ
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import os
 import sys
 

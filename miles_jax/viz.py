@@ -17,6 +17,11 @@ centre square cropped and resized to model.video.img_size. `--video` may also be
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import os
 import sys
 import textwrap

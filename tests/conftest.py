@@ -17,6 +17,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The process set-up the commands make (importing miles_jax makes none): TensorFlow's C++
+# start-up lines stay out of the test output, gs:// settings as the CLIs have them.
+from miles_jax import cli  # noqa: E402
+
+cli.setup_process()
+
 
 @pytest.fixture(scope="module")
 def gcs():

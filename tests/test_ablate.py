@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from miles_jax import ablate, config_lib
+from experiments import ablate
+from miles_jax.evaluation import retrieval
+from miles_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,16 +76,16 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
   with open(os.path.join(out, "ablation.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # The demo's final table quotes the contrastive-only row, only for the same held-out split.
-  ref = ablate.reference_rows(os.path.join(out, "ablation.json"), ablate.SMOKE_DATA["num_eval"])
+  ref = retrieval.reference_rows(os.path.join(out, "ablation.json"), ablate.SMOKE_DATA["num_eval"])
   assert list(ref) == ["contrastive_only (ablation, mean of 3 seeds)"]
   assert ref["contrastive_only (ablation, mean of 3 seeds)"]["t2v_MnR"] == pytest.approx(24.0)
-  assert ablate.reference_rows(os.path.join(out, "ablation.json"), 128) == {}
-  assert ablate.reference_rows(os.path.join(out, "missing.json"), 24) == {}
+  assert retrieval.reference_rows(os.path.join(out, "ablation.json"), 128) == {}
+  assert retrieval.reference_rows(os.path.join(out, "missing.json"), 24) == {}
 
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-m", "miles_jax.ablate", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "experiments.ablate", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
 
 

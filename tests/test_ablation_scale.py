@@ -1,5 +1,5 @@
-"""benchmarks/ablation_scale.py: its in-memory input matches the library's pipeline, its smoke
-grid writes the layout `miles_jax.ablate` reads, and finished runs are not retrained."""
+"""experiments/ablation_scale.py: its in-memory input matches the library's pipeline, its smoke
+grid writes the layout `experiments.ablate` reads, and finished runs are not retrained."""
 import json
 import os
 import sys
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import ablation_scale  # noqa: E402
 

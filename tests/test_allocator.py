@@ -1,5 +1,5 @@
-"""The CPU allocator tunables (miles_jax/allocator.py): which runs get which set, and that the
-re-executed process stops page-faulting a buffer the size of a step's in again on every call."""
+"""The CPU allocator tunables (miles_jax/allocator.py): which runs get which set, how
+launch/local.sh applies them, and that a re-executed process (the benchmarks') stops page-faulting a buffer the size of a step's in again on every call."""
 import os
 import subprocess
 import sys
@@ -51,12 +51,26 @@ def test_bad_value_names_the_variable():
     allocator.mode({allocator.ENV: "huge"})
 
 
-def test_train_cli_rejects_a_bad_value():
-  r = subprocess.run([sys.executable, "-m", "miles_jax.train", "--config=configs/demo.py",
-                      "--workdir=unused"], cwd=ROOT, capture_output=True, text=True,
-                     env={**os.environ, **CPU, allocator.ENV: "huge"}, timeout=120)
-  assert r.returncode == 2
-  assert "MILES_JAX_MALLOC='huge'" in r.stderr
+def test_local_sh_exports_the_tunables_and_rejects_a_bad_value():
+  """launch/local.sh evals what print_exports prints (the CLIs no longer re-execute themselves):
+  an export of the tiny demo's set that a shell takes, nothing when the user's own tunables are
+  set, and a bad MILES_JAX_MALLOC as one error line and exit 2."""
+  line = [ln for ln in open(os.path.join(ROOT, "launch", "local.sh")) if "print_exports" in ln]
+  assert len(line) == 1 and "print_exports(64)" in line[0]
+  code = "import sys; from miles_jax import allocator; sys.exit(allocator.print_exports(64))"
+  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator._DONE,
+                                                            allocator.ENV)}
+  run = lambda env: subprocess.run(
+      ["bash", "-c", f"eval \"$({sys.executable} -c '{code}')\"; echo \"$GLIBC_TUNABLES\""],
+      cwd=ROOT, capture_output=True, text=True, env={**base, **CPU, **env}, timeout=120)
+  r = run({})
+  assert r.returncode == 0 and r.stdout.strip() == allocator.TUNABLES["hugepages"], r
+  r = run({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
+  assert r.stdout.strip() == "glibc.malloc.arena_max=4"
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                     env={**base, **CPU, allocator.ENV: "huge"}, timeout=120)
+  assert r.returncode == 2 and r.stdout == ""
+  assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "MILES_JAX_MALLOC='huge'" in r.stderr
 
 
 # Re-executes itself with the width-768 set, then makes a 64 MiB output buffer four times (as a

@@ -111,3 +111,22 @@ def test_prepare_command_with_dashed_flags(tmp_path):
                       f"--annotations={ann}", f"--out={out}"],  # --media_dir missing
                      cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=120)
   assert r.returncode == 2 and "media_dir" in r.stderr, r.stderr[-2000:]
+
+
+def test_importing_the_package_changes_nothing_in_the_process():
+  """`import miles_jax` (and its path layer) installs no import hook and sets no environment
+  variable; the commands' cli.setup_process() does both (idempotently)."""
+  code = ("import os, sys\n"
+          "env, hooks = dict(os.environ), list(sys.meta_path)\n"
+          "import miles_jax, miles_jax.paths, miles_jax.console\n"
+          "assert dict(os.environ) == env and sys.meta_path == hooks, 'import changed the process'\n"
+          "from miles_jax import cli\n"
+          "cli.setup_process(); cli.setup_process()\n"
+          "hooks = [type(h).__name__ for h in sys.meta_path]\n"
+          "assert hooks.count('_QuietTensorFlowImport') == 1, hooks\n"
+          "assert os.environ['EPATH_USE_TF'] == 'false' and os.environ['TF_CPP_MIN_LOG_LEVEL'] == '3'\n")
+  env = _env()
+  env.pop("EPATH_USE_TF", None)
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                     env=env, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]

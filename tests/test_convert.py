@@ -8,7 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the [torch] extra")
 
-from miles_jax import checkpoints, config_lib, convert, pretrained  # noqa: E402
+from miles_jax import checkpoints, config_lib, pretrained  # noqa: E402
+from miles_jax.weights import torch_io  # noqa: E402
 
 import helpers  # noqa: E402  (tests/ is on sys.path)
 
@@ -67,10 +68,13 @@ def test_no_zero_left_in_reference(released):
     assert (p != 0).all(), name
 
 
-@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
-def test_converted_model_reproduces_pytorch(released, fmt):
+@pytest.mark.parametrize("fmt,kernels", [("pth", "reference"), ("safetensors", "reference"),
+                                         ("pth", "xla_cpu")])
+def test_converted_model_reproduces_pytorch(released, fmt, kernels):
+  """Both kernel paths (model.kernels) reproduce the PyTorch original's embeddings."""
   ref, pth, st = released
   mc = _config().model
+  mc.kernels = kernels
   model = pretrained.load(pth if fmt == "pth" else st, mc)
   for frames in (4, 2):  # fewer frames than the temporal table at inference
     video, ids, am = _inputs(mc, frames)
@@ -118,32 +122,32 @@ def test_help_documents_the_command():
 def test_mismatches_fail_naming_keys(released):
   _, pth, _ = released
   mc = _config().model
-  sd = convert.read_state_dict(pth)
+  sd = torch_io.read_state_dict(pth)
   broken = dict(sd)
   del broken["video_model.blocks.0.attn.qkv.bias"]
   broken["video_model.head.weight"] = np.zeros((3, 3), np.float32)
-  with pytest.raises(convert.ConversionError) as e:
-    convert.convert_state_dict(broken, mc)
+  with pytest.raises(torch_io.ConversionError) as e:
+    torch_io.convert_state_dict(broken, mc)
   msg = str(e.value)
   assert "video_model.blocks.0.attn.qkv.bias" in msg and "video_model.head.weight" in msg
   wrong = config_lib.model_config("base")
   wrong.update(mc)
   wrong.video.width = 96
-  with pytest.raises(convert.ConversionError, match="shape mismatch.*video_model"):
-    convert.convert_state_dict(sd, wrong)
+  with pytest.raises(torch_io.ConversionError, match="shape mismatch.*video_model"):
+    torch_io.convert_state_dict(sd, wrong)
   # fewer temporal rows (1-frame curriculum stage): loud unless asked to zero-fill
   short = dict(sd)
   short["video_model.temporal_embed"] = sd["video_model.temporal_embed"][:, :1]
-  with pytest.raises(convert.ConversionError, match="temporal_embed"):
-    convert.convert_state_dict(short, mc)
-  params, _ = convert.convert_state_dict(short, mc, temporal_fill="zeros")
+  with pytest.raises(torch_io.ConversionError, match="temporal_embed"):
+    torch_io.convert_state_dict(short, mc)
+  params, _ = torch_io.convert_state_dict(short, mc, temporal_fill="zeros")
   assert (params["video"]["temporal_embed"][1:] == 0).all()
 
 
 def test_orbax_checkpoint_of_another_architecture_is_refused(released, tmp_path):
   _, pth, _ = released
   mc = _config().model
-  params, _ = convert.convert_state_dict(convert.read_state_dict(pth), mc)
+  params, _ = torch_io.convert_state_dict(torch_io.read_state_dict(pth), mc)
   out = str(tmp_path / "m")
   checkpoints.save_params(out, params, mc)
   other = config_lib.model_config("tiny")

@@ -13,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the [torch] extra")
 
-from miles_jax import config_lib, convert, pretrained  # noqa: E402
+from miles_jax import config_lib, pretrained  # noqa: E402
+from miles_jax.weights import torch_io  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -154,7 +155,7 @@ def save_checkpoint(path, sd, style, module_prefix):
 @pytest.fixture(scope="module")
 def init_params():
   import jax
-  return convert.init_model_params(_model_config(), jax.random.PRNGKey(0))
+  return torch_io.init_model_params(_model_config(), jax.random.PRNGKey(0))
 
 
 def _inputs(mc, seed=0):
@@ -179,13 +180,13 @@ def test_every_checkpoint_style_reads_the_same_tensors(tmp_path, layout, style, 
   path = str(tmp_path / f"ckpt{suffix}")
   save_checkpoint(path, sd, style, prefix)
   info = {}
-  read = convert.read_state_dict(path, info)
+  read = torch_io.read_state_dict(path, info)
   assert set(read) == set(upstream_spec(mc, layout)) == set(sd)
   for k, v in sd.items():
     np.testing.assert_array_equal(read[k], v.numpy())
   if style != "bare":
     assert info["other_entries"] == ["arch", "config", "epoch", "monitor_best", "optimizer"]
-  params, report = convert.convert_state_dict(read, mc, init_params)
+  params, report = torch_io.convert_state_dict(read, mc, init_params)
   assert report["layout"] == layout and report["converted"] == len(sd) - 1  # less position_ids
   txt = {"miles": "text_proj", "frozen": "txt_proj"}[layout]
   np.testing.assert_array_equal(params["text_proj"]["kernel"], sd[f"{txt}.1.weight"].numpy().T)
@@ -204,9 +205,9 @@ def test_upstream_checkpoint_converts_and_matches(tmp_path, layout, style, prefi
   path = str(tmp_path / f"ckpt{suffix}")
   save_checkpoint(path, sd, style, prefix)
   info = {}
-  read = convert.read_state_dict(path, info)
+  read = torch_io.read_state_dict(path, info)
   assert set(read) == set(upstream_spec(mc, layout))
-  params, report = convert.convert_state_dict(read, mc)
+  params, report = torch_io.convert_state_dict(read, mc)
   assert report["layout"] == layout and report["converted"] == len(sd) - 1  # less position_ids
   if style != "bare":
     assert info["other_entries"] == ["arch", "config", "epoch", "monitor_best", "optimizer"]
@@ -228,14 +229,14 @@ def test_trainer_config_is_never_constructed(tmp_path, monkeypatch):
   for name in ("__init__", "__setstate__", "read_dict"):
     monkeypatch.setattr(configparser.RawConfigParser, name,
                         lambda *a, _n=name, **k: calls.append(_n), raising=False)
-  obj, placeholders = convert.load_torch_checkpoint(path)
+  obj, placeholders = torch_io.load_torch_checkpoint(path)
   # protocol 2 writes Python 2's module name for configparser
   assert "ConfigParser.ConfigParser" in placeholders or "configparser.ConfigParser" in placeholders
-  assert isinstance(obj["config"], convert.Placeholder)
+  assert isinstance(obj["config"], torch_io.Placeholder)
   assert not isinstance(obj["config"], configparser.RawConfigParser) and calls == []
   path2 = str(tmp_path / "upstream.pth")
   save_checkpoint(path2, upstream_state_dict(mc, "frozen", 0), "trainer_upstream", False)
-  obj, placeholders = convert.load_torch_checkpoint(path2)
+  obj, placeholders = torch_io.load_torch_checkpoint(path2)
   assert "parse_config.ConfigParser" in placeholders and "parse_config" not in sys.modules
   assert obj["epoch"] == 7 and obj["arch"] == "MILES"
 
@@ -256,8 +257,8 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path):
     arg = f"touch {marker}" if fn is os.system else f"open({str(marker)!r}, 'w')"
     path = str(tmp_path / f"evil{i}.pth")
     torch.save({"state_dict": sd, "config": _Payload(fn, arg)}, path)
-    with pytest.raises(convert.ConversionError, match="refused"):
-      convert.read_state_dict(path)
+    with pytest.raises(torch_io.ConversionError, match="refused"):
+      torch_io.read_state_dict(path)
     assert not marker.exists()
   # a function of an unlisted module is never imported nor called: an inert placeholder
   helper = tmp_path / "evil_helper.py"
@@ -268,36 +269,36 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path):
     path = str(tmp_path / "evil2.pth")
     torch.save({"state_dict": sd, "config": _Payload(evil_helper.touch, str(marker))}, path)
     sys.modules.pop("evil_helper")
-    obj, placeholders = convert.load_torch_checkpoint(path)
+    obj, placeholders = torch_io.load_torch_checkpoint(path)
     assert placeholders == ["evil_helper.touch"] and "evil_helper" not in sys.modules
-    assert isinstance(obj["config"], convert.Placeholder)
+    assert isinstance(obj["config"], torch_io.Placeholder)
   finally:
     sys.path.remove(str(tmp_path))
   assert not marker.exists()
   # and a payload inside the state_dict itself is never a tensor: refused
   path = str(tmp_path / "evil3.pth")
   torch.save({"state_dict": {"video_model.norm.weight": _Payload(print, "x")}}, path)
-  with pytest.raises(convert.ConversionError, match="not tensors: video_model.norm.weight"):
-    convert.read_state_dict(path)
+  with pytest.raises(torch_io.ConversionError, match="not tensors: video_model.norm.weight"):
+    torch_io.read_state_dict(path)
 
 
 def test_layout_and_extra_modules_are_checked(tmp_path, init_params):
   mc = _model_config()
   sd = {k: v.numpy() for k, v in upstream_state_dict(mc, "miles", 0).items()}
   both = dict(sd, **{"txt_proj.1.weight": sd["text_proj.1.weight"]})
-  with pytest.raises(convert.ConversionError, match="text_proj.1.weight.*txt_proj.1.weight"):
-    convert.convert_state_dict(both, mc, init_params)
+  with pytest.raises(torch_io.ConversionError, match="text_proj.1.weight.*txt_proj.1.weight"):
+    torch_io.convert_state_dict(both, mc, init_params)
   extra = dict(sd, **{"snapshot_model.norm.weight": sd["video_model.norm.weight"]})
-  with pytest.raises(convert.ConversionError, match="unexpected.*snapshot_model.norm.weight"):
-    convert.convert_state_dict(extra, mc, init_params)
-  _, report = convert.convert_state_dict(extra, mc, init_params, drop_modules=["snapshot_model"])
+  with pytest.raises(torch_io.ConversionError, match="unexpected.*snapshot_model.norm.weight"):
+    torch_io.convert_state_dict(extra, mc, init_params)
+  _, report = torch_io.convert_state_dict(extra, mc, init_params, drop_modules=["snapshot_model"])
   assert report["dropped"] == ["snapshot_model.norm.weight"]
-  with pytest.raises(convert.ConversionError, match="own modules"):
-    convert.convert_state_dict(sd, mc, init_params, drop_modules=["video_model"])
+  with pytest.raises(torch_io.ConversionError, match="own modules"):
+    torch_io.convert_state_dict(sd, mc, init_params, drop_modules=["video_model"])
   missing = dict(sd)
   del missing["text_proj.1.bias"]
-  with pytest.raises(convert.ConversionError, match="missing.*text_proj.1.bias"):
-    convert.convert_state_dict(missing, mc, init_params)
+  with pytest.raises(torch_io.ConversionError, match="missing.*text_proj.1.bias"):
+    torch_io.convert_state_dict(missing, mc, init_params)
 
 
 def test_cli_converts_upstream_trainer_file(tmp_path):

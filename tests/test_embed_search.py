@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from miles_jax import checkpoints, config_lib, embed, pretrained
-from miles_jax.convert import init_model_params
+from miles_jax.weights.torch_io import init_model_params
 from miles_jax.data import prepare, synthetic
 from miles_jax.evaluation import search as search_lib
 from miles_jax.models import dual_encoder

@@ -416,7 +416,7 @@ def test_nan_leaves_checkpoints_byte_identical(data_dir, cache_dir, reference_ru
       shutil.rmtree(os.path.join(ckdir, str(s)))
   before = _snapshot(ckdir)
   # step indices count from 0: index `good` is the first step after resuming
-  r = _run(_cmd(data_dir, wd, *_overrides(**{"train.inject_nan_at_step": good})),
+  r = _run(_cmd(data_dir, wd, *_overrides(**{"debug.inject_nan_at_step": good})),
            _env(cache_dir))
   assert r.returncode == 3, r.stderr[-3000:]
   assert f"resumed {wd} from step {good}" in r.stdout
@@ -448,8 +448,9 @@ def test_malicious_pth_is_refused(data_dir, cache_dir, tmp_path):
   assert "refused to load" in r.stderr and evil in r.stderr, r.stderr[-3000:]
   assert not os.path.exists(marker), "the pickle payload ran"
   assert not os.path.exists(out)
-  from miles_jax import convert, pretrained
-  with pytest.raises(convert.ConversionError, match="refused"):  # evaluate / init_from path
+  from miles_jax import pretrained
+  from miles_jax.weights import torch_io
+  with pytest.raises(torch_io.ConversionError, match="refused"):  # evaluate / init_from path
     pretrained.load(evil, _demo_config(data_dir))
   assert not os.path.exists(marker)
   # the file is really malicious: an unsafe load runs the payload

@@ -12,8 +12,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs the [torch] extra")
 from torch import nn  # noqa: E402
 
-from miles_jax import checkpoints, config_lib, convert, init_weights  # noqa: E402
-from miles_jax.convert import ConversionError  # noqa: E402
+from miles_jax import checkpoints, config_lib  # noqa: E402
+from miles_jax.weights import public_init  # noqa: E402
+from miles_jax.weights import torch_io  # noqa: E402
+from miles_jax.weights.torch_io import ConversionError  # noqa: E402
 from miles_jax.models.dual_encoder import build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,9 +172,9 @@ def _init(config):
   """(fresh params, initialised params, report); fresh params cached per model config (speed)."""
   key = config.model.to_json()
   if key not in _REF:
-    _REF[key] = convert.init_model_params(config.model, jax.random.PRNGKey(0))
+    _REF[key] = torch_io.init_model_params(config.model, jax.random.PRNGKey(0))
   params = _REF[key]
-  return params, *init_weights.apply_init(params, config.model, init_weights.init_config(config))
+  return params, *public_init.apply_init(params, config.model, public_init.init_config(config))
 
 
 def _encode(config, params, frames):
@@ -261,9 +263,9 @@ def test_pos_embed_resized_to_the_model_grid(sources):
   assert any("4x4 -> 6x6" in n for n in report["video"]["notes"])
   # A constant table stays constant; a ramp along x stays monotone.
   const = np.concatenate([np.zeros((1, 2)), np.full((16, 2), 3.0)]).astype(np.float32)
-  np.testing.assert_allclose(init_weights.resize_pos_embed(const, 6)[1:], 3.0, atol=1e-5)
+  np.testing.assert_allclose(public_init.resize_pos_embed(const, 6)[1:], 3.0, atol=1e-5)
   ramp = np.concatenate([np.zeros((1, 1)), np.tile(np.arange(4.0), 4)[:, None]]).astype(np.float32)
-  row = init_weights.resize_pos_embed(ramp, 6)[1:7, 0]
+  row = public_init.resize_pos_embed(ramp, 6)[1:7, 0]
   assert (np.diff(row) > 0).all()
 
 
@@ -326,7 +328,7 @@ def test_init_from_gs_equals_local(sources, gcs):
     assert remote[1]["video"]["format"] == local[1]["video"]["format"]
     assert remote[1]["text"]["vocab"] == "gs://bucket/init/distilbert/vocab.txt"
   with pytest.raises(FileNotFoundError, match="config.init.text"):
-    init_weights.read_distilbert("gs://bucket/init/nothing_here")
+    public_init.read_distilbert("gs://bucket/init/nothing_here")
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from miles_jax import config_lib, masking, parallel
+from miles_jax.models.video import normalize_frames
 from miles_jax.train import optim
 from miles_jax.train import state as state_lib
 from miles_jax.train import step as step_lib
@@ -240,7 +241,7 @@ def test_step_feeds_mask_to_online_intact_clip_to_snapshot(unmasked_contrastive,
                           state.snapshot_params)
   state = state.replace(snapshot_params=snapshot)
   batch = _batch(c, seed=3)
-  frames = np.asarray(step_lib.normalize_frames(jnp.asarray(batch["frames"])))
+  frames = np.asarray(normalize_frames(jnp.asarray(batch["frames"])))
 
   records = []
   step = step_lib.make_train_step(c, mesh, tx=tx, compiler_options=FAST_COMPILE)
@@ -312,7 +313,7 @@ def test_grad_accumulation_equals_full_batch_with_dropout():
   dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)[2]
   keys = jax.random.split(dropout_key, 2)
   b = {k: jnp.asarray(batch[k]) for k in step_lib._BATCH_KEYS}  # pylint: disable=protected-access
-  b["frames"] = step_lib.normalize_frames(b["frames"])
+  b["frames"] = normalize_frames(b["frames"])
   micro = [jax.tree.map(lambda x, j=j: x[j::2], b) for j in range(2)]
   count = jnp.sum(b["mvm_mask"].astype(jnp.float32))
 
@@ -424,7 +425,7 @@ def test_pixel_targets_are_the_encoders_patches():
   assert kernel.shape == (v.width, v.patch_size ** 2 * 3)
   assert np.isfinite(float(metrics["mvm_loss"])) and float(metrics["mvm_loss"]) > 0
 
-  frames = step_lib.normalize_frames(jnp.asarray(_batch(c)["frames"]))
+  frames = normalize_frames(jnp.asarray(_batch(c)["frames"]))
   model = state_lib.dual_encoder.build(c.model)
   targets = step_lib._Losses(c, model).targets({}, frames)  # pylint: disable=protected-access
   n = (v.img_size // v.patch_size) ** 2

@@ -81,7 +81,7 @@ def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
 def test_nan_skip_mode_drops_the_update_and_finishes(data_dir, tmp_path):
   """(Stopping on NaN with the checkpoints untouched: tests/test_faults.py.)"""
   wd = str(tmp_path / "skip")
-  r = _run(_cmd(data_dir, wd, *_overrides(**{"train.inject_nan_at_step": 3,
+  r = _run(_cmd(data_dir, wd, *_overrides(**{"debug.inject_nan_at_step": 3,
                                              "train.on_nonfinite": "skip"})))
   assert r.returncode == 0, r.stderr[-2000:]
   assert "update skipped (1 so far)" in r.stdout

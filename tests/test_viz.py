@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from miles_jax import checkpoints, config_lib, convert, pretrained, viz
+from miles_jax import checkpoints, config_lib, pretrained, viz
+from miles_jax.weights import torch_io
 from miles_jax.models.dual_encoder import build
 
 import helpers  # noqa: E402  (tests/ is on sys.path)
@@ -19,7 +20,7 @@ WORDS = ["a", "dog", "runs", "on", "the", "grass"]
 @pytest.fixture(scope="module")
 def tiny():
   mc = config_lib.model_config("tiny")
-  params = convert.init_model_params(mc, jax.random.PRNGKey(0))
+  params = torch_io.init_model_params(mc, jax.random.PRNGKey(0))
   return mc, params
 
 

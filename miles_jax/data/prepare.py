@@ -34,6 +34,11 @@ runs the same shard tasks (`plan_shards`, `process_shard`) as an Apache Beam pip
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import contextlib
 import json
 import multiprocessing as mp

@@ -23,6 +23,11 @@ Config: data.train=OUT/train-*.tfrecord data.eval=OUT/eval-*.tfrecord data.token
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import functools
 import json
 import os

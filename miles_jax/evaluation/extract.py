@@ -19,7 +19,7 @@ import numpy as np
 
 from miles_jax import console, parallel, paths
 from miles_jax.models import dual_encoder
-from miles_jax.train.step import normalize_frames
+from miles_jax.models.video import normalize_frames
 
 
 class Embedder:

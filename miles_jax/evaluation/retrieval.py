@@ -248,3 +248,27 @@ def format_table(metrics: Mapping, title: str = "") -> str:
       parts.append("".join(cell(f"{m[f'{d}_{c}']:.1f}") for c in _COLUMNS))
     lines.append(str(name).ljust(name_w) + " | " + parts[0] + " | " + parts[1])
   return "\n".join(lines)
+
+
+# The columns of a retrieval table (and of an ablation summary's rows).
+TABLE_METRICS = tuple(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MdR", "MnR"))
+
+
+def reference_rows(path: str, num_texts: int, names=("contrastive_only",)) -> dict:
+  """{row label: mean metrics} of `names` from an ablation summary JSON (experiments/ablate.py
+  writes it), for the final table of a run evaluated on the same held-out split (same number of
+  texts); {} when it does not apply."""
+  import json
+  import os
+  if not path or not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    summary = json.load(f)
+  if int(summary.get("data", {}).get("num_eval", -1)) != int(num_texts):
+    return {}
+  rows = {}
+  for name in names:
+    row = summary["variants"].get(name, {})
+    if row.get("n") and all(m in row["mean"] for m in TABLE_METRICS):
+      rows[f"{name} (ablation, mean of {row['n']} seed{'s' * (row['n'] > 1)})"] = row["mean"]
+  return rows

@@ -7,6 +7,11 @@ describes a multi-host job, or explicitly with --coordinator_address/--num_proce
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import json
 import os
 import sys
@@ -14,7 +19,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from miles_jax import allocator, cli, cluster, paths
+from miles_jax import cli, cluster, paths
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or "
                                 "configs/pretrain_miles.py:base; override any field with "
@@ -38,9 +43,8 @@ def report(result: dict, workdir: str):
     model = {k.split("/", 1)[1]: v for k, v in result["eval"].items() if k.startswith("retrieval/")}
     chance = retr[0].chance()
     print()
-    from miles_jax import ablate
-    reference = ablate.reference_rows(_repo_path(FLAGS.config.train.get("compare_to", "")),
-                                      int(model["num_texts"]))
+    compare_to = FLAGS.config.get("debug", {}).get("compare_to", "")
+    reference = retrieval.reference_rows(_repo_path(compare_to), int(model["num_texts"]))
     print(retrieval.format_table({"miles_jax": model, **reference, "random chance": chance},
                                  f"held-out retrieval ({int(model['num_texts'])} texts, "
                                  f"{int(model['num_videos'])} videos)"))
@@ -56,7 +60,7 @@ def report(result: dict, workdir: str):
 
 
 def _repo_path(path: str) -> str:
-  """A relative train.compare_to is looked up from the working directory, then the checkout."""
+  """A relative debug.compare_to is looked up from the working directory, then the checkout."""
   if not path or os.path.isabs(path) or os.path.exists(path):
     return path
   from miles_jax import config_lib
@@ -69,8 +73,6 @@ def main(argv):
     return 2
   if FLAGS.config is None or not FLAGS.workdir:
     print("error: --config and --workdir are required (see --help)", file=sys.stderr)
-    return 2
-  if allocator.reexec_exit_code(FLAGS.config.model.video.width):
     return 2
   if cluster.init_from_flags_exit_code():
     return 2

@@ -372,7 +372,7 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
   data_state = data.state()
   # Device-side metrics of the steps not yet read: [(step number, {name: jax.Array})].
   pending: list = []
-  sync_every_step = bool(config.train.get("sync_every_step", False))
+  sync_every_step = bool(config.get("debug", {}).get("sync_every_step", False))
 
   def read_metrics_since_last() -> dict:
     """Fetches the pending steps' metrics; stops the run at the first non-finite loss."""
@@ -410,7 +410,7 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
     _print(f"SIGTERM before the first step: nothing new to save (step {start}); exiting")
     return {"train": {}, "eval": {}, "preempted": True, "step": start}
 
-  nan_at = int(config.train.get("inject_nan_at_step", -1))
+  nan_at = int(config.get("debug", {}).get("inject_nan_at_step", -1))
   keys = batch_keys(config)
   next_step = [start]
 
@@ -524,7 +524,7 @@ def _keep_best(config, params, eval_metrics: dict, best: str | None, workdir: st
 def _maybe_init_from(config, state: TrainState, shardings) -> TrainState:
   """A new run's starting weights: `train.init_from` (an exported model, a training workdir or
   checkpoint — its online params only — or a released .pth) or `init.video` / `init.text`
-  (timm ViT / CLIP, HF DistilBERT; see init_weights.py).
+  (timm ViT / CLIP, HF DistilBERT; see weights/public_init.py).
 
   Works on any number of hosts: the current params are gathered to every host, each host reads
   the whole source, and the merged params are placed onto the current shardings.
@@ -534,19 +534,19 @@ def _maybe_init_from(config, state: TrainState, shardings) -> TrainState:
   public = init is not None and (init.video or init.text)
   if (not path and not public) or int(jax.device_get(state.step)) > 0:
     return state
-  from miles_jax import convert, init_weights
+  from miles_jax.weights import public_init, torch_io
   merged = dict(_host_params(state.params))
   if path:
     if paths.isdir(path):
       merged = _orbax_init_params(path, config, merged)
     else:
       with paths.local_file(path) as local:
-        merged.update(convert.convert_state_dict(convert.read_state_dict(local),
-                                                 config.model)[0])
+        merged.update(torch_io.convert_state_dict(torch_io.read_state_dict(local),
+                                                  config.model)[0])
     _print(f"initialised params from {path}")
   if public:
-    merged, report = init_weights.apply_init(merged, config.model, init)
-    _print(init_weights.format_report(report))
+    merged, report = public_init.apply_init(merged, config.model, init)
+    _print(public_init.format_report(report))
   params = jax.tree.map(
       lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
       merged, shardings.params)
@@ -565,7 +565,7 @@ def _host_params(params):
 def _orbax_init_params(path: str, config, current: dict) -> dict:
   """`current` with every param an orbax source holds: same architecture except the frame
   count; a shorter temporal table gets zero rows appended (as `convert --temporal_fill=zeros`)."""
-  from miles_jax import convert
+  from flax import traverse_util
   source, saved_model = checkpoints.read_params_host(path)
   if saved_model is not None:
     wanted = json.loads(config.model.to_json_best_effort())
@@ -577,8 +577,8 @@ def _orbax_init_params(path: str, config, current: dict) -> dict:
       raise checkpoints.ArchitectureMismatch(
           f"config.train.init_from={path} was written for another architecture:\n  "
           + "\n  ".join(diffs))
-  flat_src = convert._flatten(source)
-  flat_cur = convert._flatten(current)
+  flat_src = traverse_util.flatten_dict(source, sep="/")
+  flat_cur = traverse_util.flatten_dict(current, sep="/")
   out, bad = dict(flat_cur), []
   for key, ref in flat_cur.items():
     if key not in flat_src:
@@ -603,7 +603,7 @@ def _orbax_init_params(path: str, config, current: dict) -> dict:
   if missing:
     _print(f"init_from: {len(missing)} params not in {path} keep their fresh values: "
            + ", ".join(missing[:8]))
-  return convert._unflatten(out)
+  return traverse_util.unflatten_dict(out, sep="/")
 
 
 def _check_same_model(saved_path: str, config):

@@ -28,30 +28,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from miles_jax import config_lib, objectives, parallel
 from miles_jax.models import dual_encoder
-from miles_jax.models.video import VideoEncoder
+from miles_jax.models.video import VideoEncoder, normalize_frames, patchify
 from miles_jax.train import optim
 from miles_jax.train.state import TrainState, train_state_shardings
 
 METRICS = ("loss", "contrastive_loss", "mvm_loss", "mac_loss", "lr", "grad_norm",
            "snapshot_momentum")
-
-
-def normalize_frames(frames):
-  """uint8 `[B, T, H, W, 3]` -> ImageNet-normalised float32; float input is taken as normalised."""
-  if frames.dtype != jnp.uint8:
-    return frames.astype(jnp.float32)
-  mean = jnp.asarray(config_lib.IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(config_lib.IMAGENET_STD, jnp.float32)
-  return (frames.astype(jnp.float32) / 255.0 - mean) / std
-
-
-def patchify(frames, patch_size: int):
-  """`[B, T, H, W, C]` -> `[B, T*N, p*p*C]` in the video encoder's token order (frame-major,
-  patches row-major within a frame)."""
-  b, t, h, w, ch = frames.shape
-  p = patch_size
-  x = frames.reshape(b, t, h // p, p, w // p, p, ch).transpose(0, 1, 2, 4, 3, 5, 6)
-  return x.reshape(b, t * (h // p) * (w // p), p * p * ch)
 
 
 def _num_tokens(config, frames_shape) -> tuple[int, int]:
@@ -80,7 +62,7 @@ class _Losses:
       raise ValueError(f"config.mvm.loss={config.mvm.loss!r}: use one of "
                        f"{', '.join(objectives.MVM_LOSSES)}")
     self.snapshot = VideoEncoder(config.model.video, model.dtype,
-                                 matmul_dtype=model.matmul_dtype,
+                                 matmul_dtype=model.matmul_dtype, kernels=model.kernels,
                                  scan_layers=bool(config.model.get("scan_layers", False)))
 
   def _apply(self, params, method, *args, rng=None, **kwargs):

@@ -1,6 +1,6 @@
 r"""The ablation: which parts of MILES help, measured over seeds on the synthetic set.
 
-  python -m miles_jax.ablate --out=workdirs/ablate [--quick | --smoke] [--only=V1,V2] \
+  python -m experiments.ablate --out=workdirs/ablate [--quick | --smoke] [--only=V1,V2] \
       [--seeds=0,1,2] [--steps=1500] [--report_only]
 
 Trains every variant (a set of config overrides on `configs/demo.py`) once per seed on the
@@ -24,6 +24,11 @@ few steps on a tiny set (the test).
 """
 from __future__ import annotations
 
+from miles_jax.cli import setup_process
+
+if __name__ == "__main__":  # before TensorFlow / jaxlib load: the log filter, path settings
+  setup_process()
+
 import json
 import os
 import sys
@@ -31,7 +36,8 @@ import time
 
 from absl import flags
 
-from miles_jax import allocator, cli, config_lib
+from miles_jax import cli, config_lib
+from miles_jax.evaluation import retrieval
 
 # Every variant sets all of these, so a run's identity does not depend on configs/demo.py's
 # choices for them (which follow this ablation's evidence).
@@ -72,7 +78,7 @@ VARIANTS = {
 }
 QUICK = ("contrastive_only", "miles_intact_clip", "miles_masked_clip")
 SMOKE = ("contrastive_only", "miles_intact_clip")
-METRICS = tuple(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MdR", "MnR"))
+METRICS = retrieval.TABLE_METRICS
 DATA = dict(num_train=1024, num_eval=512, resolution=32, frames=8, seed=0)
 SMOKE_DATA = dict(num_train=64, num_eval=24, resolution=32, frames=8, seed=0)
 # The smoke run: one block per encoder, a few steps, small batches (checkpoint / eval at the end).
@@ -85,7 +91,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """The CLI flags (defined only when run as a program: train imports this module)."""
+  """The CLI flags (defined only when run as a program)."""
   flags.DEFINE_string("out", None, "Folder for the data, the runs and the table/JSON/PNG.")
   flags.DEFINE_bool("quick", False, "Only the three placements of the contrastive term.")
   flags.DEFINE_bool("smoke", False, "Two variants, a few steps on a tiny data set (tests).")
@@ -107,23 +113,6 @@ def define_flags():
   flags.DEFINE_multi_string("set", [], "A config override applied to every run, KEY=VALUE "
                             "(repeatable; e.g. --set=model.video.patch_size=4); use a separate "
                             "--out for each setting.")
-
-
-def reference_rows(path: str, num_texts: int, names=("contrastive_only",)) -> dict:
-  """{row label: mean metrics} of `names` from an ablation.json, for the final table of a run
-  evaluated on the same held-out split (same number of texts); {} when it does not apply."""
-  if not path or not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    summary = json.load(f)
-  if int(summary.get("data", {}).get("num_eval", -1)) != int(num_texts):
-    return {}
-  rows = {}
-  for name in names:
-    row = summary["variants"].get(name, {})
-    if row.get("n") and all(m in row["mean"] for m in METRICS):
-      rows[f"{name} (ablation, mean of {row['n']} seed{'s' * (row['n'] > 1)})"] = row["mean"]
-  return rows
 
 
 def run_key(overrides: dict) -> str:
@@ -296,8 +285,6 @@ def main(argv):
     synthetic.check_options(FLAGS.distractors, FLAGS.caption_noise)
   except ValueError as e:
     print(f"error: --{e}", file=sys.stderr)
-    return 2
-  if allocator.reexec_exit_code(None):  # the demo's tiny models: `auto` gives them `hugepages`
     return 2
   import jax
   # Seeds of one variant compile to the same programs: reuse them across runs and invocations.

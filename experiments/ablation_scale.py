@@ -1,14 +1,14 @@
 r"""MILES against contrastive-only training at a larger scale than the CPU demo (an accelerator).
 
-  python benchmarks/ablation_scale.py --out=DIR [--variants=contrastive_only,miles_intact_clip] \
+  python experiments/ablation_scale.py --out=DIR [--variants=contrastive_only,miles_intact_clip] \
       [--seeds=0,1,2] [--steps=3000] [--deadline_s=SECONDS] [--smoke]
 
-The CPU ablation (`python -m miles_jax.ablate`) trains configs/demo.py — a width-64, 2-block
+The CPU ablation (`python -m experiments.ablate`) trains configs/demo.py — a width-64, 2-block
 model on 1024 clips of 32² frames (16 patches a frame) — and no MILES variant separates from
 contrastive-only there. This script asks the same question nearer the paper's regime, sized for
 one GPU: the synthetic set at 64² (64 patches a frame, objects spanning several patches),
 8192 train clips and a held-out split of 1024 clips with unique captions, the `small` encoders
-(width 192, 4 blocks, patch 8), batch 128, 3000 steps. Variants are `miles_jax.ablate.VARIANTS`
+(width 192, 4 blocks, patch 8), batch 128, 3000 steps. Variants are `experiments.ablate.VARIANTS`
 (same overrides), seeds vary initialisation, batch order and masks; the data are fixed.
 
 It uses the library's model, train step (`make_train_step`), masks (`masking.sample_masks`,
@@ -18,7 +18,7 @@ each of 4 equal segments of the 8 stored frames, eval clips the segment centres,
 demo's pipeline adds a random resized crop, scale 0.8–1). Captions are tokenised with the
 synthetic vocabulary (every word is one WordPiece token, as the BERT tokenizer gives).
 
-Writes OUT/runs/VARIANT/seedN/results.json (the layout `miles_jax.ablate` reads: figures at the
+Writes OUT/runs/VARIANT/seedN/results.json (the layout `experiments.ablate` reads: figures at the
 last step, the eval curve, wall and step times) as each run finishes, then OUT/ablation_scale.
 {md,json,png}. Runs already in OUT are skipped; with `--deadline_s` a run is not started when
 the time left is shorter than the longest run so far (so a time-limited job returns whole runs).
@@ -44,9 +44,11 @@ NUM_FRAMES, MAX_LEN = 4, 16
 
 
 def scale_config(variant: str, seed: int, steps: int, smoke: bool):
-  from miles_jax import ablate, config_lib
+  from experiments import ablate
+  from miles_jax import config_lib
   c = config_lib.default_config()
   c.model = config_lib.model_config("tiny" if smoke else "small")
+  c.model.kernels = "xla_cpu"  # runs on CPU: the CPU kernels (models/xla_cpu.py)
   c.model.video.img_size = SMOKE_DATA["resolution"] if smoke else SCALE["resolution"]
   c.model.video.patch_size = 8
   c.model.video.num_frames = NUM_FRAMES
@@ -120,7 +122,7 @@ def make_retrieval(config, batch: int = 256):
   import jax
   from miles_jax.evaluation import retrieval as R
   from miles_jax.models import dual_encoder
-  from miles_jax.train.step import normalize_frames
+  from miles_jax.models.video import normalize_frames
   model = dual_encoder.build(config.model)
   vid = jax.jit(lambda p, f: model.apply({"params": p}, normalize_frames(f),
                                          method=model.encode_video)["embed"])
@@ -207,7 +209,7 @@ def train_run(variant, seed, steps, data, out_dir, smoke, eval_every, pool) -> d
 
 
 def summarise(out_dir: str, variants, data_params: dict, steps: int, smoke: bool) -> dict:
-  from miles_jax import ablate
+  from experiments import ablate
   summary = ablate.collect(out_dir, variants)
   title = (f"Held-out retrieval on {data_params['num_eval']} synthetic clips "
            f"({data_params['num_train']} train clips, {data_params['resolution']}² frames, "
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
                       "file ({VARIANT/seedN: results}), rewritten after each run")
   p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
   args = p.parse_args(argv)
-  from miles_jax import ablate
+  from experiments import ablate
   variants = [v for v in args.variants.split(",") if v]
   unknown = [v for v in variants if v not in ablate.VARIANTS]
   if unknown:

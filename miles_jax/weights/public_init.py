@@ -30,8 +30,9 @@ from typing import Mapping
 import ml_collections
 import numpy as np
 
-from miles_jax import convert, paths
-from miles_jax.convert import ConversionError
+from miles_jax import paths
+from miles_jax.weights import torch_io
+from miles_jax.weights.torch_io import ConversionError
 
 VIDEO_FORMATS = ("auto", "vit_npz", "timm", "clip")
 # Image-classifier parts the video encoder has no place for (Frozen sets them to Identity).
@@ -70,7 +71,7 @@ def read_video_checkpoint(path: str, fmt: str = "auto"):
     with paths.local_file(path) as local, np.load(local, allow_pickle=False) as z:
       raw = {k: np.asarray(z[k]) for k in z.files}
   else:
-    raw = convert.read_state_dict(path)
+    raw = torch_io.read_state_dict(path)
   if fmt == "auto":
     fmt = _detect_video_format(path, raw)
   if fmt == "vit_npz":
@@ -240,7 +241,7 @@ def read_distilbert(path: str):
       raise FileNotFoundError(f"config.init.text={path}: the directory holds neither "
                               f"{' nor '.join(names)}")
     weights = paths.join(path, found[0])
-  sd = convert.read_state_dict(weights)
+  sd = torch_io.read_state_dict(weights)
   if any(k.startswith("bert.") for k in sd):
     raise ConversionError(f"{weights}: this is a BERT checkpoint (keys 'bert.*'); "
                           "config.init.text needs DistilBERT (e.g. distilbert-base-uncased)")
@@ -257,7 +258,7 @@ def read_distilbert(path: str):
 
 def _sub_map(model_config, flax_prefix: str, torch_prefix: str) -> dict:
   """The released-checkpoint key map restricted to one encoder, torch prefix removed."""
-  return {p: (k[len(torch_prefix):], fn) for p, (k, fn) in convert.torch_key_map(model_config).items()
+  return {p: (k[len(torch_prefix):], fn) for p, (k, fn) in torch_io.torch_key_map(model_config).items()
           if p.startswith(flax_prefix)}
 
 
@@ -277,7 +278,7 @@ def video_from_image_vit(sd: Mapping[str, np.ndarray], model_config, ref_video: 
                          init_cfg, source: str = "ViT checkpoint"):
   """timm-named ViT state_dict -> (flat {'video/...': array}, report) with Frozen's time init."""
   v = model_config.video
-  expected = {f"video/{k}": np.asarray(a) for k, a in convert._flatten(ref_video).items()}
+  expected = {f"video/{k}": np.asarray(a) for k, a in torch_io.flatten(ref_video).items()}
   kmap = _sub_map(model_config, "video/", "video_model.")
   new = lambda p: (p == "video/temporal_embed" or "/norm3/" in p or "/timeattn/" in p)
   kmap = {p: kf for p, kf in kmap.items() if not new(p)}
@@ -291,7 +292,7 @@ def video_from_image_vit(sd: Mapping[str, np.ndarray], model_config, ref_video: 
     sd["pos_embed"] = resize_pos_embed(flat, grid)[None]
     notes.append(f"pos_embed resized {g}x{g} -> {grid}x{grid} (bicubic, cls row kept)")
   ignored = lambda k: bool(_VIT_IGNORED.match(k)) or k.startswith("clip.")
-  flat, used = convert.assign_tensors(expected, kmap, sd, source, ignored)
+  flat, used = torch_io.assign_tensors(expected, kmap, sd, source, ignored)
 
   if init_cfg.time_init not in ("zeros", "random"):
     raise ValueError(f"config.init.time_init={init_cfg.time_init!r}: use zeros or random")
@@ -339,9 +340,9 @@ def text_from_distilbert(sd: Mapping[str, np.ndarray], hf_config: dict | None, m
     if bad:
       raise ConversionError(f"{source}: config.json does not fit model.text:\n  " +
                             "\n  ".join(bad))
-  expected = {f"text/{k}": np.asarray(a) for k, a in convert._flatten(ref_text).items()}
+  expected = {f"text/{k}": np.asarray(a) for k, a in torch_io.flatten(ref_text).items()}
   kmap = _sub_map(model_config, "text/", "text_model.")
-  flat, used = convert.assign_tensors(expected, kmap, dict(sd), source,
+  flat, used = torch_io.assign_tensors(expected, kmap, dict(sd), source,
                                       lambda k: bool(_DISTILBERT_IGNORED.match(k)))
   report = {"source": source, "tensors": len(used),
             "values": int(sum(np.asarray(sd[k]).size for k in used)),
@@ -354,7 +355,7 @@ def text_from_distilbert(sd: Mapping[str, np.ndarray], hf_config: dict | None, m
 def apply_init(params, model_config, init_cfg):
   """Returns (params with the `config.init` sources loaded, report); other subtrees untouched.
 
-  `params` is an unboxed dual-encoder tree (e.g. `convert.init_model_params`); loaded subtrees
+  `params` is an unboxed dual-encoder tree (e.g. `torch_io.init_model_params`); loaded subtrees
   come back as numpy float32.
   """
   params = dict(params)
@@ -384,7 +385,7 @@ def apply_init(params, model_config, init_cfg):
       elif "clip.proj" in sd:
         rep["notes"].append("visual.proj not used (config.init.clip_proj=False): video_proj "
                             "keeps its initialisation")
-    params["video"] = convert._unflatten(flat)["video"]
+    params["video"] = torch_io.unflatten(flat)["video"]
     report["video"] = rep
   if init_cfg.text:
     sd, hf_config, vocab = read_distilbert(init_cfg.text)
@@ -397,7 +398,7 @@ def apply_init(params, model_config, init_cfg):
         raise ConversionError(f"{vocab} has {n} tokens but model.text.vocab_size="
                               f"{model_config.text.vocab_size}: the tokenizer would index other "
                               "rows than the embedding was trained with")
-    params["text"] = convert._unflatten(flat)["text"]
+    params["text"] = torch_io.unflatten(flat)["text"]
     report["text"] = rep
   return params, report
 
@@ -406,7 +407,7 @@ def init_params(config, rng=None):
   """Fresh dual-encoder params with `config.init`'s public weights loaded -> (params, report)."""
   import jax
   rng = jax.random.PRNGKey(config.get("seed", 0)) if rng is None else rng
-  params = convert.init_model_params(config.model, rng)
+  params = torch_io.init_model_params(config.model, rng)
   return apply_init(params, config.model, init_config(config))
 
 

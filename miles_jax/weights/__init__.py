@@ -1,0 +1,2 @@
+"""Weights from elsewhere: PyTorch checkpoints (torch_io) and public image / text models
+(public_init)."""
