@@ -10,10 +10,9 @@ torch = pytest.importorskip("torch", reason="needs the [torch] extra")
 
 from miles_jax import checkpoints, config_lib, convert, pretrained  # noqa: E402
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(__file__))
 from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
 from torch_reference import RefDualEncoder, randomize_  # noqa: E402
 

@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch", reason="needs the [torch] extra")
 from miles_jax import config_lib, convert, pretrained  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
 from torch_reference import RefDualEncoder  # noqa: E402
@@ -80,7 +79,7 @@ def upstream_spec(mc, layout):
   return spec
 
 
-# Upstream name -> name in tests/torch_reference.py (written from the two upstream classes; the
+# Upstream name -> name in tests/support/torch_reference.py (written from the two upstream classes; the
 # reference uses Frozen's names, so only MILES's text projection differs).
 UPSTREAM_TO_REFERENCE = {"miles": {"text_proj.": "txt_proj."}, "frozen": {}}
 

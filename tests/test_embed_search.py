@@ -336,7 +336,6 @@ def test_pth_asks_for_a_tokenizer_and_convert_copies_it(world, tmp_path):
   """A released-layout .pth carries no tokenizer: text asks for one; `convert --tokenizer` (and
   `pretrained.load(..., tokenizer=)`) supply it."""
   torch = pytest.importorskip("torch", reason="needs the [torch] extra")
-  sys.path.insert(0, os.path.dirname(__file__))
   from helpers import TINY_OVERRIDES, apply_overrides
   from torch_reference import RefDualEncoder, randomize_
   c = config_lib.default_config()

@@ -29,7 +29,6 @@ from miles_jax.models import dual_encoder
 from miles_jax.train import optim
 from miles_jax.train.state import create_train_state, train_state_shardings
 
-sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 from helpers import apply_overrides, assert_trees_equal, final_state  # noqa: E402
 

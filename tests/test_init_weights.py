@@ -17,7 +17,6 @@ from miles_jax.convert import ConversionError  # noqa: E402
 from miles_jax.models.dual_encoder import build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
 from torch_reference import RefText, randomize_  # noqa: E402

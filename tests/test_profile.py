@@ -12,7 +12,7 @@ import pytest
 from miles_jax import config_lib, profile
 from miles_jax.models.dual_encoder import build
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

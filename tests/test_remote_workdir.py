@@ -1,4 +1,4 @@
-"""Runs entirely on gs://: a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) and demo-sized runs
+"""Runs entirely on gs://: a GCS emulator on 127.0.0.1 (tests/support/gcs_emulator.py) and demo-sized runs
 trained, killed (SIGKILL), resumed, evaluated and exported on gs://bucket/…, with 1 process and
 with 2 processes under FSDP (evaluated by 2 processes too); then the stage-1 -> stage-2
 hand-off (`train.init_from` = the stage-1 workdir on gs://, another frame count). The CLIs get only
@@ -17,7 +17,7 @@ import pytest
 from miles_jax import paths
 from miles_jax.data import synthetic
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,6 @@ from miles_jax.train import optim
 from miles_jax.train.state import create_train_state
 from miles_jax.train.step import make_train_step
 
-sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 from helpers import apply_overrides, final_state  # noqa: E402
 

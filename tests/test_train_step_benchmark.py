@@ -34,7 +34,6 @@ def test_torch_original_divided_attention_matches_reference():
   """The benchmark's fast PyTorch attention computes the same divided rule as the slow
   per-group reference of the parity tests (so the baseline times the right work)."""
   sys.path.insert(0, BENCH)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch_original
   import torch_reference
   torch.manual_seed(0)

@@ -10,7 +10,7 @@ import pytest
 from miles_jax import checkpoints, config_lib, convert, pretrained, viz
 from miles_jax.models.dual_encoder import build
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["a", "dog", "runs", "on", "the", "grass"]
