@@ -19,7 +19,7 @@ def get_config(arg: str = ""):
   c.model.text.max_len = 16
   c.objectives = "contrastive,miles"
   # The contrastive term on a second, intact forward: the better placement in the ablation
-  # (python -m miles_jax.ablate; README "Results"); on the masked clip MILES trailed
+  # (python -m miles_jax.ablate; docs/results.md); on the masked clip MILES trailed
   # contrastive-only training.
   c.mvm.unmasked_contrastive = True
   c.temperature = 0.05

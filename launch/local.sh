@@ -33,4 +33,4 @@ python -m miles_jax.evaluate --config="configs/demo.py:$DATA" --workdir="$WORKDI
 echo
 echo "results: $WORKDIR/results.json | gallery: $WORKDIR/gallery.html | figures: $WORKDIR/loss.png $WORKDIR/recall.png | model: $WORKDIR/export (best eval: $WORKDIR/best)"
 echo "try (. $VENV/bin/activate): python -m miles_jax.evaluate --config=configs/demo.py:$DATA --checkpoint=$WORKDIR/export ; python -m miles_jax.viz --config=configs/demo.py:$DATA --checkpoint=$WORKDIR/export --shard=$DATA/eval-00000-of-00002.tfrecord --out=$WORKDIR/viz"
-echo "fine-tune the released weights: python -m miles_jax.train --config=configs/finetune_msrvtt.py --config.train.init_from=MILES.pth --workdir=runs/ft_msrvtt (data: README, Data preparation)"
+echo "fine-tune the released weights: python -m miles_jax.train --config=configs/finetune_msrvtt.py --config.train.init_from=MILES.pth --workdir=runs/ft_msrvtt (data: docs/data.md)"
