@@ -173,6 +173,7 @@ def test_eval_frames_follow_the_protocol(world):
   assert prepare.uniform_indices(12, 4) == [1, 4, 7, 10]
 
 
+@pytest.mark.slow
 def test_embed_search_cli_and_page(world, tmp_path):
   index = str(tmp_path / "index")
   r = _run("miles_jax.embed", f"--checkpoint={world['export']}", f"--videos={world['videos']}",
@@ -235,6 +236,7 @@ def _render_check(html, tmp_path):
   return json.loads(html_lib.unescape(m.group(1)))
 
 
+@pytest.mark.slow
 def test_index_resumes_after_a_kill(world, tmp_path):
   m = pretrained.load(world["export"])
   full = str(tmp_path / "full")
@@ -293,6 +295,7 @@ def test_cli_errors_exit_2(world, tmp_path):
   assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_writes_gallery_with_correct_clip_marked(world, tmp_path):
   d = str(tmp_path / "syn")
   synthetic.generate(d, num_train=2, num_eval=9, resolution=32, frames=4, verbose=False)
@@ -310,6 +313,7 @@ def test_evaluate_writes_gallery_with_correct_clip_marked(world, tmp_path):
     assert q["correct"] == 1, q
 
 
+@pytest.mark.slow
 def test_train_export_and_convert_carry_the_tokenizer(world, tmp_path):
   from miles_jax.train import loop
   c = world["config"]

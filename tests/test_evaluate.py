@@ -55,6 +55,7 @@ def test_sharded_extraction_covers_every_clip_once(setup, batch):
   np.testing.assert_allclose(text, want_t, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_prints_table_and_writes_json(setup, tmp_path):
   c, _, params, d = setup
   export = str(tmp_path / "export")

@@ -16,6 +16,7 @@ import multihost_eval  # noqa: E402
 
 import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
+pytestmark = pytest.mark.slow  # several processes: the full suite only
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["red circle", "blue square", "green star", "yellow ring", "white box"]
 

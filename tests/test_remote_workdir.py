@@ -121,6 +121,7 @@ def _tb_steps(workdir):
   return steps
 
 
+@pytest.mark.slow
 def test_one_process_train_kill_resume_evaluate_export_on_gcs(gcs, data_dir, tmp_path):
   wd = "gs://bucket/one"
   _train_kill_resume(gcs, data_dir, wd, 1, {})
@@ -177,6 +178,7 @@ def _stage_two_from(gcs, data_dir, wd):
       np.testing.assert_array_equal(flat2[k], flat1[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_two_processes_fsdp_on_gcs_train_and_evaluate(gcs, data_dir):
   """2 processes x 4 devices, mesh (data 2, fsdp 4): killed, resumed, export/ and best/ written
   by both; then `evaluate --workdir=gs://...` on 2 processes gives the training's last eval."""

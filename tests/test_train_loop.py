@@ -55,6 +55,7 @@ def _run(cmd, timeout=300, env=None):
                         env=env or _env())
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
   wd = str(tmp_path / "term")
   p = subprocess.Popen(_cmd(data_dir, wd, *_overrides(steps=400, **{"train.checkpoint_every":
@@ -115,6 +116,7 @@ def test_bad_config_fails_before_compute(data_dir, tmp_path, field, value, needl
   assert not os.path.exists(wd)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(data_dir, tmp_path):
   """2 processes x 4 CPU devices (gloo on 127.0.0.1) == 1 process x 8 devices on the same
   global batches (each host's shards, concatenated in process order)."""
@@ -211,6 +213,7 @@ def test_prefetcher_hands_out_batches_in_order_with_their_data_state():
   p.close()
 
 
+@pytest.mark.slow
 def test_metrics_read_at_log_steps_profile_and_compile_cache(data_dir, tmp_path):
   """log_every=4 over 4 steps: one metrics row; `train.profile_steps` writes a jax.profiler
   trace; the persistent compilation cache lands under the workdir by default."""
@@ -230,6 +233,7 @@ def test_metrics_read_at_log_steps_profile_and_compile_cache(data_dir, tmp_path)
   assert os.listdir(os.path.join(wd, "compilation_cache"))
 
 
+@pytest.mark.slow
 def test_video_only_mvm_stage_then_miles_from_it(data_dir, tmp_path, capsys):
   """A video-only stage (objectives=mvm, pixel targets: an MAE-style pre-training of the video
   encoder) hands its weights to a MILES run with train.init_from: every param but the pixel

@@ -15,6 +15,7 @@ from miles_jax.data import synthetic
 import helpers  # noqa: E402
 from helpers import assert_trees_equal, final_state  # noqa: E402
 
+pytestmark = pytest.mark.slow  # several processes: the full suite only
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
