@@ -80,6 +80,7 @@ def test_converted_model_reproduces_pytorch(released, fmt):
     assert np.abs(tv).max() > 0.1 and np.abs(tt).max() > 0.1  # not trivially small
 
 
+@pytest.mark.slow
 def test_cli_round_trip(released, tmp_path):
   ref, pth, _ = released
   out = str(tmp_path / "converted")

@@ -299,6 +299,7 @@ def test_layout_and_extra_modules_are_checked(tmp_path, init_params):
     convert.convert_state_dict(missing, mc, init_params)
 
 
+@pytest.mark.slow
 def test_cli_converts_upstream_trainer_file(tmp_path):
   mc = _model_config()
   path = str(tmp_path / "cc-webvid2m-4f_stformer_b_16_224.pth.tar")

@@ -336,6 +336,7 @@ def test_train_export_and_convert_carry_the_tokenizer(world, tmp_path):
   assert r.returncode == 2 and "nope.txt" in r.stderr and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_pth_asks_for_a_tokenizer_and_convert_copies_it(world, tmp_path):
   """A released-layout .pth carries no tokenizer: text asks for one; `convert --tokenizer` (and
   `pretrained.load(..., tokenizer=)`) supply it."""

@@ -371,6 +371,7 @@ def test_loud_failures(sources, tmp_path):
     _init(_config(text=str(bert)))
 
 
+@pytest.mark.slow
 def test_convert_cli_exports_the_initialised_model(sources, tmp_path):
   out = str(tmp_path / "init")
   base = [sys.executable, "-m", "miles_jax.convert", "--config=configs/default.py:base",

@@ -78,6 +78,7 @@ def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
   assert r.returncode == 0 and f"from step {steps[0]}" in r.stdout, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_nan_skip_mode_drops_the_update_and_finishes(data_dir, tmp_path):
   """(Stopping on NaN with the checkpoints untouched: tests/test_faults.py.)"""
   wd = str(tmp_path / "skip")

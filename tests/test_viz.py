@@ -164,6 +164,7 @@ def test_read_video_samples_the_middle_of_each_segment(tmp_path):
   np.testing.assert_allclose(got.reshape(4, -1).mean(1), levels[[1, 4, 7, 10]], atol=6)
 
 
+@pytest.mark.slow
 def test_cli(tiny, vocab, tmp_path):
   mc, params = tiny
   ckpt = str(tmp_path / "model")
