@@ -102,6 +102,7 @@ def _direct_metrics(export, c, dsl=None):
   return retrieval.retrieval_metrics(sim, es.text_to_video, sim_v2t=sim_v2t)
 
 
+@pytest.mark.slow
 def test_cache_and_results_never_answer_for_another_evaluation(setup, tmp_path):
   """Two datasets with same-shaped test sets and two checkpoints in one folder: each of the
   four evaluations gets its own numbers and its own results file, twice (second time from

@@ -99,6 +99,7 @@ def test_fallback_loss_gradient_count():
   assert 0.95 <= ratio <= 1.1, (c.mvm.unmasked_contrastive, ratio)
 
 
+@pytest.mark.slow
 def test_cli_table_and_json():
   env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "miles_jax.profile", "--config=configs/default.py:tiny",
