@@ -23,7 +23,7 @@ def get_config(arg: str = ""):
   c.model.low_precision = "matmuls"  # if --set=model.dtype=bfloat16: bf16 matmuls only
   c.objectives = "contrastive,miles"
   # The contrastive term on a second, intact forward: the better placement in the ablation
-  # (python -m experiments.ablate; README "Results"); on the masked clip MILES trailed
+  # (python -m experiments.ablate; docs/results.md); on the masked clip MILES trailed
   # contrastive-only training.
   c.mvm.unmasked_contrastive = True
   c.temperature = 0.05

@@ -52,7 +52,7 @@ def finetune_config(dataset: str, objectives: str = ""):
   c.data.num_frames = 4  # [F-cfg] video_params.num_frames
   c.data.crop_scale = (0.5, 1.0)  # [F-data] RandomResizedCrop scale
   # Upstream tokenizes with padding=True, truncation=True, i.e. cut only at 512 tokens; a fixed
-  # padded length is needed here (deviation, README "Faithfulness and deviations").
+  # padded length is needed here (deviation, docs/faithfulness.md).
   c.data.max_len = DATASETS[dataset][1]  # deviation: see above
   c.data.batch_size = BATCH  # [F-cfg] global batch 16
   c.data.eval_batch_size = 64  # evaluation only: does not change any number

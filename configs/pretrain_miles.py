@@ -8,7 +8,7 @@ frames starting from stage 1 (the temporal rows for frames 2-4 start at zero):
         --config.train.init_from=runs/miles_s1/export
 
 Initialise stage 1 from public weights with `--config.init.video=ViT-B_16.npz
---config.init.text=distilbert-base-uncased/` (see README "Start from public weights").
+--config.init.text=distilbert-base-uncased/` (see docs/init_viz_profile.md).
 Data: `python -m miles_jax.data.prepare --format=webvid ...` and `--format=cc3m ...` write the
 shards named below under `data/` (weighted sources: edit the list below for other ratios); a
 second config argument moves the root, e.g. `--config=configs/pretrain_miles.py:stage2,gs://b/d`
@@ -27,8 +27,8 @@ def get_config(arg: str = "stage2"):
   c.model.dtype = "bfloat16"
   c.model.remat = "full"  # ViT-B at batch 256: activations, not params, fill the memory
   c.objectives = "contrastive,miles"
-  # The contrastive term on a second, intact forward: the ablation's evidence (3 seeds, README
-  # "Results": t2v R@1 11.4 ± 1.4 intact vs 5.0 ± 0.7 on the masked clip); costs one more
+  # The contrastive term on a second, intact forward: the ablation's evidence (3 seeds,
+  # docs/results.md: t2v R@1 11.4 ± 1.4 intact vs 5.0 ± 0.7 on the masked clip); costs one more
   # video forward + backward per step.
   c.mvm.unmasked_contrastive = True
   c.data.eval = f"{root}/msrvtt/test-*.tfrecord"

@@ -40,4 +40,4 @@ echo
 echo "results: $WORKDIR/results.json | gallery: $WORKDIR/gallery.html | figures: $WORKDIR/loss.png $WORKDIR/recall.png | model: $WORKDIR/export (best eval: $WORKDIR/best)"
 echo "try (. $VENV/bin/activate): python -m miles_jax.evaluate --config=configs/demo.py:$DATA --checkpoint=$WORKDIR/export ; python -m miles_jax.viz --config=configs/demo.py:$DATA --checkpoint=$WORKDIR/export --shard=$DATA/eval-00000-of-00002.tfrecord --out=$WORKDIR/viz"
 echo "search your own videos (this demo model knows only the synthetic set's words; use the released weights for real clips): python -m miles_jax.embed --checkpoint=$WORKDIR/export --videos=VIDEO_FOLDER --out=$WORKDIR/index ; python -m miles_jax.search --index=$WORKDIR/index --query='a red square moves left' --html=$WORKDIR/search.html"
-echo "fine-tune the released weights: python -m miles_jax.train --config=configs/finetune_msrvtt.py --config.train.init_from=MILES.pth --workdir=runs/ft_msrvtt (data: README, Data preparation)"
+echo "fine-tune the released weights: python -m miles_jax.train --config=configs/finetune_msrvtt.py --config.train.init_from=MILES.pth --workdir=runs/ft_msrvtt (data: docs/data.md)"

@@ -109,7 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mvm.target_space = "features"  # features | projected
   # The contrastive term on a second, intact online forward (True) or on the masked clip (False;
   # the papers do not say). True by the ablation's evidence: t2v R@1 11.4 +- 1.4 vs 5.0 +- 0.7
-  # over 3 seeds on 512 held-out clips (README "Results", benchmarks/results/ablation.md).
+  # over 3 seeds on 512 held-out clips (docs/results.md, benchmarks/results/ablation.md).
   c.mvm.unmasked_contrastive = True
   # What the masked patches regress: snapshot (EMA of the online video encoder, the paper's
   # text-aligned, evolving target) | frozen (a copy of the online encoder as it enters

@@ -1,5 +1,7 @@
-"""Test-wide settings: 8 simulated CPU devices, quiet TensorFlow, no GPU grabbing; the GCS
-emulator fixture (`gcs`) shared by the tests that read or write gs://."""
+"""Test-wide settings: 8 simulated CPU devices, quiet TensorFlow, no GPU grabbing; tests/support/
+(helpers, the PyTorch reference model, the GCS emulator, multi-host workers) on sys.path; the
+`slow` marker (`python -m pytest -q -m "not slow" tests` is the fast tier); the GCS emulator
+fixture (`gcs`) shared by the tests that read or write gs://."""
 import os
 import socket
 import subprocess
@@ -8,7 +10,10 @@ import time
 
 import pytest
 
-from helpers import free_port, xla_flags  # noqa: E402  (tests/ is on sys.path; JAX not initialised yet)
+SUPPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
+sys.path.insert(0, SUPPORT)
+
+from helpers import free_port, xla_flags  # noqa: E402  (JAX not initialised yet)
 
 # 8 simulated devices; -O0 LLVM (helpers.FAST_COMPILE_FLAG) for the subprocesses that inherit it
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
@@ -24,13 +29,19 @@ from miles_jax import cli  # noqa: E402
 cli.setup_process()
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: multi-process, fault-injection, benchmark-script and end-to-end tests "
+      "(minutes on 2 cores); the fast tier is `-m \"not slow\"`")
+
+
 @pytest.fixture(scope="module")
 def gcs():
-  """The emulator on 127.0.0.1 (tests/gcs_emulator.py) with bucket `bucket`; this process reads
-  it through miles_jax.paths. Yields its URL (what STORAGE_EMULATOR_HOST is set to)."""
+  """The emulator on 127.0.0.1 (tests/support/gcs_emulator.py) with bucket `bucket`; this process
+  reads it through miles_jax.paths. Yields its URL (what STORAGE_EMULATOR_HOST is set to)."""
   from miles_jax import paths
   port = free_port()
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"),
+  proc = subprocess.Popen([sys.executable, os.path.join(SUPPORT, "gcs_emulator.py"),
                            str(port), "bucket"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 60

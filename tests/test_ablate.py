@@ -105,6 +105,7 @@ def test_parse_overrides_literals_and_strings():
                  "data.crop_scale": (0.5, 1.0)}
 
 
+@pytest.mark.slow
 def test_smoke_trains_two_variants_and_resumes(tmp_path):
   out = str(tmp_path / "abl")
   r = _cli(f"--out={out}", "--smoke", "--seeds=0", "--set=optim.lr=0.002")

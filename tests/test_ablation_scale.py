@@ -39,6 +39,7 @@ def test_frames_match_the_pipeline_segments():
       assert np.all((got >= starts) & (got < ends))
 
 
+@pytest.mark.slow
 def test_smoke_grid_and_resume(tmp_path, capsys):
   out = str(tmp_path / "out")
   argv = [f"--out={out}", "--smoke", "--seeds=0", "--workers=1"]

@@ -108,6 +108,7 @@ def _run(mode: str):
   return first, pid, tunables, int(faults)
 
 
+@pytest.mark.slow
 def test_resident_heap_stops_the_page_faults():
   first, pid, tunables, faults_off = _run("off")
   assert tunables == ""

@@ -10,7 +10,7 @@ import pytest
 
 from miles_jax import cluster
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",

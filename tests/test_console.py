@@ -50,6 +50,7 @@ def test_quiet_native_logs_on_the_file_descriptor(capfd, monkeypatch):
   assert capfd.readouterr().err == NOISE.decode()
 
 
+@pytest.mark.slow
 def test_a_command_starts_without_cpp_logs_unless_verbose(tmp_path):
   cmd = [sys.executable, "-m", "miles_jax.data.synthetic", f"--out={tmp_path / 'd'}",
          "--train=4", "--eval=2", "--frames=2", "--resolution=16"]

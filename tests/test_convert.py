@@ -11,10 +11,9 @@ torch = pytest.importorskip("torch", reason="needs the [torch] extra")
 from miles_jax import checkpoints, config_lib, pretrained  # noqa: E402
 from miles_jax.weights import torch_io  # noqa: E402
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(__file__))
 from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
 from torch_reference import RefDualEncoder, randomize_  # noqa: E402
 
@@ -85,6 +84,7 @@ def test_converted_model_reproduces_pytorch(released, fmt, kernels):
     assert np.abs(tv).max() > 0.1 and np.abs(tt).max() > 0.1  # not trivially small
 
 
+@pytest.mark.slow
 def test_cli_round_trip(released, tmp_path):
   ref, pth, _ = released
   out = str(tmp_path / "converted")

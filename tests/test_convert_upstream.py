@@ -17,7 +17,6 @@ from miles_jax import config_lib, pretrained  # noqa: E402
 from miles_jax.weights import torch_io  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
 from torch_reference import RefDualEncoder  # noqa: E402
@@ -81,7 +80,7 @@ def upstream_spec(mc, layout):
   return spec
 
 
-# Upstream name -> name in tests/torch_reference.py (written from the two upstream classes; the
+# Upstream name -> name in tests/support/torch_reference.py (written from the two upstream classes; the
 # reference uses Frozen's names, so only MILES's text projection differs).
 UPSTREAM_TO_REFERENCE = {"miles": {"text_proj.": "txt_proj."}, "frozen": {}}
 
@@ -301,6 +300,7 @@ def test_layout_and_extra_modules_are_checked(tmp_path, init_params):
     torch_io.convert_state_dict(missing, mc, init_params)
 
 
+@pytest.mark.slow
 def test_cli_converts_upstream_trainer_file(tmp_path):
   mc = _model_config()
   path = str(tmp_path / "cc-webvid2m-4f_stformer_b_16_224.pth.tar")

@@ -8,6 +8,7 @@ import pytest
 PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "input_pipeline.py")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(PATH), reason="benchmarks/ not in this checkout")
 def test_input_pipeline_quick(capsys, monkeypatch):
   spec = importlib.util.spec_from_file_location("b4_input_pipeline", PATH)

@@ -320,6 +320,7 @@ def test_fewer_shards_than_hosts_falls_back_to_record_sharding(shards, caplog):
   assert len(flat) == 24 and len(set(flat)) == 24
 
 
+@pytest.mark.slow
 def test_resume_on_another_host_count_reads_nothing_twice_in_an_epoch(shards):
   """2 hosts save mid-epoch; 3 hosts resume: no error, each starts the next epoch, and within
   that epoch no record is read twice (the hosts' shares are disjoint)."""
@@ -350,6 +351,7 @@ def test_resume_on_another_host_count_reads_nothing_twice_in_an_epoch(shards):
   assert pipeline.resume_state(saved, 1, 2) == saved[1]
 
 
+@pytest.mark.slow
 def test_weighted_sources_one_source_per_batch(tmp_path):
   """Videos (4 frames) and images (1-frame records) as two sources, weights 3:1: every batch
   is from one source, images stay 1-frame clips, the mix follows the weights, and the mix is

@@ -100,6 +100,7 @@ def test_prepare_csv_fidelity_and_report(media, tmp_path):
   assert err.mean() < JPEG_MEAN_TOL and err.max() <= JPEG_MAX_TOL, (err.mean(), err.max())
 
 
+@pytest.mark.slow
 def test_resume_and_parallel(media, tmp_path):
   ann = _csv(str(tmp_path), [("v0.mp4", "zero"), ("v1.mp4", "one"), ("v2.mp4", "two"),
                              ("square.mp4", "square")])

@@ -173,6 +173,7 @@ def test_eval_frames_follow_the_protocol(world):
   assert prepare.uniform_indices(12, 4) == [1, 4, 7, 10]
 
 
+@pytest.mark.slow
 def test_embed_search_cli_and_page(world, tmp_path):
   index = str(tmp_path / "index")
   r = _run("miles_jax.embed", f"--checkpoint={world['export']}", f"--videos={world['videos']}",
@@ -235,6 +236,7 @@ def _render_check(html, tmp_path):
   return json.loads(html_lib.unescape(m.group(1)))
 
 
+@pytest.mark.slow
 def test_index_resumes_after_a_kill(world, tmp_path):
   m = pretrained.load(world["export"])
   full = str(tmp_path / "full")
@@ -293,6 +295,7 @@ def test_cli_errors_exit_2(world, tmp_path):
   assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_writes_gallery_with_correct_clip_marked(world, tmp_path):
   d = str(tmp_path / "syn")
   synthetic.generate(d, num_train=2, num_eval=9, resolution=32, frames=4, verbose=False)
@@ -310,6 +313,7 @@ def test_evaluate_writes_gallery_with_correct_clip_marked(world, tmp_path):
     assert q["correct"] == 1, q
 
 
+@pytest.mark.slow
 def test_train_export_and_convert_carry_the_tokenizer(world, tmp_path):
   from miles_jax.train import loop
   c = world["config"]
@@ -332,11 +336,11 @@ def test_train_export_and_convert_carry_the_tokenizer(world, tmp_path):
   assert r.returncode == 2 and "nope.txt" in r.stderr and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_pth_asks_for_a_tokenizer_and_convert_copies_it(world, tmp_path):
   """A released-layout .pth carries no tokenizer: text asks for one; `convert --tokenizer` (and
   `pretrained.load(..., tokenizer=)`) supply it."""
   torch = pytest.importorskip("torch", reason="needs the [torch] extra")
-  sys.path.insert(0, os.path.dirname(__file__))
   from helpers import TINY_OVERRIDES, apply_overrides
   from torch_reference import RefDualEncoder, randomize_
   c = config_lib.default_config()

@@ -55,6 +55,7 @@ def test_sharded_extraction_covers_every_clip_once(setup, batch):
   np.testing.assert_allclose(text, want_t, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_prints_table_and_writes_json(setup, tmp_path):
   c, _, params, d = setup
   export = str(tmp_path / "export")
@@ -101,6 +102,7 @@ def _direct_metrics(export, c, dsl=None):
   return retrieval.retrieval_metrics(sim, es.text_to_video, sim_v2t=sim_v2t)
 
 
+@pytest.mark.slow
 def test_cache_and_results_never_answer_for_another_evaluation(setup, tmp_path):
   """Two datasets with same-shaped test sets and two checkpoints in one folder: each of the
   four evaluations gets its own numbers and its own results file, twice (second time from

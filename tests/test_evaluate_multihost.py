@@ -12,11 +12,11 @@ import tensorflow as tf
 
 from miles_jax.data import schema, synthetic
 
-sys.path.insert(0, os.path.dirname(__file__))
 import multihost_eval  # noqa: E402
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
+pytestmark = pytest.mark.slow  # several processes: the full suite only
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["red circle", "blue square", "green star", "yellow ring", "white box"]
 
@@ -42,7 +42,8 @@ def test_interleaved_two_process_eval_equals_one_process(data, tmp_path):
   env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="2",
              CUDA_VISIBLE_DEVICES="")
-  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multihost_eval.py"),
+  worker = os.path.join(ROOT, "tests", "support", "multihost_eval.py")
+  procs = [subprocess.Popen([sys.executable, worker,
                              retrieval_glob, labelled_glob, tokenizer, out, str(port), str(i)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for i in range(2)]

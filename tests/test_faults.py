@@ -29,7 +29,6 @@ from miles_jax.models import dual_encoder
 from miles_jax.train import optim
 from miles_jax.train.state import create_train_state, train_state_shardings
 
-sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 from helpers import apply_overrides, assert_trees_equal, final_state  # noqa: E402
 
@@ -155,6 +154,7 @@ def _read(path):
     return f.read()
 
 
+@pytest.mark.slow
 def test_sigterm_and_kill9_at_random_points_lose_nothing(data_dir, cache_dir, reference_run,
                                                          tmp_path):
   wd, logs = str(tmp_path / "wd"), str(tmp_path / "log")
@@ -257,6 +257,7 @@ def _write_audio_only(path):
       c.mux(pkt)
 
 
+@pytest.mark.slow
 def test_corrupt_inputs_reported_skipped_and_training_continues(data_dir, cache_dir, tmp_path):
   media, data = tmp_path / "media", tmp_path / "data"
   media.mkdir()
@@ -325,6 +326,7 @@ def test_unknown_config_field_is_one_clear_line(data_dir, cache_dir, tmp_path):
   assert "Traceback" not in r.stderr and not os.path.exists(wd)
 
 
+@pytest.mark.slow
 def test_workdir_not_writable(data_dir, cache_dir, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory\n")
@@ -360,6 +362,7 @@ def test_workdir_not_writable(data_dir, cache_dir, tmp_path):
     ro.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_restart_with_another_architecture_is_refused(data_dir, cache_dir, reference_run,
                                                       tmp_path):
   wd = str(tmp_path / "wd")
@@ -386,6 +389,7 @@ def torch_pth(data_dir, tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 def test_convert_and_evaluate_refuse_a_checkpoint_of_another_shape(data_dir, cache_dir,
                                                                    torch_pth, tmp_path):
   out = str(tmp_path / "converted")
@@ -406,6 +410,7 @@ def test_convert_and_evaluate_refuse_a_checkpoint_of_another_shape(data_dir, cac
 
 # 5. a NaN loss leaves the last good checkpoint byte-identical ---------------------------------
 
+@pytest.mark.slow
 def test_nan_leaves_checkpoints_byte_identical(data_dir, cache_dir, reference_run, tmp_path):
   # the reference workdir as a run stopped after step `good` (same config: no recompile)
   wd, good = str(tmp_path / "wd"), STEPS - 3
@@ -435,6 +440,7 @@ class _Payload:
     return (exec, (f"open({self.marker!r}, 'w').write('the payload ran')",))
 
 
+@pytest.mark.slow
 def test_malicious_pth_is_refused(data_dir, cache_dir, tmp_path):
   torch = pytest.importorskip("torch", reason="needs the [torch] extra")
   marker = str(tmp_path / "PWNED")
@@ -460,6 +466,7 @@ def test_malicious_pth_is_refused(data_dir, cache_dir, tmp_path):
 
 # 7. a checkpoint written on 8 devices (data 2 x fsdp 4) restores onto 1, 2 and 4 devices -------
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_restores_on_fewer_devices(data_dir, tmp_path):
   devices = jax.devices()
   assert len(devices) == 8

@@ -19,7 +19,6 @@ from miles_jax.weights.torch_io import ConversionError  # noqa: E402
 from miles_jax.models.dual_encoder import build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 from helpers import TINY_OVERRIDES, apply_overrides  # noqa: E402
 from torch_reference import RefText, randomize_  # noqa: E402
@@ -374,6 +373,7 @@ def test_loud_failures(sources, tmp_path):
     _init(_config(text=str(bert)))
 
 
+@pytest.mark.slow
 def test_convert_cli_exports_the_initialised_model(sources, tmp_path):
   out = str(tmp_path / "init")
   base = [sys.executable, "-m", "miles_jax.convert", "--config=configs/default.py:base",

@@ -12,7 +12,7 @@ import pytest
 from miles_jax import config_lib, profile
 from miles_jax.models.dual_encoder import build
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,6 +99,7 @@ def test_fallback_loss_gradient_count():
   assert 0.95 <= ratio <= 1.1, (c.mvm.unmasked_contrastive, ratio)
 
 
+@pytest.mark.slow
 def test_cli_table_and_json():
   env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(), JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "miles_jax.profile", "--config=configs/default.py:tiny",

@@ -1,4 +1,4 @@
-"""Runs entirely on gs://: a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) and demo-sized runs
+"""Runs entirely on gs://: a GCS emulator on 127.0.0.1 (tests/support/gcs_emulator.py) and demo-sized runs
 trained, killed (SIGKILL), resumed, evaluated and exported on gs://bucket/…, with 1 process and
 with 2 processes under FSDP (evaluated by 2 processes too); then the stage-1 -> stage-2
 hand-off (`train.init_from` = the stage-1 workdir on gs://, another frame count). The CLIs get only
@@ -17,7 +17,7 @@ import pytest
 from miles_jax import paths
 from miles_jax.data import synthetic
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,6 +123,7 @@ def _tb_steps(workdir):
   return steps
 
 
+@pytest.mark.slow
 def test_one_process_train_kill_resume_evaluate_export_on_gcs(gcs, data_dir, tmp_path):
   wd = "gs://bucket/one"
   _train_kill_resume(gcs, data_dir, wd, 1, {})
@@ -179,6 +180,7 @@ def _stage_two_from(gcs, data_dir, wd):
       np.testing.assert_array_equal(flat2[k], flat1[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_two_processes_fsdp_on_gcs_train_and_evaluate(gcs, data_dir):
   """2 processes x 4 devices, mesh (data 2, fsdp 4): killed, resumed, export/ and best/ written
   by both; then `evaluate --workdir=gs://...` on 2 processes gives the training's last eval."""

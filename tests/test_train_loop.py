@@ -19,7 +19,6 @@ from miles_jax.train import optim
 from miles_jax.train.state import create_train_state
 from miles_jax.train.step import make_train_step
 
-sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 from helpers import apply_overrides, final_state  # noqa: E402
 
@@ -56,6 +55,7 @@ def _run(cmd, timeout=300, env=None):
                         env=env or _env())
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
   wd = str(tmp_path / "term")
   p = subprocess.Popen(_cmd(data_dir, wd, *_overrides(steps=400, **{"train.checkpoint_every":
@@ -78,6 +78,7 @@ def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
   assert r.returncode == 0 and f"from step {steps[0]}" in r.stdout, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_nan_skip_mode_drops_the_update_and_finishes(data_dir, tmp_path):
   """(Stopping on NaN with the checkpoints untouched: tests/test_faults.py.)"""
   wd = str(tmp_path / "skip")
@@ -116,6 +117,7 @@ def test_bad_config_fails_before_compute(data_dir, tmp_path, field, value, needl
   assert not os.path.exists(wd)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(data_dir, tmp_path):
   """2 processes x 4 CPU devices (gloo on 127.0.0.1) == 1 process x 8 devices on the same
   global batches (each host's shards, concatenated in process order)."""
@@ -226,6 +228,7 @@ def _tb_scalars(logdir: str) -> dict:
   return out
 
 
+@pytest.mark.slow
 def test_metrics_read_at_log_steps_profile_and_compile_cache(data_dir, tmp_path):
   """log_every=4 over 4 steps: one metrics row; `train.profile_steps` writes a jax.profiler
   trace with step markers; the persistent compilation cache lands under the workdir by default;
@@ -265,6 +268,7 @@ def test_metrics_read_at_log_steps_profile_and_compile_cache(data_dir, tmp_path)
   assert last["step"] == 6 and last["perf"]["restarts"] == 1
 
 
+@pytest.mark.slow
 def test_video_only_mvm_stage_then_miles_from_it(data_dir, tmp_path, capsys):
   """A video-only stage (objectives=mvm, pixel targets: an MAE-style pre-training of the video
   encoder) hands its weights to a MILES run with train.init_from: every param but the pixel

@@ -12,10 +12,10 @@ import pytest
 from miles_jax import checkpoints
 from miles_jax.data import synthetic
 
-sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 from helpers import assert_trees_equal, final_state  # noqa: E402
 
+pytestmark = pytest.mark.slow  # several processes: the full suite only
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

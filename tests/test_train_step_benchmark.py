@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
 
+@pytest.mark.slow
 def test_quick_both_frameworks_same_run():
   r = subprocess.run([sys.executable, os.path.join(BENCH, "train_step.py"), "--quick",
                       "--objectives=contrastive,miles", "--json"], cwd=ROOT,
@@ -55,7 +56,6 @@ def test_torch_original_divided_attention_matches_reference():
   """The benchmark's fast PyTorch attention computes the same divided rule as the slow
   per-group reference of the parity tests (so the baseline times the right work)."""
   sys.path.insert(0, BENCH)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch_original
   import torch_reference
   torch.manual_seed(0)
@@ -68,6 +68,7 @@ def test_torch_original_divided_attention_matches_reference():
                                ref(x, frames, mode).detach().numpy(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_step_profile_quick_sums_to_the_step():
   """The per-kind JAX table covers the step's ops (nothing large left unclassified) and the
   PyTorch table comes from the same run."""
@@ -87,6 +88,7 @@ def test_step_profile_quick_sums_to_the_step():
   assert out["malloc"].endswith("glibc.malloc.hugetlb=1"), out["malloc"]
 
 
+@pytest.mark.slow
 def test_step_profile_reads_every_dot_and_times_the_same_product_in_torch():
   """`step_profile.py --dots` finds every dot of an optimised module -- also the ones XLA put
   inside fusions -- with its operand shapes and contraction (their FLOPs add up to the

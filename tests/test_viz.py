@@ -11,7 +11,7 @@ from miles_jax import checkpoints, config_lib, pretrained, viz
 from miles_jax.weights import torch_io
 from miles_jax.models.dual_encoder import build
 
-import helpers  # noqa: E402  (tests/ is on sys.path)
+import helpers  # noqa: E402  (tests/support/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["a", "dog", "runs", "on", "the", "grass"]
@@ -165,6 +165,7 @@ def test_read_video_samples_the_middle_of_each_segment(tmp_path):
   np.testing.assert_allclose(got.reshape(4, -1).mean(1), levels[[1, 4, 7, 10]], atol=6)
 
 
+@pytest.mark.slow
 def test_cli(tiny, vocab, tmp_path):
   mc, params = tiny
   ckpt = str(tmp_path / "model")

@@ -1,7 +1,7 @@
 """Worker for tests/test_evaluate_multihost.py: retrieval + zero-shot metrics of a tiny model
 with seeded random weights, on a mesh whose batch shards alternate between processes.
 
-  python tests/multihost_eval.py RETRIEVAL_GLOB LABELLED_GLOB TOKENIZER OUT.json PORT PROCESS_ID
+  python tests/support/multihost_eval.py RETRIEVAL_GLOB LABELLED_GLOB TOKENIZER OUT.json PORT PROCESS_ID
 """
 import json
 import os
@@ -62,5 +62,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   main(sys.argv)

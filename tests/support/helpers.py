@@ -1,4 +1,5 @@
-"""Helpers shared by several test files (imported as `helpers`; tests/ is on sys.path)."""
+"""Helpers shared by several test files (imported as `helpers`: tests/conftest.py puts
+tests/support/ on sys.path)."""
 import json
 import os
 import socket
@@ -7,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # XLA's LLVM backend at -O0 for the tests' tiny programs: compiling, not running, is what takes the
 # time on 2 cores (a 6-step demo run: ~37 s instead of ~52-67 s, measured here). HLO passes are

@@ -1,4 +1,4 @@
-"""A Cloud Storage emulator on 127.0.0.1 for the tests: `python tests/gcs_emulator.py PORT BUCKET`.
+"""A Cloud Storage emulator on 127.0.0.1 for the tests: `python tests/support/gcs_emulator.py PORT BUCKET`.
 
 gcp-storage-emulator (pip, test extra), with one gap filled: real GCS answers every object
 download with `x-goog-generation` / `x-goog-metageneration` headers, which tensorstore (orbax's
