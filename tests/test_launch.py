@@ -336,12 +336,12 @@ def test_tpu_repo_is_opt_in(tmp_path):
 # ---- supervise, driven by a fake gcloud ------------------------------------------------------
 
 def _fake_world(tmp_path, script, **world):
-  """PATH with tests/fake_gcloud.py as `gcloud`, and its simulated world; -> (env, calls)."""
+  """PATH with tests/support/fake_gcloud.py as `gcloud`, and its simulated world; -> (env, calls)."""
   bindir = tmp_path / "bin"
   bindir.mkdir(exist_ok=True)
   fake = bindir / "gcloud"
   fake.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
-                  f"{shlex.quote(os.path.join(ROOT, 'tests', 'fake_gcloud.py'))} \"$@\"\n")
+                  f"{shlex.quote(os.path.join(ROOT, 'tests', 'support', 'fake_gcloud.py'))} \"$@\"\n")
   fake.chmod(0o755)
   d = tmp_path / "world"
   d.mkdir(exist_ok=True)
