@@ -328,8 +328,6 @@ def _conv_flops(out, lhs, rhs, attrs: str) -> int:
   pad = field("pad", (0, 0), n, pair=True)
   lhs_dil = field("lhs_dilate", 1, n)
   rhs_dil = field("rhs_dilate", 1, n)
-  groups = re.search(r"feature_group_count=(\d+)", attrs)
-  groups = int(groups.group(1)) if groups else 1
   valid = 1
   for i, c in enumerate(spatial):
     in_size = lhs[lhs_l.index(c)]
@@ -342,10 +340,9 @@ def _conv_flops(out, lhs, rhs, attrs: str) -> int:
         if 0 <= pos < dilated and pos % lhs_dil[i] == 0:
           count += 1
     valid *= count
+  # the kernel's `i` dimension is already the input features of one feature group
   in_features = rhs[rhs_l.index("i")]
-  out_nonspatial = out[out_l.index("b")] * out[out_l.index("f")]
-  del groups  # the kernel's `i` dimension is already the input features of one group
-  return 2 * out_nonspatial * in_features * valid
+  return 2 * out[out_l.index("b")] * out[out_l.index("f")] * in_features * valid
 
 
 def read_hlo(text: str) -> dict:
@@ -571,11 +568,6 @@ def run_compile(argv: list[str], name: str, batch: int, limit_bytes: int, sl: Sl
     stdout, stderr = proc.communicate()
     watcher.join()
     seconds = time.time() - t0
-    try:
-      _, _, usage = os.wait4(proc.pid, os.WNOHANG)
-    except ChildProcessError:
-      usage = None
-    del usage
     if killed[0] or proc.returncode in (-9, 137):
       why = (f"passed --host_memory_gb={limit_bytes / GiB:.1f}" if killed[0]
              else "was killed (out of host memory?)")
@@ -789,6 +781,12 @@ def plan(flags_, argv: list[str], spec: str = "") -> tuple[dict, int]:
     sl = dataclasses.replace(sl, chip=dataclasses.replace(sl.chip,
                                                           hbm_bytes=int(flags_.hbm_gb * GiB)))
   require_libtpu()
+  if sl.num_slices > 1 and int(config.mesh.get("num_slices", 1)) != sl.num_slices:
+    raise PlanError(f"--topology={flags_.topology} is {sl.num_slices} slices: set "
+                    f"--config.mesh.num_slices={sl.num_slices} (the data axis across slices)"
+                    if "num_slices" in config.mesh else
+                    f"--topology={flags_.topology} is {sl.num_slices} slices, and this version's "
+                    "mesh has no mesh.num_slices (multislice): plan one slice")
   batch = int(flags_.batch or config.data.batch_size)
   limit = _limit_bytes(flags_.host_memory_gb)
   results = []
@@ -819,7 +817,8 @@ def _define(fv):
                       "(or v5e-64), v5p-128, v6e-64, ...; NxSLICE for N slices.", flag_values=fv)
   flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network "
                        "(multislice); NxSLICE in --topology multiplies it.", flag_values=fv)
-  flags.DEFINE_integer("batch", 0, "Global train batch (0: config.data.batch_size).", flag_values=fv)
+  flags.DEFINE_integer("batch", 0, "Global train batch (0: config.data.batch_size).",
+                       flag_values=fv)
   flags.DEFINE_bool("max_batch", False, "Also find the largest global batch that fits, by "
                     "compiling (bisection).", flag_values=fv)
   flags.DEFINE_float("mfu", 0.4, "Model-FLOPs utilisation assumed for the throughput, hours "
@@ -830,9 +829,11 @@ def _define(fv):
                      "GiB (0: what the host has available when plan starts).", flag_values=fv)
   flags.DEFINE_bool("json", False, "Print the report as one JSON object (the progress lines "
                     "still go to stderr).", flag_values=fv)
-  flags.DEFINE_string("worker_program", "", "(internal) compile this program in this process.", flag_values=fv)
+  # the child processes: `python -m miles_jax.plan <same flags> --worker_program=...`
+  flags.DEFINE_string("worker_program", "", "(internal) compile this program here.",
+                      flag_values=fv)
   flags.DEFINE_integer("worker_batch", 0, "(internal)", flag_values=fv)
-  flags.DEFINE_string("worker_out", "", "(internal) where the worker writes its result.", flag_values=fv)
+  flags.DEFINE_string("worker_out", "", "(internal) the worker's result file.", flag_values=fv)
 
 
 def main(argv):
