@@ -47,6 +47,7 @@ def scale_config(variant: str, seed: int, steps: int, smoke: bool):
   from miles_jax import ablate, config_lib
   c = config_lib.default_config()
   c.model = config_lib.model_config("tiny" if smoke else "small")
+  c.model.kernels = "xla_cpu"  # runs on CPU: the CPU kernels (models/xla_cpu.py)
   c.model.video.img_size = SMOKE_DATA["resolution"] if smoke else SCALE["resolution"]
   c.model.video.patch_size = 8
   c.model.video.num_frames = NUM_FRAMES

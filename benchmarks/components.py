@@ -4,7 +4,7 @@
 
 Where does a whole-step gap come from? Each row times one part of a ViT-B/16 divided space-time
 block on the step's real shapes (batch 2, 4 frames of 14x14 patches + cls = 789 tokens, width
-768, 12 heads) as `miles_jax.models.layers` computes it and as the original does
+768, 12 heads) as `miles_jax.models` computes it with `model.kernels=xla_cpu` and as the original does
 (benchmarks/torch_original.py's attention; torch.nn.Linear / LayerNorm / GELU), alternating JAX
 and PyTorch, median over `--runs`: the MLP (fc1, GELU, fc2), one LayerNorm, and the divided
 attention's core (after qkv, before proj) in space and time mode. Times are milliseconds per
@@ -13,7 +13,7 @@ block; a ratio near 1 says that part is not where the step loses.
 `--gemms` adds the MLP's six matmuls one at a time (forward, input gradient, weight gradient of
 fc1 and fc2 on the step's shapes, plain `a @ b` in both frameworks): are XLA's GEMM kernels the
 gap, or what surrounds them? `--alternatives` adds the attention-core layouts tried instead of
-models/layers.py's (JAX only, same arithmetic): the time attention as broadcast-multiply-sum
+models/xla_cpu.py's (JAX only, same arithmetic): the time attention as broadcast-multiply-sum
 (no batched 4 x 5 matmuls) and the space attention with the cls key/value kept apart (no
 concatenation into every frame's keys).
 """
@@ -47,11 +47,11 @@ def _median_ms(fn, runs: int, sync) -> float:
 
 def jax_parts(dtype, alternatives: bool = False):
   """{part: a call of its jitted forward + backward}; with `alternatives`, also ALTERNATIVES."""
-  from miles_jax.models import layers
+  from miles_jax.models import layers, xla_cpu
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((B, S, WIDTH)), dtype)
   qkv = [jnp.asarray(0.3 * rng.standard_normal((B, S, H, D)), dtype) for _ in range(3)]
-  mlp = layers.Mlp(4 * WIDTH, dtype)
+  mlp = layers.Mlp(4 * WIDTH, dtype, kernels="xla_cpu")  # the CPU kernels (model.kernels)
   ln = layers.layer_norm(1e-6, "norm", dtype)
   out = {}
   for name, module in (("MLP (fc1, GELU, fc2)", mlp), ("LayerNorm", ln)):
@@ -62,7 +62,7 @@ def jax_parts(dtype, alternatives: bool = False):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     out[name] = lambda grad=grad, params=params: grad(params, x)
   cores = {f"{mode} attention core":
-           lambda q, k, v, t, mode=mode: layers.divided_attention(q, k, v, t, mode)[0]
+           lambda q, k, v, t, mode=mode: xla_cpu.divided_attention(q, k, v, t, mode)[0]
            for mode in ("space", "time")}
   for name, fn in {**cores, **(ALTERNATIVES if alternatives else {})}.items():
     def loss(q, k, v, fn=fn):
@@ -80,7 +80,8 @@ def _time_broadcast_sum(q, k, v, t):
   b, s, h, d = q.shape
   n = (s - 1) // t
   f32 = jnp.float32
-  cls_out, _ = layers._softmax_attend(q[:, :1], k, v, "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
+  cls_out, _ = layers._softmax_attend(q[:, :1], k, v, "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd",
+                                      kernels="xla_cpu")
   qp, kp, vp = (x[:, 1:].reshape(b, t, n, h, d).astype(f32) for x in (q, k, v))
   lp = jnp.sum(qp[:, :, None] * kp[:, None], axis=-1)  # [b, t_query, t_key, n, h]
   lc = jnp.sum(qp * k[:, :1, None].astype(f32), axis=-1)  # the cls key: [b, t_query, n, h]
@@ -98,7 +99,8 @@ def _space_cls_apart(q, k, v, t):
   b, s, h, d = q.shape
   n = (s - 1) // t
   f32 = jnp.float32
-  cls_out, _ = layers._softmax_attend(q[:, :1], k, v, "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
+  cls_out, _ = layers._softmax_attend(q[:, :1], k, v, "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd",
+                                      kernels="xla_cpu")
   hm = lambda x: x.reshape(b, t, n, h, d).transpose(0, 1, 3, 2, 4)
   qg, kg, vg = hm(q[:, 1:]), hm(k[:, 1:]), hm(v[:, 1:])
   lp = jnp.einsum("bthqd,bthkd->bthqk", qg, kg, preferred_element_type=f32)

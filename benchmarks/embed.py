@@ -62,6 +62,7 @@ def main():
       write_video(p, a.seconds, i)
   c = config_lib.default_config()
   c.model = config_lib.model_config(a.size)
+  c.model.kernels = "xla_cpu"  # a CPU measurement: the CPU kernels (models/xla_cpu.py)
   c.data.num_frames = 4
   export = os.path.join(d, f"export-{a.size}")
   if not os.path.exists(export):

@@ -67,6 +67,7 @@ def compile_seconds(depth: int, scan: bool) -> float:
   import numpy as np
   c = config_lib.default_config()
   c.model = config_lib.model_config("tiny")
+  c.model.kernels = "xla_cpu"  # a CPU measurement: the CPU kernels (models/xla_cpu.py)
   c.model.video.depth = c.model.text.depth = depth
   c.model.scan_layers = scan
   c.data.num_frames, c.data.max_len, c.data.batch_size = 4, 16, 4

@@ -80,6 +80,11 @@ def make_config(size: str, batch: int, objectives: str, dtype: str):
   c = config_lib.default_config()
   c.model = config_lib.model_config(size)
   c.model.dtype = dtype
+  # The CPU kernels (models/xla_cpu.py) and, for bfloat16, bf16 dense matmuls around float32
+  # elementwise code: what a CPU run should use (configs/demo.py). --set=model.kernels=reference
+  # --set=model.low_precision=all times the reference (TPU) program on this CPU.
+  c.model.kernels = "xla_cpu"
+  c.model.low_precision = "matmuls"
   c.objectives = objectives
   c.data.batch_size = batch
   c.data.max_len = min(32, c.model.text.max_len)
@@ -258,8 +263,8 @@ def run_worker(framework: str, names: list, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}",
          f"--size={args.size}", f"--batch={args.batch}", f"--runs={args.runs}",
          f"--warmup={args.warmup}", f"--dtype={args.dtype}", f"--objectives={','.join(names)}",
-         f"--matmul={args.matmul}"] + (["--quick"] if args.quick else []) + [
-             f"--set={x}" for x in args.set]
+         f"--matmul={args.matmul}"] + (["--quick"] if args.quick else []) + (
+             [] if args.torch else ["--no-torch"]) + [f"--set={x}" for x in args.set]
   r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=worker_environ(framework, args))
   if r.returncode != 0:
     raise SystemExit(f"error: the {framework} worker failed (exit {r.returncode}): "
@@ -313,7 +318,7 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="tiny model, 2 runs: a smoke test")
   p.add_argument("--json", action="store_true")
   p.add_argument("--set", action="append", default=[], help="a config override for the JAX "
-                 "step, KEY=VALUE (repeatable), e.g. --set=model.video.time_attention_vjp=autodiff")
+                 "step, KEY=VALUE (repeatable), e.g. --set=model.kernels=reference")
   p.add_argument("--malloc", default="auto", choices=allocator.MODES,
                  help="glibc allocator tunables of the JAX worker processes, as the miles_jax "
                  "CLIs set them (miles_jax/allocator.py; auto: resident for base size)")
@@ -327,7 +332,7 @@ def main(argv=None):
   for n in names:
     if n not in OBJECTIVES:
       p.error(f"--objectives: unknown {n!r}, use {', '.join(OBJECTIVES)}")
-  if args.torch:
+  if args.torch and args.worker != "jax":  # the JAX worker never imports torch
     try:
       import torch  # noqa: F401
       import transformers  # noqa: F401

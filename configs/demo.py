@@ -17,6 +17,10 @@ def get_config(arg: str = ""):
   c.model = config_lib.model_config("tiny")
   c.model.video.num_frames = 4
   c.model.text.max_len = 16
+  # A CPU run: the same model through the XLA:CPU kernels (models/xla_cpu.py); a TPU / GPU run
+  # of this config should set model.kernels=reference.
+  c.model.kernels = "xla_cpu"
+  c.model.low_precision = "matmuls"  # if --set=model.dtype=bfloat16: bf16 matmuls only
   c.objectives = "contrastive,miles"
   # The contrastive term on a second, intact forward: the better placement in the ablation
   # (python -m miles_jax.ablate; README "Results"); on the masked clip MILES trailed

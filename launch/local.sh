@@ -26,9 +26,11 @@ DATA="${MILES_DEMO_DATA:-workdirs/synthetic}"
 if [ ! -f "$DATA/synthetic.json" ]; then
   python -m miles_jax.data.synthetic --out="$DATA"
 fi
-python -m miles_jax.train --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "$@"
+# The XLA:CPU kernels (miles_jax/models/xla_cpu.py; configs/demo.py sets them too).
+CPU_KERNELS=(--config.model.kernels=xla_cpu)
+python -m miles_jax.train --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "${CPU_KERNELS[@]}" "$@"
 # Held-out captions and the clips the model retrieves for them, as a page.
-python -m miles_jax.evaluate --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "$@" \
+python -m miles_jax.evaluate --config="configs/demo.py:$DATA" --workdir="$WORKDIR" "${CPU_KERNELS[@]}" "$@" \
   | grep -E '^(gallery|results):' || true
 echo
 echo "results: $WORKDIR/results.json | gallery: $WORKDIR/gallery.html | figures: $WORKDIR/loss.png $WORKDIR/recall.png | model: $WORKDIR/export (best eval: $WORKDIR/best)"

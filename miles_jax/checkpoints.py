@@ -29,6 +29,9 @@ def _config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 # Model fields newer than some saved configs: absent there means this value.
 _ADDED_LATER = {"mvm_head_dim": 0}
+# How the params are computed with, not what they are: a checkpoint loads under any of these.
+_COMPUTE_ONLY = ("dtype", "remat", "drop_path_rate", "dropout_rate", "low_precision", "kernels",
+                 "time_attention_vjp")
 
 
 def diff_configs(saved: dict, wanted: dict, prefix: str = "model") -> list[str]:
@@ -40,7 +43,7 @@ def diff_configs(saved: dict, wanted: dict, prefix: str = "model") -> list[str]:
       a, b = bool(a), bool(b)
     if isinstance(a, dict) and isinstance(b, dict):
       out += diff_configs(a, b, f"{prefix}.{k}")
-    elif a != b and k not in ("dtype", "remat", "drop_path_rate", "dropout_rate"):
+    elif a != b and k not in _COMPUTE_ONLY:
       out.append(f"{prefix}.{k}: checkpoint {a!r}, config {b!r}")
   return out
 
@@ -89,7 +92,12 @@ def read_model_config(path: str) -> ml_collections.ConfigDict:
   cfg_file = paths.join(path, MODEL_CONFIG_FILE)
   if not paths.exists(cfg_file):
     raise FileNotFoundError(f"{path} is not an exported miles_jax model (no {MODEL_CONFIG_FILE})")
-  return ml_collections.ConfigDict(json.loads(paths.read_text(cfg_file)))
+  saved = json.loads(paths.read_text(cfg_file))
+  # Configs written before model.kernels: backend-resolved settings that no longer exist.
+  saved.get("video", {}).pop("time_attention_vjp", None)
+  if saved.get("low_precision") == "auto":
+    saved["low_precision"] = "all"
+  return ml_collections.ConfigDict(saved)
 
 
 def load_params(path: str, model_config: ml_collections.ConfigDict | None = None,

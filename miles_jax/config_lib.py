@@ -27,10 +27,6 @@ def video_config(size: str = "base") -> ml_collections.ConfigDict:
   c.layer_norm_eps = 1e-6
   c.qkv_bias = True
   c.drop_path_rate = 0.0
-  # How the time attention's gradient is computed: auto (canonical on CPU, autodiff on TPU/GPU)
-  # | canonical (heads-major groups, hand-written backward whose dots XLA:CPU runs on YNNPACK)
-  # | autodiff. The same values either way (models/layers.py: attend).
-  c.time_attention_vjp = "auto"
   if size == "tiny":
     c.img_size, c.patch_size, c.width, c.depth, c.num_heads = 32, 8, 64, 2, 4
   elif size == "small":
@@ -73,12 +69,15 @@ def model_config(size: str = "base") -> ml_collections.ConfigDict:
   # Compute dtype for activations; params stay float32.
   c.dtype = "float32"
   # What a bfloat16 `dtype` lowers (models/dual_encoder.py: compute_dtypes): all (every
-  # activation bf16, the dense layers' matmuls bf16 with float32 accumulation: TPU / GPU) |
-  # matmuls (only the dense layers' operands bf16; their float32 accumulator is the output, and
-  # LayerNorm, attention, GELU and the residual stream stay float32: XLA:CPU's bf16 elementwise
-  # code is slower than its float32 code, benchmarks/train_step.py) | auto (matmuls on CPU,
-  # all elsewhere).
-  c.low_precision = "auto"
+  # activation bf16, the dense layers' matmuls bf16: TPU / GPU) | matmuls (only the dense
+  # layers' operands bf16; their float32 accumulator is the output, and LayerNorm, attention,
+  # GELU and the residual stream stay float32: XLA:CPU's bf16 elementwise code is slower than
+  # its float32 code, benchmarks/train_step.py).
+  c.low_precision = "all"
+  # Which implementation of the same functions: reference (plain einsum attention, nn.Dense,
+  # jax.nn.softmax: every backend, what TPU runs) | xla_cpu (models/xla_cpu.py: custom-VJP
+  # kernels in the forms XLA:CPU runs fastest; the CPU demo and the CPU benchmarks).
+  c.kernels = "reference"
   # Rematerialisation of each transformer block in the backward pass: none (keep activations),
   # full (keep block inputs only: least memory), dots_saveable (keep matmul outputs, recompute
   # the elementwise ops). Older configs' True / False mean full / none.
@@ -313,8 +312,8 @@ def default_config_path() -> str:
 OBJECTIVES = ("contrastive", "miles", "mac", "mvm")
 MVM_TARGETS = ("snapshot", "frozen", "pixels")
 DTYPES = ("float32", "bfloat16")  # model.dtype
-LOW_PRECISION = ("auto", "all", "matmuls")  # model.low_precision (models/dual_encoder.py)
-TIME_ATTENTION_VJPS = ("auto", "canonical", "autodiff")  # model.video (models/video.py)
+LOW_PRECISION = ("all", "matmuls")  # model.low_precision (models/dual_encoder.py)
+KERNELS = ("reference", "xla_cpu")  # model.kernels (models/layers.py, models/xla_cpu.py)
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
@@ -366,13 +365,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None,
     fail("data.batch_size", f"{config.data.batch_size} must be > 0")
   if config.model.get("dtype", "float32") not in DTYPES:
     fail("model.dtype", f"{config.model.dtype!r}: use {' or '.join(DTYPES)}")
-  if config.model.get("low_precision", "auto") not in LOW_PRECISION:
+  if config.model.get("low_precision", "all") not in LOW_PRECISION:
     fail("model.low_precision", f"{config.model.low_precision!r}: use "
-         f"{', '.join(LOW_PRECISION)}")
+         f"{' or '.join(LOW_PRECISION)} (matmuls with model.kernels=xla_cpu on CPU)")
+  if config.model.get("kernels", "reference") not in KERNELS:
+    fail("model.kernels", f"{config.model.kernels!r}: use {' or '.join(KERNELS)} "
+         "(xla_cpu: the CPU kernels of models/xla_cpu.py)")
   v = config.model.video
-  if v.get("time_attention_vjp", "auto") not in TIME_ATTENTION_VJPS:
-    fail("model.video.time_attention_vjp", f"{v.time_attention_vjp!r}: use "
-         f"{', '.join(TIME_ATTENTION_VJPS)}")
   if v.img_size % v.patch_size:
     fail("model.video.img_size", f"{v.img_size} is not a multiple of patch_size {v.patch_size}")
   if config.data.num_frames > v.num_frames:

@@ -12,6 +12,7 @@ matrix products; 2 x MACs is what XLA should report, plus a few % for LayerNorm,
 """
 from __future__ import annotations
 
+
 import json
 import math
 
@@ -201,6 +202,7 @@ def loss_grad_flops(config, objective: str, batch: int = 2) -> float:
   frames_n, length, n = _shapes(c, batch)
   num_masked = int(round(c.mac.video_ratio * frames_n * n))
   snapshot = VideoEncoder(c.model.video, model.dtype, matmul_dtype=model.matmul_dtype,
+                          kernels=model.kernels,
                           scan_layers=bool(c.model.get("scan_layers", False)))
 
   def loss(p, sp, b):

@@ -67,10 +67,13 @@ def test_no_zero_left_in_reference(released):
     assert (p != 0).all(), name
 
 
-@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
-def test_converted_model_reproduces_pytorch(released, fmt):
+@pytest.mark.parametrize("fmt,kernels", [("pth", "reference"), ("safetensors", "reference"),
+                                         ("pth", "xla_cpu")])
+def test_converted_model_reproduces_pytorch(released, fmt, kernels):
+  """Both kernel paths (model.kernels) reproduce the PyTorch original's embeddings."""
   ref, pth, st = released
   mc = _config().model
+  mc.kernels = kernels
   model = pretrained.load(pth if fmt == "pth" else st, mc)
   for frames in (4, 2):  # fewer frames than the temporal table at inference
     video, ids, am = _inputs(mc, frames)

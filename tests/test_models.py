@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from miles_jax import config_lib
-from miles_jax.models import dual_encoder, layers
+from miles_jax.models import dual_encoder, layers, xla_cpu
+
+KERNELS = ("reference", "xla_cpu")
 
 
 @pytest.fixture(scope="module")
@@ -103,67 +105,123 @@ def test_dropping_nothing_equals_full_and_jit_needs_static_count(tiny):
     _video(model, params, f, mask=bad, drop_masked=True)
 
 
-def test_divided_attention_matches_masked_full_attention():
-  """The reshape-based divided attention equals full attention restricted by the rule."""
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_divided_attention_matches_masked_full_attention(kernels):
+  """The reshape-based divided attention (either path) equals full attention restricted by the
+  rule."""
+  attention = xla_cpu.divided_attention if kernels == "xla_cpu" else layers.divided_attention
   b, t, n, h, d = 2, 3, 5, 2, 4
   q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, 1 + t * n, h, d)) for i in range(3))
   frame = jnp.concatenate([jnp.array([-1]), jnp.repeat(jnp.arange(t), n)])
   patch = jnp.concatenate([jnp.array([-1]), jnp.tile(jnp.arange(n), t)])
   ids = (jnp.broadcast_to(frame, (b, 1 + t * n)), jnp.broadcast_to(patch, (b, 1 + t * n)))
   for mode in ("space", "time"):
-    a, wa = layers.divided_attention(q, k, v, t, mode)
-    m, wm = layers.divided_attention_masked(q, k, v, *ids, mode)
+    a, wa = attention(q, k, v, t, mode)
+    m, wm = layers.divided_attention_masked(q, k, v, *ids, mode, kernels)
     np.testing.assert_allclose(a, m, atol=1e-5)
     np.testing.assert_allclose(wa, wm, atol=1e-6)
 
 
 def test_softmax_and_gelu_equal_the_library_forms_with_gradients():
-  """layers.softmax (reciprocal-normalised, custom VJP) and layers.gelu (erf form) are the same
-  functions as jax.nn.softmax / jax.nn.gelu(approximate=False), values and gradients, including
-  masked logits and GELU's far tails."""
+  """xla_cpu.softmax (reciprocal-normalised, custom VJP) and xla_cpu.gelu (erf form) are the same
+  functions as jax.nn.softmax / jax.nn.gelu(approximate=False) (the reference path's), values
+  and gradients, including masked logits and GELU's far tails."""
   logits = 6.0 * jax.random.normal(jax.random.PRNGKey(0), (3, 4, 9))
   logits = logits.at[:, :, -3:].set(-1e30)  # masked keys, as divided_attention_masked's bias
   cot = jax.random.normal(jax.random.PRNGKey(1), logits.shape)
-  ours, ours_vjp = jax.vjp(layers.softmax, logits)
+  ours, ours_vjp = jax.vjp(xla_cpu.softmax, logits)
   ref, ref_vjp = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), logits)
   np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(ours_vjp(cot)[0], ref_vjp(cot)[0], rtol=1e-5, atol=1e-6)
   assert float(jnp.max(ours[:, :, -3:])) == 0.0
 
   x = jnp.linspace(-10.0, 10.0, 2001)
-  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
-  grad = jax.vmap(jax.grad(layers.gelu))(x)
+  np.testing.assert_allclose(xla_cpu.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+  grad = jax.vmap(jax.grad(xla_cpu.gelu))(x)
   ref_grad = jax.vmap(jax.grad(lambda y: jax.nn.gelu(y, approximate=False)))(x)
   np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["space", "time"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_canonical_time_attention_vjp_is_the_same_function(dtype, tol):
-  """model.video.time_attention_vjp=canonical (heads-major groups through layers.attend and its
-  hand-written backward) gives the time attention's values and q/k/v gradients of the autodiff
-  path, f32 and bf16; `auto` picks it on this CPU; a bad value names the field."""
+def test_xla_cpu_divided_attention_is_the_reference_function(mode, dtype, tol):
+  """xla_cpu.divided_attention (heads-major groups; time through xla_cpu.attend and its
+  hand-written backward) gives the reference path's values, cls weights and q/k/v gradients,
+  f32 and bf16."""
   b, t, n, h, d = 2, 3, 5, 2, 4
   keys = jax.random.split(jax.random.PRNGKey(3), 4)
   q, k, v = (jax.random.normal(kk, (b, 1 + t * n, h, d), dtype) for kk in keys[:3])
   cot = jax.random.normal(keys[3], (b, 1 + t * n, h, d), jnp.float32)
   outs = []
-  for canonical in (False, True):
-    fn = lambda q, k, v, c=canonical: layers.divided_attention(q, k, v, t, "time", c)[0]
+  for attention in (layers.divided_attention, xla_cpu.divided_attention):
+    fn = lambda q, k, v, f=attention: f(q, k, v, t, mode)[0]
     out, vjp = jax.vjp(fn, q, k, v)
-    outs.append([out] + list(vjp(cot.astype(dtype))))
+    outs.append([out, attention(q, k, v, t, mode)[1]] + list(vjp(cot.astype(dtype))))
   for ref, got in zip(*outs):
     ref, got = np.asarray(ref, np.float32), np.asarray(got, np.float32)
     assert np.linalg.norm(got - ref) <= tol * np.linalg.norm(ref)
-  assert np.abs(np.asarray(outs[0][1], np.float32)).max() > 0  # gradients are not trivially zero
+  assert np.abs(np.asarray(outs[0][2], np.float32)).max() > 0  # gradients are not trivially zero
 
-  from miles_jax.models import video
-  vc = config_lib.video_config("tiny")
-  assert video.time_attention_vjp(vc) == "canonical"  # auto, on CPU
-  vc.time_attention_vjp = "autodiff"
-  assert video.time_attention_vjp(vc) == "autodiff"
-  vc.time_attention_vjp = "fast"
-  with pytest.raises(ValueError, match="model.video.time_attention_vjp"):
-    video.time_attention_vjp(vc)
+
+def _model_loss_and_grads(mc, params, seed=0):
+  model = dual_encoder.build(mc)
+  f = _frames(seed)
+  ids = jnp.asarray(np.random.default_rng(seed).integers(1, mc.text.vocab_size, (2, 6)), jnp.int32)
+  am = jnp.ones((2, 6), jnp.int32).at[1, 4:].set(0)
+
+  def loss(p):
+    out = model.apply({"params": p}, f, ids, am)
+    return (jnp.sum(out["video_embed"] @ out["text_embed"].T) + jnp.sum(out["mvm_pred"] ** 2),
+            out)
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+@pytest.mark.parametrize("dtype,low_precision,tol", [
+    ("float32", "all", 2e-5), ("bfloat16", "matmuls", 2e-2), ("bfloat16", "all", 3e-2)])
+def test_xla_cpu_kernels_are_the_reference_model(tiny, dtype, low_precision, tol):
+  """model.kernels=xla_cpu is the same model as the reference path: loss, embeddings and every
+  parameter's gradient agree (f32 to float rounding, bf16 to bf16's)."""
+  c, _, params = tiny
+  runs = []
+  for kernels in KERNELS:
+    mc = config_lib.model_config("tiny")
+    mc.dtype, mc.low_precision, mc.kernels = dtype, low_precision, kernels
+    runs.append(_model_loss_and_grads(mc, params))
+  ((l_ref, o_ref), g_ref), ((l_got, o_got), g_got) = runs
+  rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+                           / np.linalg.norm(np.asarray(a, np.float32)))
+  assert rel(l_ref, l_got) <= tol
+  for key in ("video_embed", "text_embed", "mvm_pred"):
+    assert rel(o_ref[key], o_got[key]) <= tol, key
+  flat_ref, flat_got = (jax.tree_util.tree_leaves_with_path(g) for g in (g_ref, g_got))
+  norm = lambda a: float(np.linalg.norm(np.asarray(a, np.float32)))
+  scale = max(norm(a) for _, a in flat_ref)
+  for (path, a), (_, b) in zip(flat_ref, flat_got):
+    # gradients that are zero in exact arithmetic (the unused mask_token; key biases, which
+    # shift every logit of a row alike) are rounding noise on both paths
+    if norm(a) > 1e-3 * scale:
+      assert rel(a, b) <= 5 * tol, jax.tree_util.keystr(path)
+    else:
+      assert norm(b) <= 1e-3 * scale, jax.tree_util.keystr(path)
+
+
+def test_kernels_field_is_explicit_and_checked():
+  """model.kernels defaults to reference on every backend (no backend lookup in models/); a bad
+  value names the field in one line."""
+  import pathlib
+  mc = config_lib.model_config("tiny")
+  assert mc.kernels == "reference" and dual_encoder.kernels(mc) == "reference"
+  assert dual_encoder.build(mc).kernels == "reference"
+  mc.kernels = "fast"
+  with pytest.raises(ValueError, match="model.kernels='fast'.*reference"):
+    dual_encoder.kernels(mc)
+  c = config_lib.default_config()
+  c.model.kernels = "fast"
+  with pytest.raises(ValueError, match="config.model.kernels"):
+    config_lib.validate(c, needs_train_data=False)
+  models = pathlib.Path(dual_encoder.__file__).parent
+  for f in models.glob("*.py"):
+    assert "default_backend" not in f.read_text(), f
 
 
 def test_variable_frames_and_errors(tiny):
@@ -201,8 +259,9 @@ def test_bf16_and_remat_agree_with_f32(tiny):
     out = _video(dual_encoder.build(c2), params, f)["embed"]
     np.testing.assert_allclose(ref, out, atol=1e-5)
   c2.dtype = "bfloat16"
-  for scope in ("all", "matmuls"):  # every activation bf16 (TPU / GPU); dense operands only (CPU)
-    c2.low_precision = scope
+  for scope, kernels in (("all", "reference"), ("matmuls", "reference"), ("all", "xla_cpu"),
+                         ("matmuls", "xla_cpu")):  # all: TPU / GPU; matmuls: CPU
+    c2.low_precision, c2.kernels = scope, kernels
     out = _video(dual_encoder.build(c2), params, f)["embed"]
     assert out.dtype == jnp.float32
     # bf16 keeps 8 significand bits: eps = 2^-7. This depth-2 model's embeddings land within

@@ -30,6 +30,27 @@ def test_quick_both_frameworks_same_run():
   assert "7.07" not in open(os.path.join(BENCH, "train_step.py")).read()
 
 
+def test_no_torch_runs_where_torch_and_transformers_are_missing(tmp_path):
+  """--no-torch works in an install without the [torch] / [test] extras: the JAX worker
+  process gets the flag and never looks for torch / transformers (stand-in packages that fail
+  to import simulate their absence); without the flag the run stops with one line naming it."""
+  for name in ("torch", "transformers"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+  cmd = [sys.executable, os.path.join(BENCH, "train_step.py"), "--quick", "--rounds=1",
+         "--runs=1", "--objectives=contrastive", "--matmul=64", "--json"]
+  r = subprocess.run(cmd + ["--no-torch"], cwd=ROOT, capture_output=True, text=True, env=env,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  row = out["rows"][0]
+  assert row["objective"] == "contrastive" and row["step_s"] > 0
+  assert "torch_step_s" not in row and "torch_version" not in out
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  assert r.returncode == 2 and "--no-torch" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 def test_torch_original_divided_attention_matches_reference():
   """The benchmark's fast PyTorch attention computes the same divided rule as the slow
   per-group reference of the parity tests (so the baseline times the right work)."""

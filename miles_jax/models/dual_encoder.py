@@ -34,36 +34,45 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Dtype:
 
 def compute_dtypes(config: ml_collections.ConfigDict) -> tuple[Dtype, Dtype]:
   """(activation dtype, dense-matmul operand dtype) for the `model` config: model.dtype, and
-  model.low_precision's scope for a bfloat16 one — `all` (both bf16), `matmuls` (activations
-  float32, the dense layers' operands bf16 with float32 accumulation), `auto` (matmuls on the
-  CPU backend, whose bf16 elementwise code is slow; all on TPU / GPU)."""
+  model.low_precision's scope for a bfloat16 one — `all` (both bf16) or `matmuls` (activations
+  float32, the dense layers' operands bf16 with float32 accumulation)."""
   dtype = compute_dtype(config)
-  scope = config.get("low_precision", "auto")
+  scope = config.get("low_precision", "all")
   if scope not in config_lib.LOW_PRECISION:
     raise ValueError(f"model.low_precision={scope!r}: use one of "
                      f"{', '.join(config_lib.LOW_PRECISION)}")
-  if dtype != jnp.float32 and (scope == "matmuls" or
-                               (scope == "auto" and jax.default_backend() == "cpu")):
+  if dtype != jnp.float32 and scope == "matmuls":
     return jnp.float32, dtype
   return dtype, dtype
+
+
+def kernels(config: ml_collections.ConfigDict) -> str:
+  """model.kernels: `reference` (plain einsum attention and nn.Dense: every backend) or
+  `xla_cpu` (models/xla_cpu.py: the same functions in the forms XLA:CPU runs fastest)."""
+  name = config.get("kernels", "reference")
+  if name not in config_lib.KERNELS:
+    raise ValueError(f"model.kernels={name!r}: use one of {', '.join(config_lib.KERNELS)}")
+  return name
 
 
 class DualEncoder(nn.Module):
   config: ml_collections.ConfigDict  # the `model` section of the config
   dtype: Dtype = jnp.float32
   matmul_dtype: Dtype | None = None  # the dense layers' operands (None: dtype)
+  kernels: str = "reference"  # model.kernels: reference | xla_cpu
 
   def setup(self):
     c = self.config
     remat = layers.remat_name(c.get("remat", "none"))
     scan = bool(c.get("scan_layers", False))
-    mm = self.matmul_dtype
-    self.video = VideoEncoder(c.video, self.dtype, remat, scan, mm)
-    self.text = TextEncoder(c.text, self.dtype, remat, scan, mm)
-    proj = lambda: layers.dense(c.proj_dim, ("embed", "proj"), None, self.dtype, matmul_dtype=mm)
-    self.video_proj, self.text_proj = proj(), proj()
-    self.mvm_head = layers.dense(int(c.get("mvm_head_dim", 0)) or c.video.width,
-                                 ("embed", "mlp"), None, self.dtype, matmul_dtype=mm)
+    mm, kn = self.matmul_dtype, self.kernels
+    self.video = VideoEncoder(c.video, self.dtype, remat, scan, mm, kn)
+    self.text = TextEncoder(c.text, self.dtype, remat, scan, mm, kn)
+    dense = lambda features, axes: layers.dense(features, axes, None, self.dtype,
+                                                matmul_dtype=mm, kernels=kn)
+    self.video_proj = dense(c.proj_dim, ("embed", "proj"))
+    self.text_proj = dense(c.proj_dim, ("embed", "proj"))
+    self.mvm_head = dense(int(c.get("mvm_head_dim", 0)) or c.video.width, ("embed", "mlp"))
 
   def encode_video(self, frames, mask=None, drop_masked: bool = False,
                    num_masked: int | None = None, deterministic: bool = True):
@@ -95,8 +104,8 @@ class DualEncoder(nn.Module):
 
 def build(config: ml_collections.ConfigDict) -> DualEncoder:
   """The dual encoder for a model config, computing in its `dtype` within the scope of
-  `low_precision` (params stay float32)."""
-  return DualEncoder(config, *compute_dtypes(config))
+  `low_precision` (params stay float32), with its `kernels`."""
+  return DualEncoder(config, *compute_dtypes(config), kernels(config))
 
 
 # `model.scan_layers`: the encoders' blocks become one scanned module whose params have a leading

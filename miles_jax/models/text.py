@@ -16,6 +16,7 @@ class TextAttention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   matmul_dtype: Dtype | None = None  # layers.dense's (None: dtype)
+  kernels: str = "reference"  # model.kernels
 
   @nn.compact
   def __call__(self, x, attention_mask):
@@ -23,7 +24,8 @@ class TextAttention(nn.Module):
     h = self.num_heads
     dense = lambda name, axes: layers.dense(width, axes, name, self.dtype,
                                             kernel_init=layers.bert_init,
-                                            matmul_dtype=self.matmul_dtype)
+                                            matmul_dtype=self.matmul_dtype,
+                                            kernels=self.kernels)
     split = lambda y: y.reshape(b, l, h, width // h)
     q = split(dense("q_lin", ("embed", "joined_kv"))(x)) * ((width // h) ** -0.5)
     k = split(dense("k_lin", ("embed", "joined_kv"))(x))
@@ -31,7 +33,7 @@ class TextAttention(nn.Module):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     keep = attention_mask[:, None, None, :].astype(bool)
     logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)  # as HF's masked_fill
-    weights = layers.softmax(logits).astype(v.dtype)
+    weights = layers.softmax(logits, self.kernels).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32)
     out = out.astype(v.dtype).reshape(b, l, width)
     return dense("out_lin", ("joined_kv", "embed"))(out)
@@ -44,16 +46,18 @@ class TextBlock(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   matmul_dtype: Dtype | None = None  # layers.dense's (None: dtype)
+  kernels: str = "reference"  # model.kernels
 
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool = True):
     drop = nn.Dropout(self.dropout_rate)
-    a = TextAttention(self.num_heads, self.dtype, self.matmul_dtype, name="attention")(
+    a = TextAttention(self.num_heads, self.dtype, self.matmul_dtype, self.kernels,
+                      name="attention")(
         x, attention_mask)
     x = layers.layer_norm(self.eps, "sa_layer_norm", self.dtype)(
         x + drop(a, deterministic=deterministic))
     f = layers.Mlp(self.mlp_dim, self.dtype, layers.bert_init, ("lin1", "lin2"),
-                   self.matmul_dtype, name="ffn")(x)
+                   self.matmul_dtype, self.kernels, name="ffn")(x)
     return layers.layer_norm(self.eps, "output_layer_norm", self.dtype)(
         x + drop(f, deterministic=deterministic))
 
@@ -65,6 +69,7 @@ class TextEncoder(nn.Module):
   remat: str = "none"  # none | full | dots_saveable (layers.maybe_remat)
   scan_layers: bool = False  # params `layers` [depth, ...] instead of layer_0..layer_{depth-1}
   matmul_dtype: Dtype | None = None  # the dense layers' operands (None: dtype)
+  kernels: str = "reference"  # model.kernels: reference | xla_cpu (layers.py / xla_cpu.py)
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, deterministic: bool = True):
@@ -84,9 +89,9 @@ class TextEncoder(nn.Module):
     block = layers.maybe_remat(TextBlock, self.remat, static_argnums=(3,))
     if self.scan_layers:
       x = layers.scan_blocks(block(c.num_heads, c.mlp_dim, c.layer_norm_eps, c.dropout_rate,
-                                   self.dtype, self.matmul_dtype, name="layers"),
+                                   self.dtype, self.matmul_dtype, self.kernels, name="layers"),
                              x, c.depth, attention_mask, deterministic)
     for i in range(0 if self.scan_layers else c.depth):
       x = block(c.num_heads, c.mlp_dim, c.layer_norm_eps, c.dropout_rate, self.dtype,
-                self.matmul_dtype, name=f"layer_{i}")(x, attention_mask, deterministic)
+                self.matmul_dtype, self.kernels, name=f"layer_{i}")(x, attention_mask, deterministic)
     return x

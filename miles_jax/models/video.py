@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import ml_collections
 
-from miles_jax import config_lib
 from miles_jax.models import layers
 
 Dtype = Any
@@ -29,20 +28,19 @@ class SpaceTimeBlock(nn.Module):
   qkv_bias: bool = True
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
-  canonical_time_vjp: bool = False  # layers.divided_attention's option
   matmul_dtype: Dtype | None = None  # layers.dense's (None: dtype)
+  kernels: str = "reference"  # model.kernels
 
   @nn.compact
   def __call__(self, x, num_frames: int, token_ids=None, deterministic: bool = True):
     ln = lambda name: layers.layer_norm(self.eps, name, self.dtype)
     attn = lambda name, mode: layers.VarAttention(self.num_heads, mode, self.qkv_bias, self.dtype,
-                                                   self.canonical_time_vjp, self.matmul_dtype,
-                                                   name=name)
+                                                   self.matmul_dtype, self.kernels, name=name)
     drop = layers.DropPath(self.drop_path)
     t = x + attn("timeattn", "time")(ln("norm3")(x), num_frames, token_ids)
     s = x + drop(attn("attn", "space")(ln("norm1")(t), num_frames, token_ids), deterministic)
     mlp = layers.Mlp(int(self.width * self.mlp_ratio), self.dtype,
-                     matmul_dtype=self.matmul_dtype, name="mlp")
+                     matmul_dtype=self.matmul_dtype, kernels=self.kernels, name="mlp")
     return s + drop(mlp(ln("norm2")(s)), deterministic)
 
 
@@ -59,6 +57,7 @@ class VideoEncoder(nn.Module):
   remat: str = "none"  # none | full | dots_saveable (layers.maybe_remat)
   scan_layers: bool = False  # params `blocks` [depth, ...] instead of block_0..block_{depth-1}
   matmul_dtype: Dtype | None = None  # the blocks' dense layers' operands (None: dtype)
+  kernels: str = "reference"  # model.kernels: reference | xla_cpu (layers.py / xla_cpu.py)
 
   @nn.compact
   def __call__(self, frames, mask=None, drop_masked: bool = False, num_masked: int | None = None,
@@ -105,37 +104,20 @@ class VideoEncoder(nn.Module):
       x, token_ids = _keep_visible(x, mask, n, mask.shape[1] - num_masked)
 
     block = layers.maybe_remat(SpaceTimeBlock, self.remat, static_argnums=(2, 4))
-    canonical = time_attention_vjp(c) == "canonical"
     if self.scan_layers:
       if c.drop_path_rate:
         raise ValueError("model.scan_layers=True needs model.video.drop_path_rate=0 (scanned "
                          "layers share one module, so the per-layer drop-path rates cannot differ)")
       x = layers.scan_blocks(block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, c.qkv_bias,
-                                   0.0, self.dtype, canonical, self.matmul_dtype,
+                                   0.0, self.dtype, self.matmul_dtype, self.kernels,
                                    name="blocks"),
                              x, c.depth, t, token_ids, deterministic)
     for i in range(0 if self.scan_layers else c.depth):
       x = block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, c.qkv_bias,
-                c.drop_path_rate * i / max(c.depth - 1, 1), self.dtype, canonical,
-                self.matmul_dtype, name=f"block_{i}")(x, t, token_ids, deterministic)
+                c.drop_path_rate * i / max(c.depth - 1, 1), self.dtype, self.matmul_dtype,
+                self.kernels, name=f"block_{i}")(x, t, token_ids, deterministic)
     x = layers.layer_norm(c.layer_norm_eps, "norm", self.dtype)(x)
     return {"cls": x[:, 0], "patches": x[:, 1:]}
-
-
-TIME_ATTENTION_VJPS = config_lib.TIME_ATTENTION_VJPS
-
-
-def time_attention_vjp(video_config) -> str:
-  """model.video.time_attention_vjp resolved: `auto` is `canonical` on CPU (the backward dots in
-  the form XLA:CPU runs on YNNPACK: time attention forward + backward 21-27 -> 12-14 ms per
-  base block), `autodiff` elsewhere (TPU / GPU dots take any layout; no transposed copies)."""
-  choice = video_config.get("time_attention_vjp", "auto")
-  if choice not in TIME_ATTENTION_VJPS:
-    raise ValueError(f"model.video.time_attention_vjp={choice!r}: use one of "
-                     f"{', '.join(TIME_ATTENTION_VJPS)}")
-  if choice == "auto":
-    return "canonical" if jax.default_backend() == "cpu" else "autodiff"
-  return choice
 
 
 def _keep_visible(x, mask, n, num_visible: int):

@@ -80,7 +80,7 @@ class _Losses:
       raise ValueError(f"config.mvm.loss={config.mvm.loss!r}: use one of "
                        f"{', '.join(objectives.MVM_LOSSES)}")
     self.snapshot = VideoEncoder(config.model.video, model.dtype,
-                                 matmul_dtype=model.matmul_dtype,
+                                 matmul_dtype=model.matmul_dtype, kernels=model.kernels,
                                  scan_layers=bool(config.model.get("scan_layers", False)))
 
   def _apply(self, params, method, *args, rng=None, **kwargs):
