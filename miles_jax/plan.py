@@ -637,7 +637,10 @@ def summarize(config, sl: Slice, results: list[dict], mfu: float) -> dict:
          "num_slices": sl.num_slices, "chips": sl.devices, "hosts": sl.hosts,
          "hbm_per_chip_gib": chip.hbm_bytes / GiB, "peak_bf16_tflops_per_chip":
          chip.peak_bf16_flops / 1e12, "usd_per_chip_hour": chip.usd_per_chip_hour, "mfu": mfu,
-         "fits": all(r["fits"] for r in rows), "programs": rows}
+         "fits": all(r["fits"] for r in rows), "programs": rows, "notes": []}
+  if str(config.model.get("kernels", "reference")) != "reference":
+    out["notes"].append(f"model.kernels={config.model.kernels}: these are the CPU kernels; a "
+                        "TPU run of this config should set --config.model.kernels=reference")
   if train:
     # a step's expected time over the sources' mix (each batch comes from one source)
     step = sum(weights.get(int(r["program"][6:-1]), 0.0) * r["roofline_step_s"] for r in train)
@@ -699,6 +702,7 @@ def format_report(s: dict) -> str:
         f"{sc['config_steps']}: {sc['config_steps_hours_at_mfu']:.1f} h)")
   if "max_batch" in s:
     lines.append(f"max global batch that fits: {s['max_batch']}")
+  lines += [f"note: {n}" for n in s.get("notes", [])]
   lines.append("fits: " + ("yes" if s["fits"] else "NO"))
   return "\n".join(lines)
 

@@ -21,7 +21,9 @@ NEEDS_LIBTPU = pytest.mark.skipif(
 TINY = ["--config=configs/demo.py", "--config.model.video.img_size=16",
         "--config.model.video.num_frames=2", "--config.data.num_frames=2",
         "--config.model.text.depth=1", "--config.data.batch_size=8",
-        "--config.objectives=contrastive", "--config.data.eval="]
+        "--config.objectives=contrastive", "--config.data.eval=",
+        # what a TPU run of the demo sets (its own default is the CPU kernels)
+        "--config.model.kernels=reference", "--config.model.low_precision=all"]
 
 
 def run_plan(*args, timeout=600):
@@ -129,7 +131,7 @@ def test_hlo_loops_count_by_trip_count():
 @NEEDS_LIBTPU
 def test_tiny_compiles_for_v5e_4_and_reports(data_parallel):
   r = data_parallel
-  assert r["topology_name"] == "v5e:2x2" and r["chips"] == 4
+  assert r["topology_name"] == "v5e:2x2" and r["chips"] == 4 and r["notes"] == []
   assert [p["program"] for p in r["programs"]] == ["train_2f", "eval_video", "eval_text"]
   train = _program(r, "train_2f")
   assert train["mesh"] == {"data": 4} and train["batch"] == 8
@@ -209,3 +211,14 @@ def test_unknown_slice_exits_2_with_one_line():
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and "--topology=v9-8: unknown TPU slice" in lines[0]
   assert "v5e" not in lines[0] or "v5litepod-64" in lines[0]
+
+
+@NEEDS_LIBTPU
+def test_libtpu_leaves_cpu_runs_as_they_were():
+  """With libtpu installed and no TPU chip, JAX stays on the CPU and prints nothing (it would
+  otherwise start the TPU runtime, which warns that it finds no TPU, then fall back)."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+  r = subprocess.run([sys.executable, "-c", "import miles_jax, jax; print(jax.default_backend())"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and r.stdout.strip() == "cpu" and r.stderr == "", r.stderr
