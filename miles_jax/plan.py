@@ -497,13 +497,29 @@ def compile_program(config, sl: Slice, name: str, batch: int) -> dict:
   fn, args, groups, batch = build_program(config, mesh, name, batch)
   t0 = time.time()
   lowered = fn.lower(*args)
-  compiled = lowered.compile()
+  rules = parallel.logical_rules(config.sharding.rules, mesh)
+  head = {"program": name, "batch": int(batch),
+          "mesh": {k: int(v) for k, v in mesh.shape.items()},
+          "batch_shards": int(parallel.batch_divisor(mesh, rules)), "devices": len(devices),
+          "argument_groups": {k: per_chip_bytes(v) for k, v in groups.items()}}
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # jax.errors.JaxRuntimeError: the TPU compiler's own fit check
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    if "RESOURCE_EXHAUSTED" not in first and "out of memory" not in first.lower():
+      raise
+    need = re.search(r"required for [^(]*\(([\d.]+)([KMGTP]?)i?B?\)", first)
+    units = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40, "P": 2 ** 50}
+    required = int(float(need.group(1)) * units[need.group(2)]) if need else 2 ** 62
+    return {**head, "compile_s": round(time.time() - t0, 1), "compiler_oom": first,
+            "memory": {"arguments": 0, "temporaries": required, "outputs": 0, "aliased": 0,
+                       "code": 0, "peak": required},
+            "flops_xla": 0.0, "flops": 0.0, "loops": [], "collectives": {}}
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hlo = read_hlo(compiled.as_text())
-  rules = parallel.logical_rules(config.sharding.rules, mesh)
   memory = {
       "arguments": int(mem.argument_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
       "outputs": int(mem.output_size_in_bytes), "aliased": int(mem.alias_size_in_bytes),
@@ -512,11 +528,7 @@ def compile_program(config, sl: Slice, name: str, batch: int) -> dict:
                     - memory["aliased"] + memory["code"])
   flops_xla = float(cost.get("flops", 0.0))
   return {
-      "program": name, "batch": int(batch), "mesh": {k: int(v) for k, v in mesh.shape.items()},
-      "batch_shards": int(parallel.batch_divisor(mesh, rules)), "devices": len(devices),
-      "compile_s": round(seconds, 1), "memory": memory,
-      "argument_groups": {k: per_chip_bytes(v) for k, v in groups.items()},
-      "flops_xla": flops_xla, "flops": flops_xla + hlo["loop_extra_flops"],
+      **head, "compile_s": round(seconds, 1), "memory": memory, "flops_xla": flops_xla, "flops": flops_xla + hlo["loop_extra_flops"],
       "loops": hlo["loops"], "collectives": {k: v for k, v in hlo["collectives"].items()
                                              if v["count"]}}
 
@@ -626,8 +638,9 @@ def summarize(config, sl: Slice, results: list[dict], mfu: float) -> dict:
     row["fits"] = mem["peak"] <= chip.hbm_bytes
     analytic = analytic_flops(config, r["program"], r["batch"], sl.devices)
     row["flops_analytic"] = analytic
-    row["flops_ratio"] = r["flops"] / analytic if analytic else None
-    row["roofline_step_s"] = r["flops"] / chip.peak_bf16_flops
+    row["flops_ratio"] = r["flops"] / analytic if analytic and r["flops"] else None
+    # a program the compiler refused (out of HBM) has no FLOPs: the analytic count stands in
+    row["roofline_step_s"] = (r["flops"] or analytic or 0.0) / chip.peak_bf16_flops
     row["clips_per_s_roofline"] = r["batch"] / max(row["roofline_step_s"], 1e-12)
     row["clips_per_s_at_mfu"] = row["clips_per_s_roofline"] * mfu
     rows.append(row)
@@ -671,6 +684,11 @@ def format_report(s: dict) -> str:
            f"TFLOP/s bf16 per chip, ${s['usd_per_chip_hour']:.2f} per chip-hour list)"]
   for r in s["programs"]:
     m, g = r["memory"], r["argument_groups"]
+    if r.get("compiler_oom"):
+      lines.append(f"{r['program']}: batch {r['batch']}, mesh {r['mesh']} | DOES NOT FIT: the "
+                   f"compiler needs {_gib(m['peak'])} GiB per chip of {_gib(r['hbm_bytes'])} "
+                   f"({r['compiler_oom'][:160]})")
+      continue
     lines.append(
         f"{r['program']}: batch {r['batch']}, mesh {r['mesh']} | per chip GiB: arguments "
         f"{_gib(m['arguments'])} (" + ", ".join(f"{k} {_gib(v)}" for k, v in g.items()) +

@@ -26,7 +26,7 @@ TINY = ["--config=configs/demo.py", "--config.model.video.img_size=16",
         "--config.model.kernels=reference", "--config.model.low_precision=all"]
 
 
-def run_plan(*args, timeout=600):
+def run_plan(*args, timeout=1200):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p))
   env.pop("XLA_FLAGS", None)  # the CPU test flags mean nothing to the TPU compiler
@@ -43,10 +43,9 @@ def plan_json(*args) -> dict:
 
 @pytest.fixture(scope="module")
 def data_parallel():
-  """v5e-4 (2x2), mesh (4,) data parallel, with the eval embedding programs and --max_batch
-  against a small HBM budget (so the bisection takes a few compiles)."""
-  return plan_json("--topology=v5e-4", "--config.data.eval=eval-*.tfrecord",
-                   "--config.data.eval_batch_size=8", "--max_batch", "--hbm_gb=0.05")
+  """v5e-4 (2x2), mesh (4,) data parallel, with --max_batch against a small HBM budget (so the
+  search takes a few compiles)."""
+  return plan_json("--topology=v5e-4", "--max_batch", "--hbm_gb=0.05")
 
 
 def _program(report, name):
@@ -132,7 +131,7 @@ def test_hlo_loops_count_by_trip_count():
 def test_tiny_compiles_for_v5e_4_and_reports(data_parallel):
   r = data_parallel
   assert r["topology_name"] == "v5e:2x2" and r["chips"] == 4 and r["notes"] == []
-  assert [p["program"] for p in r["programs"]] == ["train_2f", "eval_video", "eval_text"]
+  assert [p["program"] for p in r["programs"]] == ["train_2f"]
   train = _program(r, "train_2f")
   assert train["mesh"] == {"data": 4} and train["batch"] == 8
   m = train["memory"]
@@ -142,8 +141,7 @@ def test_tiny_compiles_for_v5e_4_and_reports(data_parallel):
   assert train["fits"] and train["hbm_fraction"] < 1
   # the compiler's FLOPs against profile's analytic count (matmuls only: within 10 %)
   assert 0.9 < train["flops_ratio"] < 1.1, train["flops_ratio"]
-  for p in r["programs"]:
-    assert p["flops"] > 0 and p["host_peak_gib"] > 0 and p["compile_s"] >= 0
+  assert train["host_peak_gib"] > 0 and train["compile_s"] >= 0
   assert r["schedule"]["hours_at_mfu"] == pytest.approx(r["schedule"]["hours_roofline"] / 0.4)
   # data parallel: the gradients are all-reduced, about the size of the float32 params
   params = train["argument_groups"]["params"]
@@ -163,11 +161,12 @@ def test_max_batch_is_the_last_fitting_compile(data_parallel):
 
 
 @NEEDS_LIBTPU
-def test_fsdp_shards_params_and_optimizer(data_parallel):
-  """mesh (1, 4) with the fsdp axis: per-chip arguments fall to ~1/4 of data parallel's, the
-  params are all-gathered and the gradients reduce-scattered, no full-size all-reduce."""
+def test_fsdp_shards_and_scanned_layers_count_by_trip_count(data_parallel):
+  """mesh (1, 4) with the fsdp axis, layers scanned: per-chip arguments fall to ~1/4 of data
+  parallel's, the params are all-gathered and the gradients reduce-scattered with no full-size
+  all-reduce; XLA counts one layer of each scanned stack, plan all of them."""
   r = plan_json("--topology=v5e-4", "--config.mesh.shape=(1,4)",
-                "--config.mesh.axes=('data','fsdp')")
+                "--config.mesh.axes=('data','fsdp')", "--config.model.scan_layers=True")
   dp, fsdp = _program(data_parallel, "train_2f"), _program(r, "train_2f")
   assert fsdp["mesh"] == {"data": 1, "fsdp": 4}
   ratio = fsdp["memory"]["arguments"] / dp["memory"]["arguments"]
@@ -177,23 +176,22 @@ def test_fsdp_shards_params_and_optimizer(data_parallel):
   c = fsdp["collectives"]
   assert c["all-gather"]["count"] > 0 and c["reduce-scatter"]["count"] > 0
   assert c.get("all-reduce", {"bytes": 0})["bytes"] < 0.1 * params
+  # the video stack (2 layers) is a loop; the one-layer text stack may be one too
+  assert fsdp["loops"] and max(lp["trip_count"] for lp in fsdp["loops"]) == 2
+  assert fsdp["flops_xla"] < 0.9 * dp["flops_xla"]  # XLA alone counts one layer per stack
+  assert fsdp["flops"] == pytest.approx(dp["flops"], rel=0.05)
 
 
 @NEEDS_LIBTPU
-def test_tiny_compiles_for_v4_8_megacore():
-  r = plan_json("--topology=v4-8")
+def test_tiny_compiles_for_v4_8_megacore_with_the_eval_programs():
+  r = plan_json("--topology=v4-8", "--config.data.eval=eval-*.tfrecord",
+                "--config.data.eval_batch_size=8")
   assert r["topology_name"] == "v4:2x2x1" and r["chip_config"] == "megacore"
   assert r["chips"] == 4 and r["fits"] is True
+  assert [p["program"] for p in r["programs"]] == ["train_2f", "eval_video", "eval_text"]
   assert _program(r, "train_2f")["mesh"] == {"data": 4}
-
-
-@NEEDS_LIBTPU
-def test_scanned_layers_counted_by_trip_count(data_parallel):
-  r = plan_json("--topology=v5e-4", "--config.model.scan_layers=True")
-  scanned, unrolled = _program(r, "train_2f"), _program(data_parallel, "train_2f")
-  assert scanned["loops"] and all(lp["trip_count"] == 2 for lp in scanned["loops"])
-  assert scanned["flops_xla"] < 0.8 * unrolled["flops_xla"]  # XLA alone counts one layer
-  assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.05)
+  for p in r["programs"]:
+    assert p["fits"] and p["flops"] > 0 and 0.8 < p["flops_ratio"] < 1.2, p
 
 
 @NEEDS_LIBTPU
@@ -202,7 +200,7 @@ def test_a_batch_that_cannot_fit_exits_3_naming_the_program():
   assert r.returncode == 3, r.stderr[-2000:]
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error: train_2f does not fit v5e-4:") and "GiB over" in last
-  assert "DOES NOT FIT" in r.stdout
+  assert "DOES NOT FIT" in r.stdout  # the TPU compiler refused it: out of HBM
 
 
 def test_unknown_slice_exits_2_with_one_line():
