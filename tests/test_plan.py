@@ -220,3 +220,22 @@ def test_libtpu_leaves_cpu_runs_as_they_were():
   r = subprocess.run([sys.executable, "-c", "import miles_jax, jax; print(jax.default_backend())"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and r.stdout.strip() == "cpu" and r.stderr == "", r.stderr
+
+
+@pytest.mark.parametrize("per_clip,fixed", [(1000, 50_000), (3000, 10), (1, 10 ** 6)])
+def test_max_batch_search_finds_the_boundary(monkeypatch, per_clip, fixed):
+  """The search on a stand-in compiler whose peak is fixed + per_clip * batch (+ a jitter, as
+  XLA's layouts give): the answer is the last multiple of the shards that fits."""
+  hbm, shards = 1_000_000, 4
+  peak = lambda b: fixed + per_clip * b + (b % 12) * 7
+  calls = []
+
+  def fake(argv, name, b, limit, sl):
+    calls.append(b)
+    return {"memory": {"peak": peak(b)}, "compile_s": 0.0, "wall_s": 0.0}
+  monkeypatch.setattr(plan, "run_compile", fake)
+  start = {"batch": 8, "batch_shards": shards, "memory": {"peak": peak(8)}}
+  tries = []
+  best = plan.max_batch([], None, "train_2f", start, hbm, 0, tries)
+  want = max([b for b in range(0, 1 << 22, shards) if peak(b) <= hbm] or [0])
+  assert best == want and len(calls) <= 12, (best, want, calls)
