@@ -26,7 +26,7 @@ TINY = ["--config=configs/demo.py", "--config.model.video.img_size=16",
         "--config.model.kernels=reference", "--config.model.low_precision=all"]
 
 
-def run_plan(*args, timeout=1200):
+def run_plan(*args, timeout=3000):  # generous: a loaded 2-core host
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p))
   env.pop("XLA_FLAGS", None)  # the CPU test flags mean nothing to the TPU compiler
@@ -190,8 +190,12 @@ def test_tiny_compiles_for_v4_8_megacore_with_the_eval_programs():
   assert r["chips"] == 4 and r["fits"] is True
   assert [p["program"] for p in r["programs"]] == ["train_2f", "eval_video", "eval_text"]
   assert _program(r, "train_2f")["mesh"] == {"data": 4}
+  train = _program(r, "train_2f")
+  assert 0.9 < train["flops_ratio"] < 1.1, train["flops_ratio"]
   for p in r["programs"]:
-    assert p["fits"] and p["flops"] > 0 and 0.8 < p["flops_ratio"] < 1.2, p
+    # the eval programs of this tiny model (16 px, 4 patches): LayerNorm, softmax and GELU, which
+    # the analytic matmul count leaves out, are a third of their work (1.3x seen); never less
+    assert p["fits"] and p["flops"] > 0 and 0.95 < p["flops_ratio"] < 1.5, p
 
 
 @NEEDS_LIBTPU
