@@ -53,5 +53,9 @@ setup(
                  "scikit-video==1.1.11"],
         # `prepare --runner=...`: the same prepare as an Apache Beam pipeline (miles_jax/data/beam.py).
         "beam": ["apache-beam[gcp]==2.77.0"],
+        # `python -m miles_jax.plan` compiles for TPU slices on any host: libtpu (jax[tpu] at the
+        # pinned jax resolves to libtpu 0.0.42.1, ~700 MB installed; jax / jaxlib stay as above).
+        # On a host without TPU chips the package keeps JAX on the CPU (console.install).
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
     },
 )

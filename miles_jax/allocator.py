@@ -23,7 +23,8 @@ as it is (no re-execution: a TPU / GPU run never needs this, and a command that 
 surprises debuggers and launchers); the two CPU places that start the processes set them:
 launch/local.sh exports them before the demo's commands (`print_exports`), and the benchmarks
 start their workers with them (`tuned_environ`, `reexec_with`). Either applies them only to a
-CPU-only run (JAX_PLATFORMS=cpu, or no TPU / GPU plugin installed) on glibc Linux, and not when
+CPU-only run (JAX_PLATFORMS=cpu, or no GPU plugin and no TPU chip: libtpu installed on a
+CPU host, e.g. for `python -m miles_jax.plan`, does not count) on glibc Linux, and not when
 GLIBC_TUNABLES has a `glibc.malloc` setting of the user's. A base-size CPU run by hand:
 `eval "$(python -c 'from miles_jax import allocator; allocator.print_exports(768)')"`.
 `MILES_JAX_MALLOC` picks the set:
@@ -48,18 +49,51 @@ RESIDENT_MIN_WIDTH = 384  # auto: `resident` from this video width up (base: 768
 _DONE = "MILES_JAX_MALLOC_APPLIED"  # set in the re-executed process: never loop
 
 
+# PCI device IDs of TPU chips (vendor 0x1ae0, Google), as JAX's own check lists them
+# (jax._src.hardware_utils): v3, v4, v5p, v5e, v6e, 7x and one unnamed.
+_TPU_PCI_IDS = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
+
+
+def tpu_attached() -> bool:
+  """True on a TPU VM: a TPU chip on this host's PCI bus (what JAX checks before it starts the
+  TPU runtime). An installed libtpu alone (the `[tpu]` extra, for `plan`) is not a TPU."""
+  import glob
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() != "0x1ae0":
+          continue
+      with open(os.path.join(os.path.dirname(vendor), "device")) as f:
+        if f.read().strip() in _TPU_PCI_IDS:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def _gpu_plugin_installed() -> bool:
+  try:
+    import jax_plugins  # namespace package of the CUDA / ROCm plugins
+  except ImportError:
+    return False
+  import pkgutil
+  return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def libtpu_without_tpu() -> bool:
+  """libtpu is installed but this host has no TPU chip and no GPU plugin: JAX would start the
+  TPU runtime (which prints warnings, finding no TPU) and then fall back to the CPU."""
+  return (importlib.util.find_spec("libtpu") is not None and not tpu_attached()
+          and not _gpu_plugin_installed())
+
+
 def _cpu_only(environ) -> bool:
   platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
   if platforms:
     return all(p.strip() == "cpu" for p in platforms.split(","))
-  if importlib.util.find_spec("libtpu") is not None:
+  if importlib.util.find_spec("libtpu") is not None and tpu_attached():
     return False
-  try:
-    import jax_plugins  # namespace package of the CUDA / ROCm plugins
-  except ImportError:
-    return True
-  import pkgutil
-  return not any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
+  return not _gpu_plugin_installed()
 
 
 def _glibc() -> bool:

@@ -115,6 +115,28 @@ def analytic(config, frames: int, length: int) -> dict:
           "miles_forward_only": inference + head + extra + snapshot}
 
 
+def step_macs(config, frames: int, length: int) -> int | None:
+  """Analytic MACs per clip of the train step `config` runs: `config.objectives` (miles covers a
+  contrastive term beside it; contrastive + mac add up) and `model.remat='full'`, which runs the
+  differentiated encoders' forward once more in the backward pass (4 x forward, not 3 x).
+  None for objectives the count does not cover (mvm alone)."""
+  from miles_jax import objectives
+  objs = objectives.parse_objectives(config.objectives)
+  a = analytic(config, frames, length)
+  if "miles" in objs:
+    keys = ["miles"] + (["mac"] if "mac" in objs else [])
+  else:
+    keys = [k for k in ("contrastive", "mac") if k in objs]
+  if not keys:
+    return None
+  total = sum(a["train"][k] for k in keys)
+  if str(config.model.get("remat", "none")) in ("full", "True"):
+    # the differentiated forward D: miles = 3 D + snapshot forward, the others = 3 D
+    total += sum((a["train"][k] - a["miles_forward_only"]) // 2 if k == "miles"
+                 else a["train"][k] // 3 for k in keys)
+  return int(total)
+
+
 # ----------------------------------------------------------------------------- XLA count
 
 def _flops(lowered) -> float:

@@ -118,3 +118,19 @@ def test_resident_heap_stops_the_page_faults():
   assert first == pid  # re-executed in place: launchers and signals see the same process
   assert tunables == allocator.TUNABLES["resident"]
   assert faults < faults_off / 20, (faults, faults_off)
+
+
+def test_libtpu_without_a_tpu_chip_is_still_a_cpu_run(monkeypatch):
+  """libtpu installed on a CPU host (the [tpu] extra, for `python -m miles_jax.plan`): the CPU
+  tunables still apply; on a TPU VM (a chip on the PCI bus) they do not."""
+  import importlib.util
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: object() if name == "libtpu" else real(name, *a))
+  monkeypatch.setattr(allocator, "_gpu_plugin_installed", lambda: False)
+  monkeypatch.setattr(allocator, "tpu_attached", lambda: False)
+  assert allocator.libtpu_without_tpu()
+  assert allocator.tuned_environ({}, 768)["GLIBC_TUNABLES"] == allocator.TUNABLES["resident"]
+  monkeypatch.setattr(allocator, "tpu_attached", lambda: True)
+  assert not allocator.libtpu_without_tpu()
+  assert allocator.tuned_environ({}, 768) is None

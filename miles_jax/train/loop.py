@@ -34,7 +34,8 @@ from miles_jax import checkpoints, config_lib, parallel, paths
 from miles_jax.data import pipeline
 from miles_jax.models import dual_encoder
 from miles_jax.train import optim
-from miles_jax.train.state import TrainState, create_train_state, train_state_shardings
+from miles_jax.train.state import (TrainState, abstract_train_state, create_train_state,
+                                   train_state_shardings)
 from miles_jax.train.step import METRICS, batch_keys, make_train_step
 
 
@@ -348,9 +349,7 @@ def _train(config, workdir: str, preempt: _Preemption) -> dict:
     state = create_train_state(config, jax.random.PRNGKey(config.seed), mesh, model, tx)
     _print(f"initialised a new run in {workdir} on mesh {dict(mesh.shape)}")
   else:
-    abstract = jax.eval_shape(
-        lambda: create_train_state(config, jax.random.PRNGKey(config.seed), mesh, model, tx))
-    state, meta = ckpt.restore(checkpoints.abstract_with_shardings(abstract, shardings), latest)
+    state, meta = ckpt.restore(abstract_train_state(config, mesh, model, tx), latest)
     hosts = meta.get("data", [])
     if len(hosts) != jax.process_count():
       _print(f"checkpoint step {latest} was written by {len(hosts)} processes, this run has "

@@ -80,6 +80,18 @@ def train_state_shardings(config, mesh: Mesh, model=None, tx=None) -> TrainState
                     rng=replicated)
 
 
+def abstract_train_state(config, mesh: Mesh, model=None, tx=None) -> TrainState:
+  """The state's shapes and dtypes with their shardings on `mesh` (jax.ShapeDtypeStructs; nothing
+  is computed or allocated): what a checkpoint restore and an ahead-of-time compile take."""
+  from miles_jax import checkpoints
+  model = model or dual_encoder.build(config.model)
+  tx = tx or optim.make_optimizer(config)[0]
+  abstract = jax.eval_shape(
+      lambda: create_train_state(config, jax.random.PRNGKey(config.seed), mesh, model, tx))
+  return checkpoints.abstract_with_shardings(abstract,
+                                             train_state_shardings(config, mesh, model, tx))
+
+
 def create_train_state(config, rng, mesh: Mesh, model=None, tx=None) -> TrainState:
   """Initialises the state directly in its sharded layout (no device holds a full copy)."""
   model = model or dual_encoder.build(config.model)

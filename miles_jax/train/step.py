@@ -274,6 +274,20 @@ def make_train_step(config, mesh: Mesh, model=None, tx=None,
 _BATCH_KEYS = ("frames", "input_ids", "attention_mask", "mvm_mask")
 
 
+def abstract_batch(config, mesh: Mesh, batch_size: int, num_frames: int) -> dict:
+  """The global batch the step takes, as jax.ShapeDtypeStructs sharded like
+  `parallel.global_batch` (the data pipeline's dtypes; only `batch_keys(config)`)."""
+  v = config.model.video
+  length = int(config.data.max_len)
+  tokens = int(num_frames) * (v.img_size // v.patch_size) ** 2
+  shapes = {"frames": ((batch_size, num_frames, v.img_size, v.img_size, 3), jnp.uint8),
+            "input_ids": ((batch_size, length), jnp.int32),
+            "attention_mask": ((batch_size, length), jnp.int32),
+            "mvm_mask": ((batch_size, tokens), jnp.bool_)}
+  sharding = parallel.batch_sharding(mesh, parallel.logical_rules(config.sharding.rules, mesh))
+  return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=sharding) for k in batch_keys(config)}
+
+
 def batch_keys(config) -> tuple:
   """The batch entries the step reads for the config's objectives: only these go to the devices."""
   objs = objectives.parse_objectives(config.objectives)
