@@ -43,9 +43,8 @@ def plan_json(*args) -> dict:
 
 @pytest.fixture(scope="module")
 def data_parallel():
-  """v5e-4 (2x2), mesh (4,) data parallel, with --max_batch against a small HBM budget (so the
-  search takes a few compiles)."""
-  return plan_json("--topology=v5e-4", "--max_batch", "--hbm_gb=0.05")
+  """v5e-4 (2x2), mesh (4,) data parallel: one compile."""
+  return plan_json("--topology=v5e-4")
 
 
 def _program(report, name):
@@ -135,12 +134,15 @@ def test_tiny_compiles_for_v5e_4_and_reports(data_parallel):
   train = _program(r, "train_2f")
   assert train["mesh"] == {"data": 4} and train["batch"] == 8
   m = train["memory"]
-  assert m["arguments"] > 0 and m["temporaries"] > 0
+  assert m["arguments"] > 0 and m["temporaries"] >= 0  # the TPU compiler may need none here
   assert m["peak"] == m["arguments"] + m["temporaries"] + m["outputs"] - m["aliased"] + m["code"]
   assert m["aliased"] > 0.9 * train["argument_groups"]["params"]  # the donated state
   assert train["fits"] and train["hbm_fraction"] < 1
-  # the compiler's FLOPs against profile's analytic count (matmuls only: within 10 %)
-  assert 0.9 < train["flops_ratio"] < 1.1, train["flops_ratio"]
+  # the compiler's FLOPs against profile's analytic count (matmuls only). Base-size steps agree
+  # within 10 % (docs/plan.md); in this tiny step the AdamW update over the text embedding table
+  # (1000 x 64 params against 8 x 16 tokens), which a matmul count leaves out, adds ~20 %
+  # (1.21-1.37 seen). A stack counted once, or twice, falls outside.
+  assert 1.0 < train["flops_ratio"] < 1.5, train["flops_ratio"]
   assert train["host_peak_gib"] > 0 and train["compile_s"] >= 0
   assert r["schedule"]["hours_at_mfu"] == pytest.approx(r["schedule"]["hours_roofline"] / 0.4)
   # data parallel: the gradients are all-reduced, about the size of the float32 params
@@ -148,9 +150,11 @@ def test_tiny_compiles_for_v5e_4_and_reports(data_parallel):
   assert train["collectives"]["all-reduce"]["bytes"] > 0.9 * params
 
 
+@pytest.mark.slow
 @NEEDS_LIBTPU
-def test_max_batch_is_the_last_fitting_compile(data_parallel):
-  r = data_parallel
+def test_max_batch_is_the_last_fitting_compile():
+  """--max_batch with real compiles against a small HBM budget (a few compiles; minutes)."""
+  r = plan_json("--topology=v5e-4", "--max_batch", "--hbm_gb=0.05")
   best, tries, hbm = r["max_batch"], r["max_batch_compiles"], 0.05 * 2 ** 30
   shards = _program(r, "train_2f")["batch_shards"]
   assert best % shards == 0 and best > 8
@@ -173,13 +177,23 @@ def test_fsdp_shards_and_scanned_layers_count_by_trip_count(data_parallel):
   assert 0.2 < ratio < 0.35, ratio  # 1/4, plus the few unsharded small params and the batch
   params = dp["argument_groups"]["params"]
   assert fsdp["argument_groups"]["params"] < 0.3 * params
-  c = fsdp["collectives"]
-  assert c["all-gather"]["count"] > 0 and c["reduce-scatter"]["count"] > 0
-  assert c.get("all-reduce", {"bytes": 0})["bytes"] < 0.1 * params
+  assert fsdp["collectives"]["all-gather"]["count"] > 0  # params gathered for use
   # the video stack (2 layers) is a loop; the one-layer text stack may be one too
   assert fsdp["loops"] and max(lp["trip_count"] for lp in fsdp["loops"]) == 2
   assert fsdp["flops_xla"] < 0.9 * dp["flops_xla"]  # XLA alone counts one layer per stack
   assert fsdp["flops"] == pytest.approx(dp["flops"], rel=0.05)
+
+
+@pytest.mark.xfail(strict=True, reason="open finding: the TPU compiler's program all-reduces "
+                   "the full-size gradients under FSDP (no reduce-scatter); docs/plan.md")
+@NEEDS_LIBTPU
+def test_fsdp_reduces_gradients_by_reduce_scatter_not_a_full_all_reduce(data_parallel):
+  r = plan_json("--topology=v5e-4", "--config.mesh.shape=(1,4)",
+                "--config.mesh.axes=('data','fsdp')")
+  params = _program(data_parallel, "train_2f")["argument_groups"]["params"]
+  c = _program(r, "train_2f")["collectives"]
+  assert c.get("reduce-scatter", {"count": 0})["count"] > 0
+  assert c.get("all-reduce", {"bytes": 0})["bytes"] < 0.1 * params
 
 
 @NEEDS_LIBTPU
@@ -191,7 +205,7 @@ def test_tiny_compiles_for_v4_8_megacore_with_the_eval_programs():
   assert [p["program"] for p in r["programs"]] == ["train_2f", "eval_video", "eval_text"]
   assert _program(r, "train_2f")["mesh"] == {"data": 4}
   train = _program(r, "train_2f")
-  assert 0.9 < train["flops_ratio"] < 1.1, train["flops_ratio"]
+  assert 1.0 < train["flops_ratio"] < 1.5, train["flops_ratio"]  # see the v5e-4 test
   for p in r["programs"]:
     # the eval programs of this tiny model (16 px, 4 patches): LayerNorm, softmax and GELU, which
     # the analytic matmul count leaves out, are a third of their work (1.3x seen); never less
@@ -221,7 +235,9 @@ def test_libtpu_leaves_cpu_runs_as_they_were():
   otherwise start the TPU runtime, which warns that it finds no TPU, then fall back)."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
-  r = subprocess.run([sys.executable, "-c", "import miles_jax, jax; print(jax.default_backend())"],
+  code = ("from miles_jax import cli; cli.setup_process(); import jax; "
+          "print(jax.default_backend())")  # what every command does first
+  r = subprocess.run([sys.executable, "-c", code],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and r.stdout.strip() == "cpu" and r.stderr == "", r.stderr
 
