@@ -25,16 +25,18 @@ from helpers import ROOT
 from miles_jax.data import pipeline, prepare, readers, schema
 
 # DiDeMo test videos named as the download script saves them (the json's `video` verbatim).
+# Real names from LocalizingMoments' data/test_data.json (its 1037 test videos include 36 .wmv,
+# 31 trailing '.', 9 .mts, 2 .3g2 and 33 stems listed twice, e.g. as .mov and .mp4).
 DIDEMO_TEST = [
-    "10015567@N08_3655084291_d8b58466fa.mov",
-    "13249316@N08_3416658374_aa3a4a2ba0.wmv",      # Windows Media
-    "27624355@N00_2469436516_2f1a06f7ac.mts",      # AVCHD camcorder
-    "96412224@N00_4216512297_dc5cd1a9f0.3g2",      # phone
-    "41624543@N00_4707262302_0bbc3f0e43.",         # trailing '.', no extension
-    "73907286@N00_5433416806_ad6e4ef9a3.mp4",
-    "56990843@N00_3826424383_e8a8f9e3e7.mov",      # this stem also exists as .mp4 (not listed)
+    "50072196@N00_8317908648_9592bf11e3.mov",
+    "59972430@N00_7646117928_a93152aa0f.wmv",      # Windows Media
+    "33439178@N00_12280528136_b1d8fa292c.mts",     # AVCHD camcorder
+    "31667813@N00_3350025080_ea55c84f81.3g2",      # phone
+    "58792004@N06_8544469262_fd25eddb2e.",         # trailing '.', no extension
+    "26988100@N00_5000550633_c08bd38fa0.mp4",
+    "39457011@N00_5403825464_79c0f43b72.mov",      # this stem is also listed as .mp4
 ]
-DUPLICATE = "56990843@N00_3826424383_e8a8f9e3e7.mp4"
+DUPLICATE = "39457011@N00_5403825464_79c0f43b72.mp4"
 
 
 # each odd name in the container its extension stands for (a Flickr upload keeps its source's)
@@ -112,8 +114,8 @@ def test_didemo_finds_verbatim_names_and_refuses_duplicate_ids(tmp_path):
   assert got[2].path == str(conv / (DIDEMO_TEST[2] + ".mp4"))
   assert got[0].path == str(conv / DIDEMO_TEST[0])  # absent: reported under its verbatim name
   # without the list, X.mov and X.mp4 would be two videos with one id: an error naming both
-  with pytest.raises(ValueError, match="56990843@N00_3826424383_e8a8f9e3e7.mov / "
-                     "56990843@N00_3826424383_e8a8f9e3e7.mp4"):
+  with pytest.raises(ValueError, match="39457011@N00_5403825464_79c0f43b72.mov / "
+                     "39457011@N00_5403825464_79c0f43b72.mp4"):
     readers.read_items("didemo", str(tmp_path / "test_data.json"), str(vids))
 
 
