@@ -1,6 +1,7 @@
 """Shared command-line plumbing for the `python -m miles_jax.*` entry points."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -8,10 +9,15 @@ from typing import Callable
 def setup_process() -> None:
   """The process set-up of every `python -m miles_jax.*` command, called before TensorFlow /
   jaxlib load (at the top of each command module, and again by `run`; idempotent): the C++
-  start-up log filter (console.install) and the gs:// path settings (paths.configure).
-  Importing miles_jax does neither."""
-  from miles_jax import console, paths
+  start-up log filter (console.install), the platform choice on a TPU-less host with libtpu,
+  and the gs:// path settings (paths.configure). Importing miles_jax does none of these."""
+  from miles_jax import allocator, console, paths
   console.install()
+  # libtpu on a host without TPU chips (the `[tpu]` extra installed for `plan`): JAX would start
+  # the TPU runtime first, which prints warnings, then use the CPU anyway; go to the CPU directly.
+  if not os.environ.get("JAX_PLATFORMS") and "jax" not in sys.modules:
+    if allocator.libtpu_without_tpu():
+      os.environ["JAX_PLATFORMS"] = "cpu"
   paths.configure()
 
 

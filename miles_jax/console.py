@@ -93,12 +93,6 @@ def install():
   """Sets the logging environment before TensorFlow / jaxlib load (cli.setup_process)."""
   if any(a.lower() in ("--verbose", "--verbose=true", "--verbose=1") for a in sys.argv[1:]):
     os.environ[VERBOSE_ENV] = "1"  # inherited by worker processes
-  # libtpu on a host without TPU chips (the `[tpu]` extra installed for `plan`): JAX would start
-  # the TPU runtime first, which prints warnings, then use the CPU anyway; go to the CPU directly.
-  if not os.environ.get("JAX_PLATFORMS") and "jax" not in sys.modules:
-    from miles_jax import allocator
-    if allocator.libtpu_without_tpu():
-      os.environ["JAX_PLATFORMS"] = "cpu"
   if verbose():
     return
   # The lines TensorFlow logs later go through its own filter: 3 also drops the spurious

@@ -9,6 +9,7 @@ to mesh axes. Data-parallel, FSDP and tensor-parallel layouts are therefore conf
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -94,6 +95,17 @@ def device_grid(shape: Sequence[int], axes: Sequence[str], devices: Sequence,
 def mesh_from_config(config, devices=None) -> Mesh:
   return make_mesh(config.mesh.shape, config.mesh.axes, devices,
                    num_slices=config.mesh.get("num_slices", 1))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules):
+  """Inside a jitted program's function: the model's activation constraints
+  (`layers.constrain_batch`, flax `nn.with_logical_constraint`) resolve on `mesh` by `rules`;
+  outside this context they are no-ops. The residual stream stays split like the batch, so under
+  FSDP the partitioner gathers the weights for each matmul (and reduce-scatters their gradients)
+  instead of gathering activations and all-reducing partial sums across the fsdp axis."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def logical_rules(rules, mesh: Mesh) -> Rules:

@@ -20,7 +20,8 @@ not: exit status 3 naming the program when not), the FLOPs per step (XLA's cost 
 bodies, e.g. `model.scan_layers`, counted by their trip count from the HLO) beside the analytic
 count of `miles_jax.profile`, the roofline step time at the chip's peak bf16 rate, clips/s and
 hours and list-price cost of a schedule at 100 % and at `--mfu`, and the collectives of the
-compiled HLO (count and bytes per step). `--max_batch` bisects the largest global batch (a
+compiled HLO (count and bytes per step; with several slices the cross-slice DCN transfers
+apart from the in-slice ones). `--max_batch` bisects the largest global batch (a
 multiple of the batch shards) whose train steps fit.
 
 Each compile runs in a child process whose host memory is watched: compiling the unrolled base
@@ -247,7 +248,7 @@ def build_program(config, mesh, name: str, batch: int):
   from miles_jax.evaluation import extract
   clips = int(config.data.get("eval_clips", 1))
   embedder = extract.Embedder(config.model, mesh, rules, clips)
-  # what Embedder._local_batch gives on every host, times the hosts
+  # what Embedder's host-local batch gives on every host, times the hosts
   hosts = len({d.process_index for d in mesh.devices.flat})
   per_host = max(1, embedder.divisor // hosts)
   batch = _round_up(int(config.data.eval_batch_size), per_host) * hosts
@@ -259,12 +260,12 @@ def build_program(config, mesh, name: str, batch: int):
         (batch, int(config.data.num_frames) * clips, v.img_size, v.img_size, 3), jnp.uint8,
         sharding=sh)
     args = (state.params, frames, index)
-    return embedder._video, args, {"params": state.params, "batch": (frames, index)}, batch
+    return embedder.video_fn, args, {"params": state.params, "batch": (frames, index)}, batch
   if name == "eval_text":
     length = pipeline.eval_max_len(config)
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sh)
     args = (state.params, ids, ids, index)
-    return embedder._text, args, {"params": state.params, "batch": (ids, ids, index)}, batch
+    return embedder.text_fn, args, {"params": state.params, "batch": (ids, ids, index)}, batch
   raise PlanError(f"unknown program {name!r}: one of {program_names(config)}")
 
 
@@ -288,6 +289,11 @@ _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _COMP = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*->.*\{\s*$")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# Multislice: the TPU compiler emits each slice's program with the in-slice (ICI) collectives
+# above and turns the cross-slice (DCN) part into host-transfer send / recv pairs handled by the
+# megascale runtime, tagged `_xla_megascale_transfer_type="ALL_REDUCE"` etc. Counted from the
+# sends (one per transfer; the recv is its other half), bytes as sent per chip.
+_DCN_TYPE = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
 
 
 def _arrays(shape_text: str) -> list[tuple[str, tuple]]:
@@ -413,7 +419,10 @@ def read_hlo(text: str) -> dict:
         arrays = _arrays(shape)
         if op == "all-gather-start" and shape.startswith("("):
           arrays = arrays[len(arrays) // 2:]  # (operands, results)
-        cl.append((base, _nbytes(arrays)))
+        cl.append((base, _nbytes(arrays), False))
+      elif op == "send" and _DCN_TYPE.search(rest):
+        kind = _DCN_TYPE.search(rest).group(1).lower().replace("_", "-")
+        cl.append((kind, _nbytes(_arrays(shape)[:1]), True))  # (data, context, token)
       if op.endswith("-done"):
         continue
       trip = 1
@@ -439,14 +448,16 @@ def read_hlo(text: str) -> dict:
 
   extra = [0]
   coll_total: dict[str, dict] = {k: {"count": 0, "bytes": 0, "largest": 0} for k in COLLECTIVES}
+  dcn_total: dict[str, dict] = {}
   loop_rows = []
 
   def walk(comp, mult, depth=0):
     if comp not in own_flops or depth > 64:
       return
     extra[0] += own_flops[comp] * (mult - 1)
-    for kind, nbytes in colls[comp]:
-      c = coll_total[kind]
+    for kind, nbytes, dcn in colls[comp]:
+      c = (dcn_total.setdefault(kind, {"count": 0, "bytes": 0, "largest": 0}) if dcn
+           else coll_total[kind])
       c["count"] += mult
       c["bytes"] += mult * nbytes
       c["largest"] = max(c["largest"], nbytes)
@@ -458,7 +469,8 @@ def read_hlo(text: str) -> dict:
   for body, trip in loops:
     loop_rows.append({"body": body, "trip_count": trip, "body_dot_flops": _subtree(
         body, own_flops, calls)})
-  return {"loop_extra_flops": extra[0], "collectives": coll_total, "loops": loop_rows}
+  return {"loop_extra_flops": extra[0], "collectives": coll_total, "dcn_collectives": dcn_total,
+          "loops": loop_rows}
 
 
 def _trip_from_condition(comps: dict, cond: str) -> int:
@@ -484,8 +496,9 @@ def _subtree(comp, own, calls, depth=0) -> int:
 
 # ----------------------------------------------------------------------------- one compile
 
-def compile_program(config, sl: Slice, name: str, batch: int) -> dict:
-  """Builds and compiles one program for the slice (in this process) -> its figures."""
+def compile_program(config, sl: Slice, name: str, batch: int, dump_hlo: str = "") -> dict:
+  """Builds and compiles one program for the slice (in this process) -> its figures; with
+  `dump_hlo` a folder, the optimised HLO goes to `<dump_hlo>/<name>_b<batch>.hlo.txt`."""
   import jax
 
   from miles_jax import parallel
@@ -514,12 +527,19 @@ def compile_program(config, sl: Slice, name: str, batch: int) -> dict:
     return {**head, "compile_s": round(time.time() - t0, 1), "compiler_oom": first,
             "memory": {"arguments": 0, "temporaries": required, "outputs": 0, "aliased": 0,
                        "code": 0, "peak": required},
-            "flops_xla": 0.0, "flops": 0.0, "loops": [], "collectives": {}}
+            "flops_xla": 0.0, "flops": 0.0, "loops": [], "collectives": {},
+            "dcn_collectives": {}}
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  hlo = read_hlo(compiled.as_text())
+  text = compiled.as_text()
+  if dump_hlo:
+    from etils import epath
+    folder = epath.Path(dump_hlo)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}_b{batch}.hlo.txt").write_text(text)
+  hlo = read_hlo(text)
   memory = {
       "arguments": int(mem.argument_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
       "outputs": int(mem.output_size_in_bytes), "aliased": int(mem.alias_size_in_bytes),
@@ -530,7 +550,8 @@ def compile_program(config, sl: Slice, name: str, batch: int) -> dict:
   return {
       **head, "compile_s": round(seconds, 1), "memory": memory, "flops_xla": flops_xla, "flops": flops_xla + hlo["loop_extra_flops"],
       "loops": hlo["loops"], "collectives": {k: v for k, v in hlo["collectives"].items()
-                                             if v["count"]}}
+                                             if v["count"]},
+      "dcn_collectives": hlo["dcn_collectives"]}
 
 
 # ----------------------------------------------------------------------------- child processes
@@ -656,7 +677,13 @@ def summarize(config, sl: Slice, results: list[dict], mfu: float) -> dict:
                         "TPU run of this config should set --config.model.kernels=reference")
   if train:
     # a step's expected time over the sources' mix (each batch comes from one source)
-    step = sum(weights.get(int(r["program"][6:-1]), 0.0) * r["roofline_step_s"] for r in train)
+    share = {r["program"]: weights.get(int(r["program"][6:-1]), 0.0) for r in train}
+    covered = sum(share.values())
+    if covered < 1 - 1e-9:  # --programs left a source out: the mix over the programs planned
+      out["notes"].append(
+          f"schedule from {', '.join(share)} only ({100 * covered:.0f} % of the steps); plan "
+          "every train program for the full mix")
+    step = sum(share[r["program"]] * r["roofline_step_s"] for r in train) / max(covered, 1e-12)
     batch = train[0]["batch"]
     frames = max(int(r["program"][6:-1]) for r in train)
     label, samples = SCHEDULES.get(frames, (f"{frames}-frame schedule: 10 M samples", 10e6))
@@ -708,8 +735,13 @@ def format_report(s: dict) -> str:
         f"{100 * s['mfu']:.0f} % MFU)")
     colls = ", ".join(f"{k} {v['count']} x ({v['bytes'] / 2**20:.1f} MiB)"
                       for k, v in r["collectives"].items()) or "none"
-    lines.append(f"  collectives per step: {colls} | compile {r['compile_s']:.0f} s, host "
-                 f"peak {r['host_peak_gib']:.1f} GiB")
+    where = " in-slice (ICI)" if s["num_slices"] > 1 else ""
+    lines.append(f"  collectives per step{where}: {colls} | compile {r['compile_s']:.0f} s, "
+                 f"host peak {r['host_peak_gib']:.1f} GiB")
+    if s["num_slices"] > 1:
+      dcn = ", ".join(f"{k} {v['count']} x ({v['bytes'] / 2**20:.1f} MiB)"
+                      for k, v in r.get("dcn_collectives", {}).items()) or "none"
+      lines.append(f"  cross-slice (DCN) collectives per step: {dcn}")
   sc = s.get("schedule")
   if sc:
     lines.append(
@@ -811,8 +843,15 @@ def plan(flags_, argv: list[str], spec: str = "") -> tuple[dict, int]:
                     "mesh has no mesh.num_slices (multislice): plan one slice")
   batch = int(flags_.batch or config.data.batch_size)
   limit = _limit_bytes(flags_.host_memory_gb)
+  names = program_names(config)
+  if flags_.programs:
+    unknown = [n for n in flags_.programs if n not in names]
+    if unknown:
+      raise PlanError(f"--programs={','.join(flags_.programs)}: {', '.join(unknown)} not among "
+                      f"this config's programs ({', '.join(names)})")
+    names = [n for n in names if n in flags_.programs]
   results = []
-  for name in program_names(config):
+  for name in names:
     r = run_compile(argv, name, batch, limit, sl)
     _progress(f"compiled {name} for {sl.name} (batch {r['batch']}) in {r['wall_s']:.0f} s: "
               f"peak {r['memory']['peak'] / GiB:.2f} GiB per chip, host peak "
@@ -841,6 +880,9 @@ def _define(fv):
                        "(multislice); NxSLICE in --topology multiplies it.", flag_values=fv)
   flags.DEFINE_integer("batch", 0, "Global train batch (0: config.data.batch_size).",
                        flag_values=fv)
+  flags.DEFINE_list("programs", [], "Compile only these of the config's programs (e.g. "
+                    "train_4f; default all: train_<T>f per clip length, eval_video, eval_text).",
+                    flag_values=fv)
   flags.DEFINE_bool("max_batch", False, "Also find the largest global batch that fits, by "
                     "compiling (bisection).", flag_values=fv)
   flags.DEFINE_float("mfu", 0.4, "Model-FLOPs utilisation assumed for the throughput, hours "
@@ -851,6 +893,8 @@ def _define(fv):
                      "GiB (0: what the host has available when plan starts).", flag_values=fv)
   flags.DEFINE_bool("json", False, "Print the report as one JSON object (the progress lines "
                     "still go to stderr).", flag_values=fv)
+  flags.DEFINE_string("dump_hlo", "", "Write each compiled program's optimised HLO text to "
+                     "this folder (local or gs://) as PROGRAM_bBATCH.hlo.txt.", flag_values=fv)
   # the child processes: `python -m miles_jax.plan <same flags> --worker_program=...`
   flags.DEFINE_string("worker_program", "", "(internal) compile this program here.",
                       flag_values=fv)
@@ -871,7 +915,7 @@ def main(argv):
   try:
     sl = parse_slice(f.topology, f.num_slices)
     if f.worker_program:
-      r = compile_program(f.config, sl, f.worker_program, f.worker_batch)
+      r = compile_program(f.config, sl, f.worker_program, f.worker_batch, f.dump_hlo)
       r["host_maxrss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
       with open(f.worker_out, "w") as out:
         json.dump(r, out)

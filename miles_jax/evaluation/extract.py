@@ -23,7 +23,11 @@ from miles_jax.models.video import normalize_frames
 
 
 class Embedder:
-  """Jitted text / video embedding functions for one model on one mesh."""
+  """Jitted text / video embedding functions for one model on one mesh.
+
+  `video_fn(params, frames, index)` and `text_fn(params, input_ids, attention_mask, index)` are
+  the jitted global-batch programs (what `plan` compiles for a TPU slice); `videos` / `texts`
+  feed them host-local batches."""
 
   def __init__(self, model_config, mesh, rules, num_clips: int = 1):
     self.model = dual_encoder.build(model_config)
@@ -35,18 +39,22 @@ class Embedder:
     m = self.model
     # The row indices ride along, so every host gets all of them replicated with the embeddings.
 
-    def embed_video(p, f):
+    def embed_video(p, f, i):
       # [b, K*T, ...] clip-major -> K clips of T frames each, embeddings averaged over clips
       b = f.shape[0]
       f = f.reshape((b * k, f.shape[1] // k) + f.shape[2:])
-      e = m.apply({"params": p}, normalize_frames(f), method=m.encode_video)["embed"]
-      return e.reshape(b, k, -1).mean(axis=1)
+      with parallel.activation_sharding(mesh, rules):
+        e = m.apply({"params": p}, normalize_frames(f), method=m.encode_video)["embed"]
+      return e.reshape(b, k, -1).mean(axis=1), i
 
-    self._video = jax.jit(lambda p, f, i: (embed_video(p, f), i),
-                          in_shardings=(None, batch_sh, batch_sh), out_shardings=rep)
-    self._text = jax.jit(
-        lambda p, i, a, r: (m.apply({"params": p}, i, a, method=m.encode_text)["embed"], r),
-        in_shardings=(None, batch_sh, batch_sh, batch_sh), out_shardings=rep)
+    def embed_text(p, ids, mask, i):
+      with parallel.activation_sharding(mesh, rules):
+        return m.apply({"params": p}, ids, mask, method=m.encode_text)["embed"], i
+
+    self.video_fn = jax.jit(embed_video, in_shardings=(None, batch_sh, batch_sh),
+                            out_shardings=rep)
+    self.text_fn = jax.jit(embed_text, in_shardings=(None, batch_sh, batch_sh, batch_sh),
+                           out_shardings=rep)
 
   def _local_batch(self, batch_size: int) -> int:
     """Rows per host per global batch: a multiple of the host's batch shards."""
@@ -68,7 +76,7 @@ class Embedder:
                             np.ones((pad, attention_mask.shape[1]), attention_mask.dtype)])
       index = np.concatenate([rows, -np.ones(pad, np.int64)]).astype(np.int32)
       g = parallel.global_batch({"i": ids, "a": att, "r": index}, self.mesh, self.rules)
-      emb, index = (np.asarray(x) for x in self._text(params, g["i"], g["a"], g["r"]))
+      emb, index = (np.asarray(x) for x in self.text_fn(params, g["i"], g["a"], g["r"]))
       if result is None:
         result = np.zeros((c, emb.shape[1]), np.float32)
       keep = index >= 0
@@ -89,7 +97,7 @@ class Embedder:
     for b in batches:
       g = parallel.global_batch({"frames": b["frames"], "index": b["video_index"]},
                                 self.mesh, self.rules)
-      emb, index = (np.asarray(x) for x in self._video(params, g["frames"], g["index"]))
+      emb, index = (np.asarray(x) for x in self.video_fn(params, g["frames"], g["index"]))
       if result.shape[1] == 0:
         result = np.zeros((num, emb.shape[1]), np.float32)
       keep = index >= 0

@@ -52,6 +52,13 @@ def dense(features: int, axes: tuple[str, str], name: str | None, dtype: Dtype, 
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 
+def constrain_batch(x):
+  """`x` (batch-leading) split over the mesh like the batch, other axes whole: the activation
+  constraint of a transformer block's input and output. A no-op unless the program traces under
+  `parallel.activation_sharding` (the train step and the eval embedding programs do)."""
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 def layer_norm(eps: float, name: str, dtype: Dtype) -> nn.LayerNorm:
   return nn.LayerNorm(
       epsilon=eps, dtype=dtype, name=name,

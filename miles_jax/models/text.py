@@ -51,6 +51,7 @@ class TextBlock(nn.Module):
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool = True):
     drop = nn.Dropout(self.dropout_rate)
+    x = layers.constrain_batch(x)
     a = TextAttention(self.num_heads, self.dtype, self.matmul_dtype, self.kernels,
                       name="attention")(
         x, attention_mask)
@@ -58,8 +59,8 @@ class TextBlock(nn.Module):
         x + drop(a, deterministic=deterministic))
     f = layers.Mlp(self.mlp_dim, self.dtype, layers.bert_init, ("lin1", "lin2"),
                    self.matmul_dtype, self.kernels, name="ffn")(x)
-    return layers.layer_norm(self.eps, "output_layer_norm", self.dtype)(
-        x + drop(f, deterministic=deterministic))
+    return layers.constrain_batch(layers.layer_norm(self.eps, "output_layer_norm", self.dtype)(
+        x + drop(f, deterministic=deterministic)))
 
 
 class TextEncoder(nn.Module):

@@ -59,11 +59,12 @@ class SpaceTimeBlock(nn.Module):
     attn = lambda name, mode: layers.VarAttention(self.num_heads, mode, self.qkv_bias, self.dtype,
                                                    self.matmul_dtype, self.kernels, name=name)
     drop = layers.DropPath(self.drop_path)
+    x = layers.constrain_batch(x)
     t = x + attn("timeattn", "time")(ln("norm3")(x), num_frames, token_ids)
     s = x + drop(attn("attn", "space")(ln("norm1")(t), num_frames, token_ids), deterministic)
     mlp = layers.Mlp(int(self.width * self.mlp_ratio), self.dtype,
                      matmul_dtype=self.matmul_dtype, kernels=self.kernels, name="mlp")
-    return s + drop(mlp(ln("norm2")(s)), deterministic)
+    return layers.constrain_batch(s + drop(mlp(ln("norm2")(s)), deterministic))
 
 
 class VideoEncoder(nn.Module):

@@ -139,8 +139,17 @@ def _merge(x):
   return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
+def _like_params(grads, param_shardings):
+  """Gradients laid out like their params. Under FSDP this is what turns the cross-device
+  gradient sum into a reduce-scatter onto each device's parameter shard; without it XLA may
+  all-reduce full-size gradients and slice them afterwards (seen in `plan` for v5e)."""
+  if param_shardings is None:
+    return grads
+  return jax.lax.with_sharding_constraint(grads, param_shardings)
+
+
 def _loss_and_grads(losses: _Losses, params, snapshot_params, batch, rng, k: int,
-                    micro_sharding: NamedSharding | None):
+                    micro_sharding: NamedSharding | None, param_shardings=None):
   """(loss, terms, grads) of the full batch; GradCache over k micro-batches when k > 1."""
   mask = batch.get("mvm_mask")
   mvm_count = (jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0) if mask is not None
@@ -153,7 +162,7 @@ def _loss_and_grads(losses: _Losses, params, snapshot_params, batch, rng, k: int
       return losses.combine(embeds, mvm_sum, mvm_count)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, terms, grads
+    return loss, terms, _like_params(grads, param_shardings)
 
   micro = jax.tree.map(lambda x: _split(x, k), batch)
   if micro_sharding is not None:
@@ -182,8 +191,9 @@ def _loss_and_grads(losses: _Losses, params, snapshot_params, batch, rng, k: int
     targets = losses.targets(snapshot_params, mb["frames"])
     (_, mvm_sum), vjp = jax.vjp(lambda p: losses.forward(p, mb, targets, r), params)
     (g,) = vjp((d_e, d_mvm_sum))
+    g = _like_params(g, param_shardings)
     return (jax.tree.map(jnp.add, grads_acc, g), mvm_acc + mvm_sum), None
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = _like_params(jax.tree.map(jnp.zeros_like, params), param_shardings)
   (grads, mvm_sum), _ = jax.lax.scan(backward, (zeros, jnp.zeros((), jnp.float32)),
                                      (micro, rngs, d_embeds))
   terms = dict(terms, mvm_loss=mvm_sum / mvm_count)
@@ -192,8 +202,12 @@ def _loss_and_grads(losses: _Losses, params, snapshot_params, batch, rng, k: int
 
 
 def train_step(state: TrainState, batch: dict, *, config, model, tx, lr_schedule,
-               micro_sharding: NamedSharding | None = None) -> tuple[TrainState, dict]:
-  """One optimiser update of the online params and one EMA update of the snapshot (pure)."""
+               micro_sharding: NamedSharding | None = None,
+               param_shardings=None) -> tuple[TrainState, dict]:
+  """One optimiser update of the online params and one EMA update of the snapshot (pure).
+
+  `param_shardings` (a tree like `state.params`; `make_train_step` passes the state's) lays the
+  gradients out like the params before the optimiser reads them."""
   losses = _Losses(config, model, state.step)
   k = int(config.optim.grad_accum_steps)
   b = batch["frames"].shape[0]
@@ -213,7 +227,7 @@ def train_step(state: TrainState, batch: dict, *, config, model, tx, lr_schedule
                      "the data pipeline (miles_jax.masking)")
 
   loss, terms, grads = _loss_and_grads(losses, state.params, state.snapshot_params, batch,
-                                       dropout_rng, k, micro_sharding)
+                                       dropout_rng, k, micro_sharding, param_shardings)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -260,11 +274,13 @@ def make_train_step(config, mesh: Mesh, model=None, tx=None,
   batch_sh = parallel.batch_sharding(mesh, rules)
   micro_sh = NamedSharding(mesh, P(None, parallel.batch_axes(mesh, rules)))
   step = functools.partial(train_step, config=config, model=model, tx=tx,
-                           lr_schedule=lr_schedule, micro_sharding=micro_sh)
+                           lr_schedule=lr_schedule, micro_sharding=micro_sh,
+                           param_shardings=state_sh.params)
 
   def step_fn(state, batch):
     batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS}
-    return step(state, batch)
+    with parallel.activation_sharding(mesh, rules):
+      return step(state, batch)
 
   return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,),
