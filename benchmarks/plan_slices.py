@@ -1,7 +1,8 @@
 """The findings table of docs/plan.md: `python -m miles_jax.plan` for shipped configs x TPU slices.
 
     python benchmarks/plan_slices.py [--configs=configs/pretrain_miles.py:stage2,...] \
-        [--topologies=v4-32,v5e-64,v5p-128,v6e-64] [--max_batch] [--set=model.scan_layers=True]
+        [--topologies=v4-32,v5e-64,v5p-128,v6e-64] [--max_batch] [--set=model.scan_layers=True] \
+        [--programs=train_4f]
     python benchmarks/plan_slices.py --table     # the markdown table from the results file
 
 Each (config, slice) runs `plan --json` (one compile at a time; each compile in its own watched
@@ -25,13 +26,16 @@ CONFIGS = ("configs/pretrain_miles.py:stage1", "configs/pretrain_miles.py:stage2
 TOPOLOGIES = ("v4-32", "v5e-64", "v5p-128", "v6e-64")
 
 
-def key(config: str, topology: str, overrides: list[str]) -> str:
-  return f"{config} @ {topology}" + (f" [{' '.join(overrides)}]" if overrides else "")
+def key(config: str, topology: str, overrides: list[str], programs: str = "") -> str:
+  return (f"{config} @ {topology}" + (f" [{' '.join(overrides)}]" if overrides else "")
+          + (f" programs={programs}" if programs else ""))
 
 
-def run_one(config: str, topology: str, overrides: list[str], max_batch: bool) -> dict:
+def run_one(config: str, topology: str, overrides: list[str], max_batch: bool,
+            programs: str = "") -> dict:
   cmd = [sys.executable, "-m", "miles_jax.plan", f"--config={config}", f"--topology={topology}",
          "--json", *(f"--config.{o}" for o in overrides)] + (["--max_batch"] if max_batch else [])
+  cmd += [f"--programs={programs}"] if programs else []
   t0 = time.time()
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   sys.stderr.write(r.stderr)
@@ -86,6 +90,8 @@ def main():
   ap.add_argument("--set", action="append", default=[],
                   help="FIELD=VALUE config override for every plan, e.g. model.scan_layers=True")
   ap.add_argument("--max_batch", action="store_true")
+  ap.add_argument("--programs", default="", help="plan's --programs (e.g. train_4f): compile "
+                  "only these of each config's programs")
   ap.add_argument("--out", default=DEFAULT_OUT)
   ap.add_argument("--table", action="store_true", help="only print the table of --out")
   a = ap.parse_args()
@@ -96,9 +102,9 @@ def main():
   if not a.table:
     for config in a.configs.split(","):
       for topo in a.topologies.split(","):
-        k = key(config, topo, a.set)
+        k = key(config, topo, a.set, a.programs)
         print(f"plan {k} ...", file=sys.stderr, flush=True)
-        results[k] = run_one(config, topo, a.set, a.max_batch)
+        results[k] = run_one(config, topo, a.set, a.max_batch, a.programs)
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         with open(a.out, "w") as f:
           json.dump(results, f, indent=1, default=float)

@@ -94,7 +94,9 @@ run() {  # prints the command (shell-quoted, one line) on --dry-run, else runs i
 plan() {  # deviceless: the compiled step's memory and collectives for CONFIG on ACCELERATOR
   local args=("${LOCAL_PYTHON:-python3}" -m miles_jax.plan "--config=$CONFIG"
               "--topology=$ACCELERATOR")
-  if [ "$NODE_COUNT" -gt 1 ]; then args+=("--config.mesh.num_slices=$NODE_COUNT"); fi
+  if [ "$NODE_COUNT" -gt 1 ]; then
+    args+=("--num_slices=$NODE_COUNT" "--config.mesh.num_slices=$NODE_COUNT")
+  fi
   args+=("${EXTRA[@]}")
   if [ -n "$DRY_RUN" ]; then run "${args[@]}"; return; fi
   (cd "$HERE" && PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "${args[@]}")
@@ -368,7 +370,9 @@ train_command() {  # the command every worker runs; each argument quoted for the
     fi
   fi
   local args=(python -m miles_jax.train "--config=$config" "--workdir=$WORKDIR" "${data_flags[@]}")
-  if [ "$NODE_COUNT" -gt 1 ]; then args+=("--config.mesh.num_slices=$NODE_COUNT"); fi
+  if [ "$NODE_COUNT" -gt 1 ]; then
+    args+=("--num_slices=$NODE_COUNT" "--config.mesh.num_slices=$NODE_COUNT")
+  fi
   if [ -n "${SHARED_WORKDIR:-}" ]; then args+=("--config.train.shared_workdir=True"); fi
   if [ -n "$CODE_COMMIT" ]; then
     args+=("--config.code.commit=$CODE_COMMIT" "--config.code.dirty=$CODE_DIRTY")

@@ -835,7 +835,12 @@ def plan(flags_, argv: list[str], spec: str = "") -> tuple[dict, int]:
     sl = dataclasses.replace(sl, chip=dataclasses.replace(sl.chip,
                                                           hbm_bytes=int(flags_.hbm_gb * GiB)))
   require_libtpu()
-  if sl.num_slices > 1 and int(config.mesh.get("num_slices", 1)) != sl.num_slices:
+  mesh_slices = int(config.mesh.get("num_slices", 1))
+  if sl.num_slices == 1 and mesh_slices > 1:
+    raise PlanError(f"config.mesh.num_slices={mesh_slices} but --topology={flags_.topology} is "
+                    f"one slice: add --num_slices={mesh_slices} (or --topology="
+                    f"{mesh_slices}x{flags_.topology})")
+  if sl.num_slices > 1 and mesh_slices != sl.num_slices:
     raise PlanError(f"--topology={flags_.topology} is {sl.num_slices} slices: set "
                     f"--config.mesh.num_slices={sl.num_slices} (the data axis across slices)"
                     if "num_slices" in config.mesh else

@@ -230,7 +230,7 @@ def test_tpu_plan_runs_locally_with_the_launch_settings():
                           TPU_NAME=None, WORKDIR=None)
   assert r.returncode == 0, r.stderr
   assert lines == [["python3", "-m", "miles_jax.plan", "--config=configs/pretrain_mac.py:base",
-                    "--topology=v5litepod-256", "--config.mesh.num_slices=2",
+                    "--topology=v5litepod-256", "--num_slices=2", "--config.mesh.num_slices=2",
                     "--config.data.batch_size=512"]]
 
 

@@ -293,6 +293,14 @@ def test_programs_flag_names_the_config_programs_when_unknown():
 
 
 @NEEDS_LIBTPU
+def test_slice_count_of_the_mesh_and_the_topology_must_agree():
+  r = run_plan("--topology=v5e-4", "--config.mesh.num_slices=2")
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "add --num_slices=2 (or --topology=2xv5e-4)" in lines[0], lines
+
+
+@NEEDS_LIBTPU
 def test_libtpu_leaves_cpu_runs_as_they_were():
   """With libtpu installed and no TPU chip, JAX stays on the CPU and prints nothing (it would
   otherwise start the TPU runtime, which warns that it finds no TPU, then fall back)."""
