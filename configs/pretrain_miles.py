@@ -25,7 +25,11 @@ def get_config(arg: str = "stage2"):
   c = config_lib.default_config()
   c.model = config_lib.model_config("base")
   c.model.dtype = "bfloat16"
-  c.model.remat = "full"  # ViT-B at batch 256: activations, not params, fill the memory
+  # ViT-B at batch 256: activations, not params, fill the memory. Planned for v5e-64 (4 clips
+  # per chip, scanned layers; docs/plan.md): remat "full" peaks at 4.8 GiB per chip, "none" at
+  # 17.1 GiB of the chip's 16 (does not fit) for 18 % fewer FLOPs. On 32+ GiB chips (v6e, v5p)
+  # --config.model.remat=none fits and is the faster choice.
+  c.model.remat = "full"
   c.objectives = "contrastive,miles"
   # The contrastive term on a second, intact forward: the ablation's evidence (3 seeds,
   # docs/results.md: t2v R@1 11.4 ± 1.4 intact vs 5.0 ± 0.7 on the masked clip); costs one more
