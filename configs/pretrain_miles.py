@@ -26,10 +26,11 @@ def get_config(arg: str = "stage2"):
   c.model = config_lib.model_config("base")
   c.model.dtype = "bfloat16"
   # ViT-B at batch 256: activations, not params, fill the memory. Planned for v5e-64 (4 clips
-  # per chip, scanned layers; docs/plan.md): remat "full" peaks at 4.8 GiB per chip, "none" at
-  # 17.1 GiB of the chip's 16 (does not fit) for 18 % fewer FLOPs. On 32+ GiB chips (v6e, v5p)
-  # --config.model.remat=none fits and is the faster choice.
-  c.model.remat = "full"
+  # per chip, scanned layers; docs/plan.md): remat "none" needs 17.1 GiB per chip of the 16;
+  # "dots_saveable" (keep matmul outputs, recompute the elementwise ops) 8.8 GiB at the same
+  # FLOPs as "none"; "full" 4.8 GiB for 22 % more FLOPs. On 32+ GiB chips (v6e, v5p) "none"
+  # fits (--config.model.remat=none); "full" where the clips per chip are 2x or more these.
+  c.model.remat = "dots_saveable"
   c.objectives = "contrastive,miles"
   # The contrastive term on a second, intact forward: the ablation's evidence (3 seeds,
   # docs/results.md: t2v R@1 11.4 ± 1.4 intact vs 5.0 ± 0.7 on the masked clip); costs one more

@@ -237,6 +237,7 @@ def _with_expected(src, dst, expected):
       w.write(ex.SerializeToString())
 
 
+@pytest.mark.slow
 def test_evaluate_reports_gallery_size_beside_the_expected_one(tmp_path):
   import flax.linen as nn
   import jax

@@ -126,6 +126,7 @@ def _run(module, *args, timeout=300):
   return r
 
 
+@pytest.mark.slow
 def test_export_carries_tokenizer_and_preprocessing(world):
   export = world["export"]
   assert os.path.exists(os.path.join(export, "vocab.txt"))

@@ -249,6 +249,7 @@ def test_text_padding_is_masked(tiny):
   np.testing.assert_allclose(a, c, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_and_remat_agree_with_f32(tiny):
   c, model, params = tiny
   f = _frames(5)
@@ -285,6 +286,7 @@ def test_base_parameter_count_matches_released_checkpoint():
   assert count(shapes["video"]) - 768 == 114_168_576  # one video encoder (paper: 114.2 M)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "full", "dots_saveable"])
 def test_remat_policies_and_scanned_layers_give_the_same_gradients(tiny, policy):
   """Remat policies and nn.scan over the blocks change memory / compile time, not the maths:

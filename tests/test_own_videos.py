@@ -75,6 +75,7 @@ def _one_line_error(r, *needles):
     assert n in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_queries_the_model_cannot_read(demo):
   m = demo["model"]
   for q in ("", "   \t "):

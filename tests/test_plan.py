@@ -201,6 +201,7 @@ def test_max_batch_is_the_last_fitting_compile():
   assert all(t["fits"] == (t["batch"] <= best) for t in tries)
 
 
+@pytest.mark.slow
 @NEEDS_LIBTPU
 def test_fsdp_shards_and_scanned_layers_count_by_trip_count(data_parallel):
   """mesh (1, 4) with the fsdp axis, layers scanned: per-chip arguments fall to ~1/4 of data
@@ -225,6 +226,7 @@ def test_fsdp_shards_and_scanned_layers_count_by_trip_count(data_parallel):
                    "batch the FSDP step gathers weights, not activations, but the TPU compiler "
                    "still all-reduces full-size weight gradients over the fsdp axis (no "
                    "reduce-scatter); docs/plan.md")
+@pytest.mark.slow
 @NEEDS_LIBTPU
 def test_fsdp_reduces_gradients_by_reduce_scatter_not_a_full_all_reduce(data_parallel):
   r = plan_json("--topology=v5e-4", "--config.mesh.shape=(1,4)",
@@ -253,6 +255,7 @@ def test_two_slices_reduce_gradients_in_slice_then_across_the_dcn():
   assert "cross-slice (DCN) collectives per step: all-reduce" in plan.format_report(r)
 
 
+@pytest.mark.slow
 @NEEDS_LIBTPU
 def test_tiny_compiles_for_v4_8_megacore_with_the_eval_programs():
   r = plan_json("--topology=v4-8", "--config.data.eval=eval-*.tfrecord",
@@ -269,6 +272,7 @@ def test_tiny_compiles_for_v4_8_megacore_with_the_eval_programs():
     assert p["fits"] and p["flops"] > 0 and 0.95 < p["flops_ratio"] < 1.5, p
 
 
+@pytest.mark.slow
 @NEEDS_LIBTPU
 def test_a_batch_that_cannot_fit_exits_3_naming_the_program():
   r = run_plan("--topology=v5e-4", "--batch=1048576")

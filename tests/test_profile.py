@@ -79,6 +79,7 @@ def test_text_macs_formula():
   assert profile.text_macs(t, 32) == 6 * (75_497_472 + 150_994_944 + 1_572_864)
 
 
+@pytest.mark.slow
 def test_fallback_loss_gradient_count():
   c = config_lib.default_config()
   c.model = config_lib.model_config("tiny")

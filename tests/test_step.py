@@ -133,6 +133,7 @@ def test_snapshot_is_the_ema_of_the_updated_params(reference):
   assert int(host1.step) == 1 and float(metrics["mvm_loss"]) > 0 and float(metrics["mac_loss"]) > 0
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch(reference):
   _, batch, host0, host1, metrics1 = reference
   c = _config(accum=2)
@@ -242,6 +243,7 @@ def _reference_loss(c, model, params, snapshot, frames, batch):
 
 @pytest.mark.parametrize("unmasked_contrastive,target_space",
                          [(False, "features"), (True, "features"), (False, "projected")])
+@pytest.mark.slow
 def test_step_feeds_mask_to_online_intact_clip_to_snapshot(unmasked_contrastive, target_space):
   """On the jitted step: the online encoder sees mask tokens exactly at the masked positions,
   the snapshot the intact clip, the contrastive term the clip `unmasked_contrastive` names; the
@@ -311,6 +313,7 @@ def test_step_feeds_mask_to_online_intact_clip_to_snapshot(unmasked_contrastive,
   assert abs(float(unperturbed["mvm_loss"]) / float(terms["mvm_loss"]) - 1) > 1e-3  # 100x the rtol above
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch_with_dropout():
   """With dropout and drop-path on, GradCache's update equals the plain gradient of the
   full-batch loss in which micro-batch j is forwarded with dropout key j: both passes of
@@ -360,6 +363,7 @@ def test_grad_accumulation_equals_full_batch_with_dropout():
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_mac_step_encodes_text_with_tokens_dropped():
   """On the jitted step, the MAC text view's attention mask is the batch's with exactly
   floor(text_ratio * (valid - 1)) real tokens dropped per caption, never [CLS]."""
@@ -397,6 +401,7 @@ def _two_steps(c):
   return host0, jax.device_get(state), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_frozen_target_keeps_the_initial_encoder():
   """mvm.target=frozen: the target encoder is the initial online encoder, never updated, while
   the online encoder moves (the row that tests whether the *evolving* snapshot matters)."""
@@ -410,6 +415,7 @@ def test_frozen_target_keeps_the_initial_encoder():
   assert max(moved) > 1e-4
 
 
+@pytest.mark.slow
 def test_frozen_target_is_the_encoder_entering_the_mvm_start_step():
   """mvm.target=frozen with mvm.start_step=k: the target is a copy of the online encoder as it
   enters step k (text-aligned by k contrastive steps), never updated after it."""
@@ -430,6 +436,7 @@ def test_frozen_target_is_the_encoder_entering_the_mvm_start_step():
   assert max(moved) > 1e-4  # the copy taken entering step 2 differs from the one entering step 1
 
 
+@pytest.mark.slow
 def test_pixel_targets_are_the_encoders_patches():
   """mvm.target=pixels: targets are the clip's patches in the encoder's token order (checked
   against the patch embedding itself), no snapshot is kept, the head predicts p*p*3 values."""
@@ -470,6 +477,7 @@ def test_configs_saved_before_mvm_head_dim_still_resume():
   assert checkpoints.diff_configs(saved, wanted) == ["model.mvm_head_dim: checkpoint 0, config 192"]
 
 
+@pytest.mark.slow
 def test_mvm_starts_at_start_step():
   """mvm.start_step=1: step 0's loss is the contrastive term alone and the MVM head gets no
   update; from step 1 on the loss is contrastive + weight * mvm and the head moves."""
@@ -495,6 +503,7 @@ def test_mvm_starts_at_start_step():
   assert moved > 1e-4
 
 
+@pytest.mark.slow
 def test_mvm_objective_alone_trains_the_video_encoder_without_text():
   """objectives=mvm (a video-only stage, here MAE-style with pixel targets): the loss is the MVM
   term alone, the text encoder and projections get no gradient, the video encoder and the head

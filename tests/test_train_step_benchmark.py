@@ -31,6 +31,7 @@ def test_quick_both_frameworks_same_run():
   assert "7.07" not in open(os.path.join(BENCH, "train_step.py")).read()
 
 
+@pytest.mark.slow
 def test_no_torch_runs_where_torch_and_transformers_are_missing(tmp_path):
   """--no-torch works in an install without the [torch] / [test] extras: the JAX worker
   process gets the flag and never looks for torch / transformers (stand-in packages that fail
