@@ -67,8 +67,9 @@ def test_no_zero_left_in_reference(released):
     assert (p != 0).all(), name
 
 
-@pytest.mark.parametrize("fmt,kernels", [("pth", "reference"), ("safetensors", "reference"),
-                                         ("pth", "xla_cpu")])
+@pytest.mark.parametrize("fmt,kernels", [
+    ("pth", "reference"), pytest.param("safetensors", "reference", marks=pytest.mark.slow),
+    pytest.param("pth", "xla_cpu", marks=pytest.mark.slow)])
 def test_converted_model_reproduces_pytorch(released, fmt, kernels):
   """Both kernel paths (model.kernels) reproduce the PyTorch original's embeddings."""
   ref, pth, st = released
@@ -119,6 +120,7 @@ def test_help_documents_the_command():
     assert word in r.stdout
 
 
+@pytest.mark.slow
 def test_mismatches_fail_naming_keys(released):
   _, pth, _ = released
   mc = _config().model
@@ -144,6 +146,7 @@ def test_mismatches_fail_naming_keys(released):
   assert (params["video"]["temporal_embed"][1:] == 0).all()
 
 
+@pytest.mark.slow
 def test_orbax_checkpoint_of_another_architecture_is_refused(released, tmp_path):
   _, pth, _ = released
   mc = _config().model

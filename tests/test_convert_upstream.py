@@ -169,7 +169,7 @@ def _inputs(mc, seed=0):
 @pytest.mark.parametrize("layout,style,prefix,suffix", [
     ("miles", "bare", False, ".pth"),
     ("miles", "trainer", True, ".pth"),
-    ("frozen", "trainer_upstream", False, ".pth.tar"),
+    pytest.param("frozen", "trainer_upstream", False, ".pth.tar", marks=pytest.mark.slow),
     ("frozen", "bare", True, ".pth"),
 ])
 def test_every_checkpoint_style_reads_the_same_tensors(tmp_path, layout, style, prefix, suffix,

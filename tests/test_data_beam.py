@@ -76,6 +76,7 @@ def pool_out(media, tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_direct_runner_writes_what_the_pool_writes_and_reruns_idempotently(media, pool_out,
                                                                             tmp_path):
   out = str(tmp_path / "beam")

@@ -123,6 +123,7 @@ def test_process_split_disjoint_and_complete(shards):
     pipeline.split_files(files, 0, 5)
 
 
+@pytest.mark.slow
 def test_deterministic_and_resumable(shards):
   tmp, pattern = shards
   c = _config(tmp, pattern)

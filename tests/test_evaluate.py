@@ -159,6 +159,7 @@ def test_cache_and_results_never_answer_for_another_evaluation(setup, tmp_path):
                       out=str(models / "ckA_eval_alpha.json"))
 
 
+@pytest.mark.slow
 def test_multi_clip_embedding_is_the_mean_over_clips(setup):
   c, model, params, _ = setup
   c = c.copy_and_resolve_references()
@@ -175,6 +176,7 @@ def test_multi_clip_embedding_is_the_mean_over_clips(setup):
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_zeroshot_every_split_mean_std_and_config_templates(setup, tmp_path):
   """Three split-named shard sets: each is evaluated, mean ± std over them, with the prompt
   templates of the config; checked against numpy from the model's own embeddings."""

@@ -216,6 +216,7 @@ def test_npz_layout_gives_the_same_params(sources):
   jax.tree.map(np.testing.assert_array_equal, a, b["video"])
 
 
+@pytest.mark.slow
 def test_starts_as_the_image_vit(sources):
   """T=1: the video encoder is the image ViT; T identical frames: every frame alike."""
   c = _config(video=str(sources["dir"] / "vit.npz"))

@@ -70,6 +70,7 @@ def test_masked_patches_do_not_see_their_pixels(tiny):
   assert np.abs(np.asarray(d["embed"]) - np.asarray(a["embed"])).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_dropping_a_whole_frame_equals_a_shorter_clip(tiny):
   """MAC dropping: with every patch of the last frame dropped, the divided attention rule gives
   exactly the model run on the first T-1 frames."""
@@ -177,7 +178,8 @@ def _model_loss_and_grads(mc, params, seed=0):
 
 
 @pytest.mark.parametrize("dtype,low_precision,tol", [
-    ("float32", "all", 2e-5), ("bfloat16", "matmuls", 2e-2), ("bfloat16", "all", 3e-2)])
+    ("float32", "all", 2e-5), pytest.param("bfloat16", "matmuls", 2e-2, marks=pytest.mark.slow),
+    pytest.param("bfloat16", "all", 3e-2, marks=pytest.mark.slow)])
 def test_xla_cpu_kernels_are_the_reference_model(tiny, dtype, low_precision, tol):
   """model.kernels=xla_cpu is the same model as the reference path: loss, embeddings and every
   parameter's gradient agree (f32 to float rounding, bf16 to bf16's)."""

@@ -116,6 +116,7 @@ def test_demo_model_is_named_and_a_real_sized_one_is_not(demo):
   assert embed.demo_model_note(RealSized()) is None
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_one_line_and_embed_rebuilds_it(demo, tmp_path):
   import shutil
   index = str(tmp_path / "index")

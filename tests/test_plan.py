@@ -161,6 +161,7 @@ def test_hlo_cross_slice_transfers_are_counted_apart_from_in_slice_collectives()
   assert plan.read_hlo(HLO)["dcn_collectives"] == {}
 
 
+@pytest.mark.slow
 @NEEDS_LIBTPU
 def test_tiny_compiles_for_v5e_4_and_reports(data_parallel):
   r = data_parallel

@@ -78,9 +78,10 @@ def _assert_metrics_close(got, want):
     np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-5, atol=1e-7, err_msg=k)
 
 
-@pytest.mark.parametrize("shape,axes", [((8,), ("data",)), ((2, 4), ("data", "fsdp")),
-                                        ((4, 2), ("data", "model"))],
-                         ids=["data8", "fsdp2x4", "data4xmodel2"])
+@pytest.mark.parametrize("shape,axes", [
+    pytest.param((8,), ("data",), id="data8", marks=pytest.mark.slow),
+    pytest.param((2, 4), ("data", "fsdp"), id="fsdp2x4"),
+    pytest.param((4, 2), ("data", "model"), id="data4xmodel2", marks=pytest.mark.slow)])
 def test_sharded_step_equals_one_device(reference, shape, axes):
   c, batch, host0, host1, metrics1 = reference
   c = _config()

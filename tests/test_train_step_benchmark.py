@@ -133,6 +133,7 @@ def test_step_profile_reads_every_dot_and_times_the_same_product_in_torch():
   assert len(dots) == 3 and got_flops == want_flops
 
 
+@pytest.mark.slow
 def test_components_alternative_layouts_compute_divided_attention():
   """The attention layouts benchmarks/components.py --alternatives times against ours are the
   same arithmetic (so their times compare like with like), forward and gradients."""

@@ -49,6 +49,7 @@ def test_similarity_maps_by_hand():
   assert np.count_nonzero(sim) == 2
 
 
+@pytest.mark.slow
 def test_attention_is_the_last_blocks_cls_row(tiny):
   """Depth 1, T=1, time branch off: recompute the cls query's weights in numpy."""
   mc, params = tiny
@@ -81,6 +82,7 @@ def test_attention_is_the_last_blocks_cls_row(tiny):
   np.testing.assert_allclose(maps["cls_self_attention"][0], w[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_maps_of_the_full_model(tiny):
   mc, params = tiny
   model = build(mc)
