@@ -94,6 +94,7 @@ def test_bad_flags_exit_2(capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_prepare_command_with_dashed_flags(tmp_path):
   """The README's dashed spelling still runs (`python -m`), quietly: a csv whose files are
   missing is written as an empty shard with every item reported."""

@@ -169,7 +169,7 @@ def _inputs(mc, seed=0):
 @pytest.mark.parametrize("layout,style,prefix,suffix", [
     ("miles", "bare", False, ".pth"),
     ("miles", "trainer", True, ".pth"),
-    pytest.param("frozen", "trainer_upstream", False, ".pth.tar", marks=pytest.mark.slow),
+    ("frozen", "trainer_upstream", False, ".pth.tar"),
     ("frozen", "bare", True, ".pth"),
 ])
 def test_every_checkpoint_style_reads_the_same_tensors(tmp_path, layout, style, prefix, suffix,
@@ -195,7 +195,7 @@ def test_every_checkpoint_style_reads_the_same_tensors(tmp_path, layout, style, 
 # per layout, the two styles and prefixes alternating.
 @pytest.mark.parametrize("layout,style,prefix,suffix", [
     ("miles", "trainer", True, ".pth"),
-    ("frozen", "trainer_upstream", False, ".pth.tar"),
+    pytest.param("frozen", "trainer_upstream", False, ".pth.tar", marks=pytest.mark.slow),
 ])
 def test_upstream_checkpoint_converts_and_matches(tmp_path, layout, style, prefix, suffix):
   mc = _model_config()

@@ -306,6 +306,7 @@ def _epoch_ids(it, batches):
   return ids
 
 
+@pytest.mark.slow
 def test_fewer_shards_than_hosts_falls_back_to_record_sharding(shards, caplog):
   """4 shards, 6 hosts: a warning, and the hosts' records are disjoint and cover the set."""
   tmp, pattern = shards

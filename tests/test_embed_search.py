@@ -154,6 +154,7 @@ def test_export_carries_tokenizer_and_preprocessing(world):
                              atol=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_frames_follow_the_protocol(world):
   """Middle frame of each of 4 equal segments of 12 (1, 4, 7, 10), centred square, 32 px."""
   path = world["paths"][0]

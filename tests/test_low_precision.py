@@ -100,8 +100,8 @@ def _model_dots(scope, kernels):
   return out["patches"].dtype, dots
 
 
-@pytest.mark.parametrize("kernels", [pytest.param("reference", marks=pytest.mark.slow),
-                                     "xla_cpu"])
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", KERNELS)
 def test_low_precision_scopes_of_the_model(kernels):
   """`all`: activations bf16, the attention's dots too; `matmuls`: activations float32 and only
   the dense layers' dots bf16 — video 6 per block, text 6 per block, the two projections and

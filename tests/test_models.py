@@ -85,6 +85,7 @@ def test_dropping_a_whole_frame_equals_a_shorter_clip(tiny):
   np.testing.assert_allclose(dropped["patches"], short["patches"], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_dropping_nothing_equals_full_and_jit_needs_static_count(tiny):
   _, model, params = tiny
   f = _frames(3)
