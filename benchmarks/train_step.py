@@ -252,11 +252,14 @@ def worker(framework: str, names: list, args) -> dict:
 
 def worker_environ(framework: str, args) -> dict:
   """The worker's environment: glibc allocator tunables as `python -m miles_jax.train` sets
-  them (miles_jax/allocator.py), `--malloc` for JAX, `--torch-malloc` for PyTorch."""
+  them (miles_jax/allocator.py), `--malloc` for JAX, `--torch-malloc` for PyTorch; the CPU
+  platform where libtpu is installed without a TPU."""
   mode = args.malloc if framework == "jax" else args.torch_malloc
   if mode == "same":
     mode = args.malloc
   env = {**os.environ, allocator.ENV: mode}
+  if not env.get("JAX_PLATFORMS") and allocator.libtpu_without_tpu():
+    env["JAX_PLATFORMS"] = "cpu"  # as cli.setup_process: libtpu (the [tpu] extra), no TPU chip
   return allocator.tuned_environ(env, config_lib.video_config(args.size).width) or env
 
 

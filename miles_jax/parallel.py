@@ -104,6 +104,9 @@ def activation_sharding(mesh: Mesh, rules: Rules):
   outside this context they are no-ops. The residual stream stays split like the batch, so under
   FSDP the partitioner gathers the weights for each matmul (and reduce-scatters their gradients)
   instead of gathering activations and all-reducing partial sums across the fsdp axis."""
+  if mesh.devices.size == 1:  # nothing to split: leave the one-device program untouched
+    yield
+    return
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
     yield
 
