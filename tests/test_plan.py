@@ -220,7 +220,11 @@ def test_fsdp_shards_and_scanned_layers_count_by_trip_count(data_parallel):
   # the video stack (2 layers) is a loop; the one-layer text stack may be one too
   assert fsdp["loops"] and max(lp["trip_count"] for lp in fsdp["loops"]) == 2
   assert fsdp["flops_xla"] < 0.9 * dp["flops_xla"]  # XLA alone counts one layer per stack
-  assert fsdp["flops"] == pytest.approx(dp["flops"], rel=0.05)
+  # with every layer counted the step is back above the analytic matmul count (a stack counted
+  # once falls below it); under FSDP each chip updates a quarter of the params, so the AdamW
+  # share of this tiny step (~20 % in data parallel) shrinks: fewer FLOPs per chip than dp
+  assert 1.0 < fsdp["flops_ratio"] < 1.5, fsdp["flops_ratio"]
+  assert 0.75 * dp["flops"] < fsdp["flops"] <= 1.02 * dp["flops"]
 
 
 @pytest.mark.xfail(strict=True, reason="open finding: with the block activations split like the "
@@ -253,7 +257,9 @@ def test_two_slices_reduce_gradients_in_slice_then_across_the_dcn():
   assert dcn["all-reduce"]["count"] > 0
   # the DCN carries the reduce-scattered shards: well under the full-size gradients
   assert 0 < dcn["all-reduce"]["bytes"] < 0.75 * train["argument_groups"]["params"]
-  assert "cross-slice (DCN) collectives per step: all-reduce" in plan.format_report(r)
+  dcn_line = [ln for ln in plan.format_report(r).splitlines()
+              if "cross-slice (DCN) collectives per step:" in ln]
+  assert len(dcn_line) == 1 and "all-reduce" in dcn_line[0], dcn_line
 
 
 @pytest.mark.slow
