@@ -102,8 +102,8 @@ def activation_sharding(mesh: Mesh, rules: Rules):
   """Inside a jitted program's function: the model's activation constraints
   (`layers.constrain_batch`, flax `nn.with_logical_constraint`) resolve on `mesh` by `rules`;
   outside this context they are no-ops. The residual stream stays split like the batch, so under
-  FSDP the partitioner gathers the weights for each matmul (and reduce-scatters their gradients)
-  instead of gathering activations and all-reducing partial sums across the fsdp axis."""
+  FSDP the partitioner gathers the weights for each matmul instead of gathering activations and
+  all-reducing partial sums across the fsdp axis."""
   if mesh.devices.size == 1:  # nothing to split: leave the one-device program untouched
     yield
     return

@@ -420,8 +420,8 @@ def read_hlo(text: str) -> dict:
         if op == "all-gather-start" and shape.startswith("("):
           arrays = arrays[len(arrays) // 2:]  # (operands, results)
         cl.append((base, _nbytes(arrays), False))
-      elif op == "send" and _DCN_TYPE.search(rest):
-        kind = _DCN_TYPE.search(rest).group(1).lower().replace("_", "-")
+      elif op == "send" and (dcn_type := _DCN_TYPE.search(rest)):
+        kind = dcn_type.group(1).lower().replace("_", "-")
         cl.append((kind, _nbytes(_arrays(shape)[:1]), True))  # (data, context, token)
       if op.endswith("-done"):
         continue

@@ -140,9 +140,10 @@ def _merge(x):
 
 
 def _like_params(grads, param_shardings):
-  """Gradients laid out like their params. Under FSDP this is what turns the cross-device
-  gradient sum into a reduce-scatter onto each device's parameter shard; without it XLA may
-  all-reduce full-size gradients and slice them afterwards (seen in `plan` for v5e)."""
+  """Gradients laid out like their params before the optimiser reads them, so the update runs on
+  each device's shard. (It did not make the TPU compiler reduce-scatter FSDP weight gradients:
+  they are still all-reduced full-size and sliced; docs/plan.md, the strict xfail in
+  tests/test_plan.py.)"""
   if param_shardings is None:
     return grads
   return jax.lax.with_sharding_constraint(grads, param_shardings)
