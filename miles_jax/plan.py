@@ -371,6 +371,7 @@ def read_hlo(text: str) -> dict:
         for pname, pshape in params:
           shapes[pname] = pshape
         comps[current + "/shapes"] = shapes
+        comps[current + "/result"] = line.split("->", 1)[1].rsplit("{", 1)[0]
         continue
     if current is None:
       continue
@@ -404,7 +405,7 @@ def read_hlo(text: str) -> dict:
   colls: dict[str, list] = {}
   loops = []
   for comp, instrs in comps.items():
-    if comp.endswith(("/shapes", "/root")):
+    if comp.endswith(("/shapes", "/root", "/result")):
       continue
     flops, called, cl = 0, [], []
     for name, shape, op, rest in instrs:
@@ -419,6 +420,11 @@ def read_hlo(text: str) -> dict:
         arrays = _arrays(shape)
         if op == "all-gather-start" and shape.startswith("("):
           arrays = arrays[len(arrays) // 2:]  # (operands, results)
+        if base == "all-reduce" and comp.startswith("all-reduce-scatter"):
+          # The TPU compiler writes a reduce-scatter as an `all-reduce-scatter` fusion: an
+          # all-reduce whose sum is sliced to each chip's shard inside the fusion. It runs as a
+          # reduce-scatter; what each chip ends with is the fusion's result, the shard.
+          base, arrays = "reduce-scatter", _arrays(comps[comp + "/result"]) or arrays
         cl.append((base, _nbytes(arrays), False))
       elif op == "send" and (dcn_type := _DCN_TYPE.search(rest)):
         kind = dcn_type.group(1).lower().replace("_", "-")

@@ -152,6 +152,52 @@ ENTRY %main.225_spmd (param.1: f32[1,1,128]) -> f32[2,1,128] {
 """
 
 
+# How the TPU compiler writes FSDP's gradient reduce-scatter: an `all-reduce-scatter` fusion (an
+# all-reduce whose sum each chip slices to its shard inside the fusion), called with kind=kCustom.
+# Trimmed from the v5e-4 mesh (1, 4) dump of the tiny step (two of its twenty gradients; the
+# backend_config / metadata tails cut).
+HLO_REDUCE_SCATTER = """\
+%add.5.clone (x.1: f32[], y.1: f32[]) -> f32[] {
+  %x.1 = f32[] parameter(0)
+  %y.1 = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%x.1, %y.1)
+}
+
+%all-reduce-scatter.20 (input_0: f32[64,64], input_8: f32[64,192]) -> (f32[16,64], f32[16,192]) {
+  %input_0 = f32[64,64]{1,0:T(8,128)S(1)} parameter(0)
+  %input_8 = f32[64,192]{1,0:T(8,128)S(1)} parameter(1)
+  %all-reduce.208 = (f32[64,64]{1,0:T(8,128)}, f32[64,192]{1,0:T(8,128)}) all-reduce(%input_0, %input_8), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add.5.clone, backend_config={"flag_configs":[],"barrier_config":{"barrier_type":"CUSTOM","id":"3"},"scoped_memory_configs":[],"used_scoped_memory_configs":[]}
+  %get-tuple-element.887 = f32[64,64]{1,0:T(8,128)} get-tuple-element(%all-reduce.208), index=0
+  %get-tuple-element.895 = f32[64,192]{1,0:T(8,128)} get-tuple-element(%all-reduce.208), index=1
+  %partition-id.77 = u32[] partition-id()
+  %constant.2612 = u32[] constant(16)
+  %multiply.861 = u32[]{:T(128)} multiply(%partition-id.77, %constant.2612)
+  %constant.2613 = u32[] constant(0)
+  %dynamic-slice.359 = f32[16,64]{1,0:T(8,128)S(1)} dynamic-slice(%get-tuple-element.887, %multiply.861, %constant.2613), dynamic_slice_sizes={16,64}
+  %dynamic-slice.367 = f32[16,192]{1,0:T(8,128)S(1)} dynamic-slice(%get-tuple-element.895, %multiply.861, %constant.2613), dynamic_slice_sizes={16,192}
+  ROOT %tuple.78 = (f32[16,64]{1,0:T(8,128)S(1)}, f32[16,192]{1,0:T(8,128)S(1)}) tuple(%dynamic-slice.359, %dynamic-slice.367)
+}
+
+ENTRY %main.1 (p.0: f32[64,64], p.1: f32[64,192], p.2: f32[8,64]) -> ((f32[16,64], f32[16,192]), f32[8,64]) {
+  %p.0 = f32[64,64]{1,0:T(8,128)} parameter(0)
+  %p.1 = f32[64,192]{1,0:T(8,128)} parameter(1)
+  %p.2 = f32[8,64]{1,0:T(8,128)} parameter(2)
+  %fusion.545 = (f32[16,64]{1,0:T(8,128)S(1)}, f32[16,192]{1,0:T(8,128)S(1)}) fusion(%p.0, %p.1), kind=kCustom, calls=%all-reduce-scatter.20
+  %all-reduce.6 = f32[8,64]{1,0:T(8,128)S(1)} all-reduce(%p.2), channel_id=70, replica_groups=mesh['axis_0'=4,'axis_1'=1] {'axis_0'}, use_global_device_ids=true, to_apply=%add.5.clone
+  ROOT %tuple.1 = ((f32[16,64]{1,0:T(8,128)S(1)}, f32[16,192]{1,0:T(8,128)S(1)}), f32[8,64]{1,0:T(8,128)S(1)}) tuple(%fusion.545, %all-reduce.6)
+}
+"""
+
+
+def test_hlo_all_reduce_scatter_fusions_count_as_reduce_scatters_of_the_shard():
+  c = plan.read_hlo(HLO_REDUCE_SCATTER)["collectives"]
+  # the fused all-reduce is the gradients' reduce-scatter: each chip keeps 16 of 64 rows
+  assert c["reduce-scatter"] == {"count": 1, "bytes": 4 * (16 * 64 + 16 * 192),
+                                 "largest": 4 * (16 * 64 + 16 * 192)}
+  # a plain all-reduce stays one, full size
+  assert c["all-reduce"] == {"count": 1, "bytes": 4 * 8 * 64, "largest": 4 * 8 * 64}
+
+
 def test_hlo_cross_slice_transfers_are_counted_apart_from_in_slice_collectives():
   r = plan.read_hlo(HLO_MULTISLICE)
   assert r["collectives"]["all-reduce"] == {"count": 1, "bytes": 512, "largest": 512}
@@ -227,13 +273,11 @@ def test_fsdp_shards_and_scanned_layers_count_by_trip_count(data_parallel):
   assert 0.75 * dp["flops"] < fsdp["flops"] <= 1.02 * dp["flops"]
 
 
-@pytest.mark.xfail(strict=True, reason="open finding: with the block activations split like the "
-                   "batch the FSDP step gathers weights, not activations, but the TPU compiler "
-                   "still all-reduces full-size weight gradients over the fsdp axis (no "
-                   "reduce-scatter); docs/plan.md")
 @pytest.mark.slow
 @NEEDS_LIBTPU
 def test_fsdp_reduces_gradients_by_reduce_scatter_not_a_full_all_reduce(data_parallel):
+  """The weight gradients leave the step as each chip's shard: reduce-scattered over fsdp (the
+  TPU compiler's `all-reduce-scatter` fusions), no full-size all-reduce of them."""
   r = plan_json("--topology=v5e-4", "--config.mesh.shape=(1,4)",
                 "--config.mesh.axes=('data','fsdp')")
   params = _program(data_parallel, "train_2f")["argument_groups"]["params"]

@@ -141,9 +141,8 @@ def _merge(x):
 
 def _like_params(grads, param_shardings):
   """Gradients laid out like their params before the optimiser reads them, so the update runs on
-  each device's shard. (It did not make the TPU compiler reduce-scatter FSDP weight gradients:
-  they are still all-reduced full-size and sliced; docs/plan.md, the strict xfail in
-  tests/test_plan.py.)"""
+  each device's shard (under FSDP the TPU compiler reduce-scatters them over the fsdp axis;
+  docs/plan.md)."""
   if param_shardings is None:
     return grads
   return jax.lax.with_sharding_constraint(grads, param_shardings)
