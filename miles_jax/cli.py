@@ -22,7 +22,8 @@ def setup_process() -> None:
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
-  """absl's app.run, except that --help exits 0 (absl exits 1) and main's int is the exit code.
+  """absl's app.run, except that --help exits 0 (absl exits 1), main's int is the exit code and
+  positional arguments (a typo like `--config foo.py bar`) exit 2 naming them.
 
   Flags are spelled with underscores (`--num_shards`); the dashed spelling (`--num-shards`) is
   accepted as an alias. `--verbose` (or MILES_JAX_VERBOSE=1) keeps the C++ start-up logs and
@@ -44,6 +45,9 @@ def run(main: Callable[[list[str]], int | None]) -> None:
 
   def run_main(argv):
     started.append(True)
+    if len(argv) > 1:  # every command takes flags only
+      print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+      sys.exit(2)
     sys.exit(main(argv) or 0)
 
   try:
@@ -106,12 +110,7 @@ def flag_command(define: Callable, body: Callable, prog: str):
     from absl import flags
     define(flags.FLAGS)
 
-    def main_(argv):
-      if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        return 2
-      return body(flags.FLAGS)
-    run(main_)
+    run(lambda argv: body(flags.FLAGS))
   return main, cli
 
 

@@ -405,9 +405,6 @@ def load_model(checkpoint: str, config=None, tokenizer: str | None = None):
 def main(argv):
   from absl import flags
   f = flags.FLAGS
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    return 2
   try:
     if not f.out:
       raise UsageError("--out (the index folder) is required")

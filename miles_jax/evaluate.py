@@ -189,9 +189,6 @@ def write_gallery(ev, params, cache_dir, params_fp, workdir, out):
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    return 2
   if FLAGS.config is None or bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     print("error: give --config and exactly one of --workdir / --checkpoint", file=sys.stderr)
     return 2

@@ -97,6 +97,12 @@ def mesh_from_config(config, devices=None) -> Mesh:
                    num_slices=config.mesh.get("num_slices", 1))
 
 
+def is_partitioned(mesh: Mesh) -> bool:
+  """Whether programs on `mesh` are split across devices. A one-device program gets no sharding
+  constraints (activations, gradients): nothing to split, and the program stays as it was."""
+  return mesh.devices.size > 1
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules):
   """Inside a jitted program's function: the model's activation constraints
@@ -104,7 +110,7 @@ def activation_sharding(mesh: Mesh, rules: Rules):
   outside this context they are no-ops. The residual stream stays split like the batch, so under
   FSDP the partitioner gathers the weights for each matmul instead of gathering activations and
   all-reducing partial sums across the fsdp axis."""
-  if mesh.devices.size == 1:  # nothing to split: leave the one-device program untouched
+  if not is_partitioned(mesh):
     yield
     return
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):

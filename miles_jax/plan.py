@@ -916,9 +916,6 @@ def _define(fv):
 def main(argv):
   from absl import flags
   f = flags.FLAGS
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    return 2
   if f.config is None or not f.topology:
     print("error: --config and --topology are required, e.g. --config=configs/"
           "pretrain_miles.py:stage2 --topology=v5e-64", file=sys.stderr)

@@ -116,9 +116,6 @@ def main(argv):
 
   from miles_jax import embed
   f = flags.FLAGS
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    return 2
   try:
     if not f.index:
       raise embed.UsageError("--index is required (a folder written by python -m miles_jax.embed)")

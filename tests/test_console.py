@@ -94,6 +94,16 @@ def test_bad_flags_exit_2(capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
+def test_a_stray_positional_argument_exits_2_naming_it(capsys, monkeypatch):
+  """Every command takes flags only: `--config foo.py bar` must not start the work."""
+  called = []
+  monkeypatch.setattr(sys, "argv", ["miles_jax.search", "--verbosity=-1", "stray"])
+  with pytest.raises(SystemExit) as e:
+    cli.run(lambda argv: called.append(argv))
+  assert e.value.code == 2 and not called
+  assert "unexpected arguments ['stray']" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_prepare_command_with_dashed_flags(tmp_path):
   """The README's dashed spelling still runs (`python -m`), quietly: a csv whose files are

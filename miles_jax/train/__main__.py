@@ -68,9 +68,6 @@ def _repo_path(path: str) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    return 2
   if FLAGS.config is None or not FLAGS.workdir:
     print("error: --config and --workdir are required (see --help)", file=sys.stderr)
     return 2

@@ -275,7 +275,7 @@ def make_train_step(config, mesh: Mesh, model=None, tx=None,
   micro_sh = NamedSharding(mesh, P(None, parallel.batch_axes(mesh, rules)))
   step = functools.partial(train_step, config=config, model=model, tx=tx,
                            lr_schedule=lr_schedule, micro_sharding=micro_sh,
-                           param_shardings=state_sh.params if mesh.devices.size > 1 else None)
+                           param_shardings=state_sh.params if parallel.is_partitioned(mesh) else None)
 
   def step_fn(state, batch):
     batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS}
