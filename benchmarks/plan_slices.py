@@ -64,6 +64,8 @@ def table(results: dict) -> str:
       lines.append(f"| {k} | — | — | — | — | — | — | — | — | — | {v.get('error', '')} |")
       continue
     sched = rep.get("schedule", {})
+    settings = rep.get("model_settings")
+    label = k + (f" (remat {settings['remat']})" if settings and "model.remat=" not in k else "")
     for i, p in enumerate(rep["programs"]):
       m = p["memory"]
       colls = ", ".join(f"{n} {c['count']} ({c['bytes'] / 2 ** 20:.0f} MiB)"
@@ -72,7 +74,7 @@ def table(results: dict) -> str:
       mb = rep.get("max_batch", "") if p["program"] == rep.get("max_batch_program") else ""
       ratio = f"{p['flops_ratio']:.2f}" if p.get("flops_ratio") else "n/a"
       lines.append(
-          f"| {k if first else ''} | {p['program']} | {p['batch']} | {_gib(m['arguments'])} / "
+          f"| {label if first else ''} | {p['program']} | {p['batch']} | {_gib(m['arguments'])} / "
           f"{_gib(m['temporaries'])} / {_gib(m['peak'])} of {_gib(p['hbm_bytes'])} | "
           f"{'yes' if p['fits'] else '**no**'} | {mb} | {p['flops'] / 1e12:.2f} T / "
           f"{(p['flops_analytic'] or 0) / 1e12:.2f} T ({ratio}) | "

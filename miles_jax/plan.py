@@ -677,7 +677,10 @@ def summarize(config, sl: Slice, results: list[dict], mfu: float) -> dict:
          "num_slices": sl.num_slices, "chips": sl.devices, "hosts": sl.hosts,
          "hbm_per_chip_gib": chip.hbm_bytes / GiB, "peak_bf16_tflops_per_chip":
          chip.peak_bf16_flops / 1e12, "usd_per_chip_hour": chip.usd_per_chip_hour, "mfu": mfu,
-         "fits": all(r["fits"] for r in rows), "programs": rows, "notes": []}
+         "fits": all(r["fits"] for r in rows), "programs": rows, "notes": [],
+         # what decides memory and FLOPs besides the shapes, as compiled
+         "model_settings": {k: config.model.get(k) for k in ("remat", "scan_layers",
+                                                             "low_precision", "kernels")}}
   if str(config.model.get("kernels", "reference")) != "reference":
     out["notes"].append(f"model.kernels={config.model.kernels}: these are the CPU kernels; a "
                         "TPU run of this config should set --config.model.kernels=reference")

@@ -32,7 +32,10 @@ def data_dir(tmp_path_factory):
 def _env(gcs_url, devices=8):
   env = {k: v for k, v in os.environ.items()
          if k not in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-                      "EPATH_USE_TF", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+                      "EPATH_USE_TF", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+                      # the trainer's own cache (WORKDIR/compilation_cache on the bucket) is
+                      # checked below, not the test session's
+                      "JAX_COMPILATION_CACHE_DIR")}
   env.update(STORAGE_EMULATOR_HOST=gcs_url, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              CUDA_VISIBLE_DEVICES="", XLA_FLAGS=helpers.xla_flags(devices))
   return env
