@@ -29,13 +29,13 @@ def data_dir(tmp_path_factory):
   return d
 
 
-def _env(gcs_url, devices=8):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-                      "EPATH_USE_TF", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
-                      # the trainer's own cache (WORKDIR/compilation_cache on the bucket) is
-                      # checked below, not the test session's
-                      "JAX_COMPILATION_CACHE_DIR")}
+def _env(gcs_url, devices=8, session_cache=False):
+  """The CLIs' environment. The train runs of `_train_kill_resume` go without the test session's
+  compilation cache: the trainer's own (WORKDIR/compilation_cache, on the bucket) is checked."""
+  drop = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "EPATH_USE_TF",
+          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT") + (() if session_cache else
+                                                  ("JAX_COMPILATION_CACHE_DIR",))
+  env = {k: v for k, v in os.environ.items() if k not in drop}
   env.update(STORAGE_EMULATOR_HOST=gcs_url, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              CUDA_VISIBLE_DEVICES="", XLA_FLAGS=helpers.xla_flags(devices))
   return env
@@ -131,7 +131,7 @@ def test_one_process_train_kill_resume_evaluate_export_on_gcs(gcs, data_dir, tmp
   wd = "gs://bucket/one"
   _train_kill_resume(gcs, data_dir, wd, 1, {})
   assert {3, 4} <= _tb_steps(wd)
-  env = _env(gcs)
+  env = _env(gcs, session_cache=True)
   ev = [sys.executable, "-m", "miles_jax.evaluate", f"--config=configs/demo.py:{data_dir}"]
   r1 = subprocess.run(ev + [f"--workdir={wd}"], cwd=ROOT, env=env, capture_output=True,
                       text=True, timeout=600)
@@ -169,7 +169,8 @@ def _stage_two_from(gcs, data_dir, wd):
   wd2 = f"{wd}_stage2"
   extra = {"train.init_from": wd, "model.video.num_frames": 8, "optim.lr": 0.0,
            "train.eval_every": 0}
-  outs = _finish(_start(_train_cmds(data_dir, wd2, 1, _overrides(1, **extra)), _env(gcs)))
+  outs = _finish(_start(_train_cmds(data_dir, wd2, 1, _overrides(1, **extra)),
+                        _env(gcs, session_cache=True)))
   assert f"initialised params from {wd}" in outs[0][0]
   stage2, _ = checkpoints.read_params_host(wd2)
   flat2 = _flatten(stage2)
@@ -197,7 +198,7 @@ def test_two_processes_fsdp_on_gcs_train_and_evaluate(gcs, data_dir):
            f"--workdir={wd}", *[f"--config.{k}={v}" for k, v in mesh.items()],
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
            "--cpu_devices=4"] for i in range(2)]
-  outs = _finish(_start(cmds, _env(gcs)))
+  outs = _finish(_start(cmds, _env(gcs, session_cache=True)))
   assert "process 1/2" in outs[1][0] and "results: " not in outs[1][0]  # only process 0 writes
   out = [ln.split(": ", 1)[1] for ln in outs[0][0].splitlines() if ln.startswith("results: ")]
   assert len(out) == 1 and out[0].endswith("-step4.json"), outs[0][0][-2000:]
