@@ -29,7 +29,8 @@ def get_config(arg: str = "stage2"):
   # per chip, scanned layers; docs/plan.md): remat "none" needs 17.1 GiB per chip of the 16;
   # "dots_saveable" (keep matmul outputs, recompute the elementwise ops) 8.8 GiB at the same
   # FLOPs as "none"; "full" 4.8 GiB for 22 % more FLOPs. On 32+ GiB chips (v6e, v5p) "none"
-  # fits (--config.model.remat=none); "full" where the clips per chip are 2x or more these.
+  # fits (--config.model.remat=none). "dots_saveable" fits a v5e up to 9 clips per chip (batch
+  # 576 on v5e-64, plan --max_batch); "full" beyond that or for longer clips.
   c.model.remat = "dots_saveable"
   c.objectives = "contrastive,miles"
   # The contrastive term on a second, intact forward: the ablation's evidence (3 seeds,
