@@ -273,9 +273,10 @@ def make_train_step(config, mesh: Mesh, model=None, tx=None,
   state_sh = train_state_shardings(config, mesh, model, tx)
   batch_sh = parallel.batch_sharding(mesh, rules)
   micro_sh = NamedSharding(mesh, P(None, parallel.batch_axes(mesh, rules)))
+  grads_like = state_sh.params if parallel.is_partitioned(mesh) else None
   step = functools.partial(train_step, config=config, model=model, tx=tx,
                            lr_schedule=lr_schedule, micro_sharding=micro_sh,
-                           param_shardings=state_sh.params if parallel.is_partitioned(mesh) else None)
+                           param_shardings=grads_like)
 
   def step_fn(state, batch):
     batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS}
