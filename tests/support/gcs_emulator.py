@@ -11,7 +11,8 @@ the write is skipped. Everything else is the emulator as published.
 """
 import sys
 
-from gcp_storage_emulator import server, storage
+from gcp_storage_emulator import server
+from gcp_storage_emulator import storage as emulator_storage
 from gcp_storage_emulator.handlers import objects
 
 _download = objects.download
@@ -27,7 +28,7 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
   response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
 
 
-_write_config = storage.Storage._write_config_to_file
+_write_config = emulator_storage.Storage._write_config_to_file
 
 
 def _write_config_unless_in_memory(self):
@@ -35,7 +36,7 @@ def _write_config_unless_in_memory(self):
     _write_config(self)
 
 
-storage.Storage._write_config_to_file = _write_config_unless_in_memory
+emulator_storage.Storage._write_config_to_file = _write_config_unless_in_memory
 objects.download = _download_with_generation  # objects.get(alt=media) calls it by this name
 server.HANDLERS = tuple(
     (pattern, {m: (_download_with_generation if h is _download else h) for m, h in by.items()})
