@@ -289,23 +289,33 @@ def test_base_parameter_count_matches_released_checkpoint():
   assert count(shapes["video"]) - 768 == 114_168_576  # one video encoder (paper: 114.2 M)
 
 
+def _remat_test_loss(c, m, p):
+  f = _frames(2)
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, c.text.vocab_size, (2, 6)), jnp.int32)
+  am = jnp.ones((2, 6), jnp.int32)
+  v = m.apply({"params": p}, f, method=m.encode_video)
+  t = m.apply({"params": p}, ids, am, method=m.encode_text)
+  return jnp.sum(v["embed"] * t["embed"]) + jnp.mean(v["patches"] ** 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_reference_gradients(tiny):
+  """Loss and gradients of the unrolled, non-rematerialised tiny model (one compile)."""
+  c, model, params = tiny
+  return jax.jit(jax.value_and_grad(lambda p: _remat_test_loss(c, model, p)))(params)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "full", "dots_saveable"])
-def test_remat_policies_and_scanned_layers_give_the_same_gradients(tiny, policy):
+def test_remat_policies_and_scanned_layers_give_the_same_gradients(tiny, tiny_reference_gradients,
+                                                                   policy):
   """Remat policies and nn.scan over the blocks change memory / compile time, not the maths:
   loss and gradients equal the unrolled, non-rematerialised model's (params converted with
   scan_params, gradients back with unscan_params)."""
   c, model, params = tiny
   f = _frames(2)
-  ids = jnp.asarray(np.random.default_rng(0).integers(1, c.text.vocab_size, (2, 6)), jnp.int32)
-  am = jnp.ones((2, 6), jnp.int32)
-
-  def loss(m, p):
-    v = m.apply({"params": p}, f, method=m.encode_video)
-    t = m.apply({"params": p}, ids, am, method=m.encode_text)
-    return jnp.sum(v["embed"] * t["embed"]) + jnp.mean(v["patches"] ** 2)
-
-  ref_loss, ref_grads = jax.value_and_grad(lambda p: loss(model, p))(params)
+  ids, am = jnp.ones((2, 6), jnp.int32), jnp.ones((2, 6), jnp.int32)
+  ref_loss, ref_grads = tiny_reference_gradients
   for scan in (False, True):
     c2 = config_lib.model_config("tiny")
     c2.remat, c2.scan_layers = policy, scan
@@ -317,7 +327,7 @@ def test_remat_policies_and_scanned_layers_give_the_same_gradients(tiny, policy)
       # the scanned module's own init has the same tree as the converted params
       init = jax.eval_shape(lambda: m2.init(jax.random.PRNGKey(0), f, ids, am)["params"])
       assert jax.tree.structure(nn.unbox(init)) == jax.tree.structure(p2)
-    l2, g2 = jax.value_and_grad(lambda p: loss(m2, p))(p2)
+    l2, g2 = jax.jit(jax.value_and_grad(lambda p: _remat_test_loss(c, m2, p)))(p2)
     np.testing.assert_allclose(l2, ref_loss, rtol=1e-5)
     g2 = dual_encoder.unscan_params(g2) if scan else g2
     assert jax.tree.structure(g2) == jax.tree.structure(ref_grads)

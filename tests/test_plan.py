@@ -250,10 +250,11 @@ def test_max_batch_is_the_last_fitting_compile():
 
 @pytest.mark.slow
 @NEEDS_LIBTPU
-def test_fsdp_shards_and_scanned_layers_count_by_trip_count(data_parallel):
+def test_fsdp_shards_reduce_scatters_and_scanned_layers_count_by_trip_count(data_parallel):
   """mesh (1, 4) with the fsdp axis, layers scanned: per-chip arguments fall to ~1/4 of data
-  parallel's, the params are all-gathered and the gradients reduce-scattered with no full-size
-  all-reduce; XLA counts one layer of each scanned stack, plan all of them."""
+  parallel's; the params are all-gathered and the weight gradients leave the step as each
+  chip's shard, reduce-scattered over fsdp (the TPU compiler's `all-reduce-scatter` fusions),
+  with no full-size all-reduce of them; XLA counts one layer of each scanned stack, plan all."""
   r = plan_json("--topology=v5e-4", "--config.mesh.shape=(1,4)",
                 "--config.mesh.axes=('data','fsdp')", "--config.model.scan_layers=True")
   dp, fsdp = _program(data_parallel, "train_2f"), _program(r, "train_2f")
@@ -262,7 +263,10 @@ def test_fsdp_shards_and_scanned_layers_count_by_trip_count(data_parallel):
   assert 0.2 < ratio < 0.35, ratio  # 1/4, plus the few unsharded small params and the batch
   params = dp["argument_groups"]["params"]
   assert fsdp["argument_groups"]["params"] < 0.3 * params
-  assert fsdp["collectives"]["all-gather"]["count"] > 0  # params gathered for use
+  c = fsdp["collectives"]
+  assert c["all-gather"]["count"] > 0  # params gathered for use
+  assert c.get("reduce-scatter", {"count": 0})["count"] > 0
+  assert c.get("all-reduce", {"bytes": 0})["bytes"] < 0.1 * params
   # the video stack (2 layers) is a loop; the one-layer text stack may be one too
   assert fsdp["loops"] and max(lp["trip_count"] for lp in fsdp["loops"]) == 2
   assert fsdp["flops_xla"] < 0.9 * dp["flops_xla"]  # XLA alone counts one layer per stack
@@ -271,19 +275,6 @@ def test_fsdp_shards_and_scanned_layers_count_by_trip_count(data_parallel):
   # share of this tiny step (~20 % in data parallel) shrinks: fewer FLOPs per chip than dp
   assert 1.0 < fsdp["flops_ratio"] < 1.5, fsdp["flops_ratio"]
   assert 0.75 * dp["flops"] < fsdp["flops"] <= 1.02 * dp["flops"]
-
-
-@pytest.mark.slow
-@NEEDS_LIBTPU
-def test_fsdp_reduces_gradients_by_reduce_scatter_not_a_full_all_reduce(data_parallel):
-  """The weight gradients leave the step as each chip's shard: reduce-scattered over fsdp (the
-  TPU compiler's `all-reduce-scatter` fusions), no full-size all-reduce of them."""
-  r = plan_json("--topology=v5e-4", "--config.mesh.shape=(1,4)",
-                "--config.mesh.axes=('data','fsdp')")
-  params = _program(data_parallel, "train_2f")["argument_groups"]["params"]
-  c = _program(r, "train_2f")["collectives"]
-  assert c.get("reduce-scatter", {"count": 0})["count"] > 0
-  assert c.get("all-reduce", {"bytes": 0})["bytes"] < 0.1 * params
 
 
 @pytest.mark.slow

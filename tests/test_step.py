@@ -222,7 +222,8 @@ def _first_block_input(video_params, frames, mask):
 def _reference_loss(c, model, params, snapshot, frames, batch):
   """The MILES loss written out from the SPEC with the targets as constants: (loss, terms)."""
   mask = jnp.asarray(batch["mvm_mask"])
-  snap = VideoEncoder(c.model.video).apply({"params": snapshot["video"]}, frames)["patches"]
+  snap = jax.jit(lambda s, f: VideoEncoder(c.model.video).apply({"params": s}, f)["patches"],
+                 compiler_options=FAST_COMPILE)(snapshot["video"], frames)
   if c.mvm.target_space == "projected":
     snap = snap @ snapshot["video_proj"]["kernel"] + snapshot["video_proj"]["bias"]
   targets = np.asarray(snap)  # a constant: no path back to any parameter
@@ -309,8 +310,9 @@ def test_step_feeds_mask_to_online_intact_clip_to_snapshot(unmasked_contrastive,
                                new.params[k]) for k in snapshot}
   _assert_trees_close(new.snapshot_params, want_snap, rtol=1e-6, atol=1e-7)
   # ... and the perturbed snapshot did change the loss (the targets come from it).
-  unperturbed = _reference_loss(c, model, state.params, jax.device_get(
-      state_lib.snapshot_of(c, state.params)), jnp.asarray(frames), batch)(state.params)[1]
+  unperturbed = jax.jit(_reference_loss(c, model, state.params, jax.device_get(
+      state_lib.snapshot_of(c, state.params)), jnp.asarray(frames), batch),
+                        compiler_options=FAST_COMPILE)(state.params)[1]
   assert abs(float(unperturbed["mvm_loss"]) / float(terms["mvm_loss"]) - 1) > 1e-3  # 100x the rtol above
 
 
