@@ -1,16 +1,24 @@
 """Multi-process training (2 processes x 2 CPU devices, gloo on 127.0.0.1): preemption is
 collective — SIGTERM to one host makes both save the same step and exit 0, and the resumed run
-ends with the params of an uninterrupted one."""
+ends with the params of an uninterrupted one; that uninterrupted 2-process run equals the same
+steps taken in this process on 8 devices with both hosts' batches."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
-from miles_jax import checkpoints
-from miles_jax.data import synthetic
+from miles_jax import checkpoints, parallel
+from miles_jax.data import pipeline, synthetic
+from miles_jax.models import dual_encoder
+from miles_jax.train import optim
+from miles_jax.train.state import create_train_state
+from miles_jax.train.step import make_train_step
 
 import helpers  # noqa: E402
 from helpers import assert_trees_equal, final_state  # noqa: E402
@@ -113,3 +121,54 @@ def test_sigterm_to_one_host_saves_the_same_step_on_both(data_dir, cache_dir, tm
   assert_trees_equal(got.params, ref.params, atol=1e-5)
   assert_trees_equal(got.snapshot_params, ref.snapshot_params, atol=1e-5)
   assert_trees_equal(got.opt_state, ref.opt_state, atol=1e-5)
+  _assert_equals_one_process(ref_wd, k + 2)
+
+
+def _assert_equals_one_process(wd, steps):
+  """The 2-process run in `wd` against the same steps in this process on 8 devices, fed with
+  both hosts' batches (each host's shards, concatenated in process order)."""
+  got, meta = final_state(wd)
+  assert len(meta["data"]) == 2
+  import ml_collections
+  with open(os.path.join(wd, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  mesh = parallel.mesh_from_config(config)
+  rules = parallel.logical_rules(config.sharding.rules, mesh)
+  model = dual_encoder.build(config.model)
+  tx = optim.make_optimizer(config)[0]
+  state = create_train_state(config, jax.random.PRNGKey(config.seed), mesh, model, tx)
+  step = make_train_step(config, mesh, model, tx)
+  hosts = [pipeline.make_train_iterator(config, seed=config.seed, process_index=i,
+                                        process_count=2) for i in range(2)]
+  init = jax.device_get(state)
+  ref_metrics = []
+  for _ in range(steps):
+    parts = [next(h) for h in hosts]
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    state, m = step(state, parallel.global_batch(batch, mesh, rules))
+    ref_metrics.append(jax.device_get(m))
+  # The loss trajectory, step by step: only the order of gloo's sums differs (~1e-7).
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    logged = [json.loads(l) for l in f if json.loads(l).get("kind") == "train"]
+  assert len(logged) == steps
+  for i, (g, w) in enumerate(zip(logged, ref_metrics)):
+    for k in ("loss", "contrastive_loss", "mvm_loss", "grad_norm"):
+      np.testing.assert_allclose(g[k], float(w[k]), rtol=1e-4, err_msg=f"step {i + 1} {k}")
+  # The parameters, each tensor against its own total update over the run: the 2-process
+  # result must sit within 2% of the distance training moved it (a sign or scale error in
+  # the update, or a missed all-reduce, moves it by ~100%). The 1e-6 floor (0.1% of one Adam
+  # step at this lr) is for tensors whose gradient is zero by construction (attention key
+  # biases: softmax ignores them), whose tiny moves are rounding noise amplified by Adam.
+  ref = jax.device_get(state)
+  for name, g_tree, r_tree, i_tree in (("params", got.params, ref.params, init.params),
+                                       ("snapshot", got.snapshot_params, ref.snapshot_params,
+                                        init.snapshot_params)):
+    for (path, g), r, i0 in zip(jax.tree_util.tree_leaves_with_path(g_tree),
+                                jax.tree_util.tree_leaves(r_tree), jax.tree_util.tree_leaves(i_tree)):
+      g, r, i0 = np.asarray(g), np.asarray(r), np.asarray(i0)
+      update = float(np.abs(r - i0).max())
+      err = float(np.abs(g - r).max())
+      assert err <= 0.02 * update + 1e-6, (name, jax.tree_util.keystr(path), err, update)
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(ref.params), jax.tree_util.tree_leaves(init.params)))
+  assert moved > 1e-3  # the floor is small against what training changed
