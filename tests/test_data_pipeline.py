@@ -359,8 +359,9 @@ def test_weighted_sources_one_source_per_batch(tmp_path):
   is from one source, images stay 1-frame clips, the mix follows the weights, and the mix is
   the same on every host and resumes exactly."""
   tmp = str(tmp_path)
-  videos = _write(os.path.join(tmp, "v"), "train", 16, 2)
-  images = _write_images(os.path.join(tmp, "i"), 16)
+  # 64 of each: 8 batches per host and epoch (each epoch builds its tf.data graph anew, ~2 s)
+  videos = _write(os.path.join(tmp, "v"), "train", 64, 2)
+  images = _write_images(os.path.join(tmp, "i"), 64)
   c = _config(tmp, videos, batch=4)
   with open(os.path.join(tmp, "vocab.txt"), "w") as f:
     f.write("\n".join(VOCAB) + "\n")
