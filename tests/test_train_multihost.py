@@ -123,13 +123,13 @@ def test_sigterm_to_one_host_saves_the_same_step_on_both(data_dir, cache_dir, tm
   assert_trees_equal(got.params, ref.params, atol=1e-5)
   assert_trees_equal(got.snapshot_params, ref.snapshot_params, atol=1e-5)
   assert_trees_equal(got.opt_state, ref.opt_state, atol=1e-5)
-  _assert_equals_one_process(ref_wd, k + 2)
+  _assert_equals_one_process(ref_wd, k + 2, ref, ref_meta)
 
 
-def _assert_equals_one_process(wd, steps):
-  """The 2-process run in `wd` against the same steps in this process on 8 devices, fed with
-  both hosts' batches (each host's shards, concatenated in process order)."""
-  got, meta = final_state(wd)
+def _assert_equals_one_process(wd, steps, got, meta):
+  """The 2-process run in `wd` (its final state `got` and data `meta`, as final_state reads
+  them) against the same steps in this process on 8 devices, fed with both hosts' batches (each
+  host's shards, concatenated in process order)."""
   assert len(meta["data"]) == 2
   import ml_collections
   with open(os.path.join(wd, "config.json")) as f:
